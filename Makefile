@@ -1,0 +1,38 @@
+# Every target sets up what it needs on a fresh machine: a venv (unless one is active), torch 2.13.0 (CPU build,
+# from the local wheel), triton and the rest, and the extension built with --no-build-isolation.
+SHELL := /bin/bash
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := $(CURDIR)/.venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gptfast-installed
+SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-full run bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The exact CPU build: a bare `torch` would pull a multi-GB CUDA build onto a CPU machine.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,hf,bench]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-full: setup
+	$(PY) -m pytest -q tests --runslow $(PYTEST_ARGS)
+
+run: setup
+	$(VENV)/bin/gptfast train --preset tiny --max-steps 200 --out runs/demo
+	$(VENV)/bin/gptfast generate --checkpoint runs/demo/ckpt.pt --max-new-tokens 200
+
+clean:
+	rm -rf build *.egg-info gptfast/_C*.so runs

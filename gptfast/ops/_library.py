@@ -1,0 +1,99 @@
+"""Registers each (op, backend) pair with the PyTorch dispatcher, once, on first use.
+
+cpu and cuda pairs are the extension's ops, torch.ops.gptfast.<op>_fwd/_bwd (schemas in csrc/ops.cpp); the
+reference and triton pairs become torch.library custom ops gptfast::<op>_fwd_<backend> with the same schemas.
+Every pair gets a fake (meta) implementation and autograd, so torch.compile(fullgraph=True) traces through it.
+"""
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+
+from .. import backends
+from .schemas import SCHEMAS
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """What an op file tells the registry: fakes for both halves and the autograd glue around them."""
+    name: str
+    fake_fwd: Callable
+    fake_bwd: Callable
+    setup_context: Callable  # (ctx, inputs, output) -> None
+    backward: Callable  # (ctx, bwd_op, *grads) -> grads of the forward's inputs
+    register_extra: Callable | None = None  # (backend, fwd_op) -> None: further ops built on the pair
+
+
+_SPECS: dict[str, OpSpec] = {}
+
+
+def register_spec(spec: OpSpec) -> OpSpec:
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def _attach(fwd_name: str, bwd_name: str, fwd, bwd, spec: OpSpec) -> None:
+    torch.library.register_fake(fwd_name, spec.fake_fwd)
+    torch.library.register_fake(bwd_name, spec.fake_bwd)
+    torch.library.register_autograd(
+        fwd_name, lambda ctx, *grads: spec.backward(ctx, bwd, *grads), setup_context=spec.setup_context
+    )
+
+
+def _python_op(qualname: str, impl: Callable, schema: str):
+    return torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
+
+
+@torch.compiler.assume_constant_result
+def resolve(op: str, device: torch.device, backend: str | None = None, **features) -> str:
+    """Selects the backend for this call and makes sure its pair is registered; returns the backend name.
+
+    torch.compile runs this once while tracing and bakes the answer into the graph, so changing use(...) or
+    GPTFAST_BACKEND later does not re-select inside an already compiled function.
+    """
+    name = backends.select(op, device, backend, **features)
+    pair(op, name)
+    return name
+
+
+def qualname(op: str, backend: str, half: str = "fwd") -> str:
+    return f"{op}_{half}" if backend in ("cpu", "cuda") else f"{op}_{half}_{backend}"
+
+
+def fwd(op: str, backend: str):
+    """The registered forward of `op` on `backend`, looked up through torch.ops (which torch.compile traces)."""
+    return getattr(torch.ops.gptfast, qualname(op, backend))
+
+
+@functools.cache
+def pair(op: str, backend: str):
+    """(fwd, bwd) callables for `op` on `backend`, registered with fakes and autograd."""
+    spec = _SPECS[op]
+    if backend in ("cpu", "cuda"):
+        # Both C++ backends share one dispatcher op; register its fake and autograd only once.
+        fwd_op, bwd_op = _extension_pair(op)
+    else:
+        fwd_op, bwd_op = _python_pair(op, backend)
+    if spec.register_extra:
+        spec.register_extra(backend, fwd_op)
+    return fwd_op, bwd_op
+
+
+def _python_pair(op: str, backend: str):
+    spec = _SPECS[op]
+    module = backends.kernel_module(backend, op)
+    fwd_name, bwd_name = f"gptfast::{qualname(op, backend)}", f"gptfast::{qualname(op, backend, 'bwd')}"
+    fwd_op = _python_op(fwd_name, getattr(module, f"{op}_fwd"), SCHEMAS[f"{op}_fwd"])
+    bwd_op = _python_op(bwd_name, getattr(module, f"{op}_bwd"), SCHEMAS[f"{op}_bwd"])
+    _attach(fwd_name, bwd_name, fwd_op, bwd_op, spec)
+    return fwd_op, bwd_op
+
+
+@functools.cache
+def _extension_pair(op: str):
+    import gptfast._C  # noqa: F401  (loads the schemas and kernels)
+
+    fwd_op, bwd_op = getattr(torch.ops.gptfast, f"{op}_fwd"), getattr(torch.ops.gptfast, f"{op}_bwd")
+    _attach(f"gptfast::{op}_fwd", f"gptfast::{op}_bwd", fwd_op, bwd_op, _SPECS[op])
+    return fwd_op, bwd_op

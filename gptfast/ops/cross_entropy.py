@@ -1,0 +1,82 @@
+"""ops.cross_entropy: F.cross_entropy over class-last logits, with z_loss, on any backend."""
+import torch
+from torch import Tensor
+
+from . import _checks, _library
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _fake_fwd(logits, target, ignore_index, label_smoothing, z_loss):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+
+
+def _fake_bwd(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, ctx.ignore_index, ctx.label_smoothing, ctx.z_loss = inputs
+    ctx.save_for_backward(logits, target, output[1])
+
+
+def _backward(ctx, bwd, dloss, _dlse):
+    logits, target, lse = ctx.saved_tensors
+    dlogits = bwd(dloss.contiguous(), logits, target, lse, ctx.ignore_index, ctx.label_smoothing, ctx.z_loss)
+    return dlogits, None, None, None, None
+
+
+_library.register_spec(_library.OpSpec("cross_entropy", _fake_fwd, _fake_bwd, _setup_context, _backward))
+
+
+def check_target(op: str, target, rows_shape: torch.Size, device: torch.device) -> Tensor:
+    _checks.tensor(op, "target", target, _checks.INDEX_DTYPES)
+    if target.shape != rows_shape:
+        raise ValueError(f"{op}: target must have shape {tuple(rows_shape)} to match the input, got {tuple(target.shape)}")
+    _checks.same_device(op, input=torch.empty(0, device=device), target=target)
+    return target
+
+
+def check_options(op: str, ignore_index, reduction, label_smoothing, z_loss) -> tuple[int, float, float]:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.choice(op, "reduction", reduction, REDUCTIONS)
+    ls = _checks.number(op, "label_smoothing", label_smoothing, 0.0, 1.0)
+    z = _checks.number(op, "z_loss", z_loss, 0.0, float("inf"))
+    return ignore_index, ls, z
+
+
+def reduce(loss_rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """Row losses to the requested reduction, on device, with no host sync. 'mean' over non-ignored rows."""
+    if reduction == "none":
+        return loss_rows.reshape(target.shape)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (target != ignore_index).sum()
+
+
+def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, backend: str | None = None) -> Tensor:
+    """Cross-entropy of class-last logits, as torch.nn.functional.cross_entropy, plus PaLM's z_loss.
+
+    input: (C,), (N, C) or (B, T, C) logits, fp32/fp16/bf16/fp64. target: (), (N,) or (B, T) int64/int32
+    class indices; rows whose target is ignore_index contribute nothing. Per row:
+        loss = (1 - eps) * (lse - x[t]) + eps * (lse - mean(x)) + z_loss * lse^2,   lse = logsumexp(x)
+    'mean' divides by the number of non-ignored rows (NaN when all are ignored, as torch); 'none' returns
+    target's shape. The result has input's dtype.
+    """
+    op = "cross_entropy"
+    _checks.tensor(op, "input", input)
+    if input.dim() not in (1, 2, 3):
+        raise ValueError(f"{op}: input must be (C,), (N, C) or (B, T, C) logits, got shape {tuple(input.shape)}")
+    check_target(op, target, input.shape[:-1], input.device)
+    ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
+    if input.shape[-1] == 0:
+        raise ValueError(f"{op}: input must have at least one class, got shape {tuple(input.shape)}")
+    name = _library.resolve(op, input.device, backend, label_smoothing=ls, z_loss=z)
+    logits = input.reshape(-1, input.shape[-1]).contiguous()
+    loss_rows, _ = _library.fwd(op, name)(logits, target.reshape(-1).contiguous(), ignore_index, ls, z)
+    return reduce(loss_rows, target, ignore_index, reduction).to(input.dtype)

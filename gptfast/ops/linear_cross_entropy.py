@@ -1,0 +1,139 @@
+"""ops.linear_cross_entropy: cross_entropy(hidden @ weight.T + bias, target) without the full logits.
+
+Two autograd paths over the backend's pair:
+- reduction 'mean'/'sum' with gradients: the forward also computes the gradients, chunk by chunk, while each
+  chunk's logits are in hand (no recompute); the backward only scales them by the incoming scalar gradient.
+- reduction 'none', or no gradients: the forward keeps only the row LSEs and the backward recomputes each
+  chunk's logits, since a per-row upstream gradient cannot be applied to an already-summed dweight.
+"""
+import math
+
+import torch
+from torch import Tensor
+
+from . import _checks, _library
+from .cross_entropy import check_options, check_target, reduce
+
+OP = "linear_cross_entropy"
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, with_grad):
+    rows = hidden.new_empty(hidden.shape[0], dtype=_acc(hidden))
+    if not with_grad:
+        return rows, torch.empty_like(rows), rows.new_empty(0), rows.new_empty(0), rows.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else rows.new_empty(0)
+    return rows, torch.empty_like(rows), torch.empty_like(hidden), torch.empty_like(weight), dbias
+
+
+def _fake_bwd(dloss, hidden, weight, target, bias, lse, ignore_index, label_smoothing, z_loss, chunk_size):
+    dbias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=_acc(hidden))
+    return torch.empty_like(hidden), torch.empty_like(weight), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, target, bias, *ctx.options, _with_grad = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, target, bias, output[1])
+
+
+def _backward(ctx, bwd, dloss, *_unused):
+    hidden, weight, target, bias, lse = ctx.saved_tensors
+    dh, dw, db = bwd(dloss.contiguous(), hidden, weight, target, bias, lse, *ctx.options)
+    return dh, dw, None, db if ctx.has_bias else None, None, None, None, None, None
+
+
+_REDUCED_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing,"
+    " float z_loss, int chunk_size, bool mean) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _register_reduced(backend: str, fwd) -> None:
+    """gptfast::linear_cross_entropy_reduced_<backend>: (loss, dhidden, dweight, dbias) of the reduced loss."""
+    qualname = f"gptfast::{OP}_reduced_{backend}"
+
+    def impl(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
+        rows, _, dh, dw, db = fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, True)
+        scale = 1.0 / (target != ignore_index).sum() if mean else rows.new_ones(())
+        loss = rows.sum() * scale
+        scale = scale.to(rows.dtype)
+        return loss, (dh * scale).to(dh.dtype), (dw * scale).to(dw.dtype), (db * scale).to(db.dtype)
+
+    def fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
+        dbias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=_acc(hidden))
+        return hidden.new_empty((), dtype=_acc(hidden)), torch.empty_like(hidden), torch.empty_like(weight), dbias
+
+    def setup_context(ctx, inputs, output):
+        ctx.has_bias = inputs[3] is not None
+        ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, dloss, *_unused):
+        dh, dw, db = ctx.saved_tensors
+        g = dloss.to(dh.dtype)
+        return dh * g, dw * g, None, (db * g) if ctx.has_bias else None, None, None, None, None, None
+
+    op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=_REDUCED_SCHEMA)
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_library.register_spec(_library.OpSpec(OP, _fake_fwd, _fake_bwd, _setup_context, _backward, _register_reduced))
+
+
+def default_chunk_size(rows: int, vocab: int, hidden: int) -> int:
+    """Liger's rule: about as many chunks as vocab/hidden, so a chunk's logits are about the size of hidden."""
+    chunks = max(1, math.ceil(vocab / max(hidden, 1)))
+    return max(1, min(rows, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(rows / chunks)))))))
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, chunk_size: int | None = None, backend: str | None = None) -> Tensor:
+    """cross_entropy(hidden @ weight.T + bias, target, ...) holding at most chunk_size rows of logits at once.
+
+    hidden: (N, H) or (B, T, H); weight: (V, H); bias: (V,) or None; target: (N,) or (B, T) int64/int32.
+    Same options and result as ops.cross_entropy on the full logits. chunk_size rows of logits are live at a
+    time (default: Liger's rule, about N * H / V rows), so peak extra memory is O(chunk_size * V).
+    """
+    op = OP
+    _checks.tensor(op, "hidden", hidden)
+    _checks.tensor(op, "weight", weight)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"{op}: hidden must be (N, H) or (B, T, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{op}: weight must be (V, {hidden.shape[-1]}) to match hidden's last dim, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have at least one row (class), got shape {tuple(weight.shape)}")
+    _checks.same_dtype(op, hidden=hidden, weight=weight)
+    if bias is not None:
+        _checks.tensor(op, "bias", bias)
+        _checks.same_dtype(op, hidden=hidden, bias=bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    device = _checks.same_device(op, hidden=hidden, weight=weight, bias=bias)
+    check_target(op, target, hidden.shape[:-1], device)
+    ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    t1 = target.reshape(-1).contiguous()
+    rows, vocab = h2.shape[0], weight.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows, vocab, h2.shape[1])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    name = _library.resolve(op, device, backend, label_smoothing=ls, z_loss=z)
+    weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if needs_grad and reduction != "none" and rows > 0:
+        reduced = getattr(torch.ops.gptfast, f"{OP}_reduced_{name}")
+        loss, *_ = reduced(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, reduction == "mean")
+        return loss.to(hidden.dtype)
+    loss_rows, *_ = _library.fwd(op, name)(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, False)
+    return reduce(loss_rows, target, ignore_index, reduction).to(hidden.dtype)

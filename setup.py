@@ -1,0 +1,62 @@
+"""Builds gptfast._C: the C++ CPU kernels always, the CUDA kernels too when a CUDA build of torch and nvcc exist.
+
+GPTFAST_SKIP_EXT=1 installs the pure-Python package (reference and Triton backends only).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cap_max_jobs():
+    # Each nvcc/c++ job over torch headers takes ~1.5 GB; more jobs than that swap a small machine to death.
+    if "MAX_JOBS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = 8
+    os.environ["MAX_JOBS"] = str(max(1, min(cores, int(mem_gb // 1.5))))
+
+
+def _extensions():
+    if os.environ.get("GPTFAST_SKIP_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    _cap_max_jobs()
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fopenmp"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v"]
+    define_macros = []
+    use_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("GPTFAST_NO_CUDA") != "1"
+    )
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+        define_macros.append(("GPTFAST_WITH_CUDA", "1"))
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+    ext = ext_cls(
+        name="gptfast._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc} if use_cuda else {"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
