@@ -123,7 +123,8 @@ def why_not(backend: str, op: str, device: torch.device, **features) -> str | No
         if not _has_dispatch_kernel(op, backend.upper()):
             fix = "rebuild with a CUDA toolchain and a CUDA build of torch" if backend == "cuda" else ""
             return f"gptfast._C has no {backend} kernel for {op} {fix}".rstrip()
-        module = importlib.import_module("gptfast.ops.extension")
+        extension = importlib.import_module("gptfast.ops.extension")
+        return getattr(extension, f"unsupported_{backend}")(op, **features)
     unsupported = getattr(module, "unsupported", None)
     return unsupported(op, **features) if unsupported else None
 
