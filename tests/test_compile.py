@@ -1,0 +1,59 @@
+"""torch.compile(fullgraph=True) traces through every op on every backend here: no graph breaks, same numbers."""
+import pytest
+import torch
+
+from gptfast import ops
+from backends_under_test import cases, ids
+
+ALL_OPS = ("softmax", "cross_entropy", "linear_cross_entropy", "attention")
+BACKENDS = sorted({b for op in ALL_OPS for b, d in cases(op) if d == "cpu"})
+
+
+def _all_ops(x, t, q, k, v, h, w, backend):
+    # One function through all four ops, so a graph break in any of them fails fullgraph=True.
+    a = ops.softmax(x, causal=True, scale=0.7, backend=backend).square().sum()
+    b = ops.cross_entropy(x.reshape(-1, x.shape[-1]), t, label_smoothing=0.1, z_loss=1e-3, backend=backend)
+    c = ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend=backend).square().sum()
+    d = ops.linear_cross_entropy(h, w, t, chunk_size=5, backend=backend)
+    e = ops.linear_cross_entropy(h, w, t, reduction="none", chunk_size=4, backend=backend).sum()
+    return a + b + c + d + e
+
+
+def _inputs():
+    x = torch.randn(2, 6, 6, requires_grad=True)
+    t = torch.randint(0, 6, (12,))
+    q = torch.randn(1, 4, 5, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 7, 16, requires_grad=True) for _ in range(2))
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(6, 16, requires_grad=True)
+    return x, t, q, k, v, h, w
+
+
+def _run(fn, inputs, backend):
+    leaves = [a for a in inputs if a.requires_grad]
+    for a in leaves:
+        a.grad = None
+    out = fn(*inputs, backend)
+    out.backward()
+    return out.detach(), [a.grad.clone() for a in leaves]
+
+
+def _check(compiler, backend):
+    inputs = _inputs()
+    eager_out, eager_grads = _run(_all_ops, inputs, backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(_all_ops, fullgraph=True, backend=compiler)
+    out, grads = _run(compiled, inputs, backend)
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aot_eager_fullgraph(backend):
+    _check("aot_eager", backend)
+
+
+def test_inductor_fullgraph_once():
+    # Inductor takes ~a minute on 2 cores, so it runs once, on the automatic backend choice.
+    _check("inductor", None)
