@@ -49,6 +49,9 @@ def _cross_entropy_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride
+    # fp32 scalar arguments would round eps / V and z for fp64 logits
+    label_smoothing = label_smoothing + tl.zeros((), ACC)
+    z_loss = z_loss + tl.zeros((), ACC)
     t = tl.load(target_ptr + row).to(tl.int64)
     valid = t != ignore_index
     in_range = (t >= 0) & (t < V)
@@ -95,6 +98,8 @@ def _cross_entropy_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    label_smoothing = label_smoothing + tl.zeros((), ACC)
+    z_loss = z_loss + tl.zeros((), ACC)
     t = tl.load(target_ptr + row).to(tl.int64)
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= V))
