@@ -3,7 +3,8 @@
 The interpreter accepts programs the GPU compiler rejects (a tl.dot with K < 16, a layout the backend cannot
 lower); triton.compile with a GPUTarget runs the real compiler on this CPU. Each kernels module lists its cases
 in COMPILE_CASES: dicts with name, fn (the @triton.jit function), signature (arg -> "*fp16" / "i32" / "fp32" /
-"constexpr"), constexprs, num_warps and num_stages.
+"constexpr"), constexprs, num_warps and num_stages, and optionally attrs (triton.compile's specialisation
+attributes, e.g. {(0,): [["tt.divisibility", 16]]} for a 16-byte-aligned first argument).
 
 The compiler cannot run in a process where TRITON_INTERPRET=1 (tl's own @jit helpers, such as tl.max's combine
 function, are interpreter objects there), so one subprocess without it compiles every case and reports back.
@@ -34,7 +35,7 @@ for info in pkgutil.iter_modules(gptfast.kernels.__path__):
     for case in getattr(module, "COMPILE_CASES", ()):
         key = f"{info.name}:{case['name']}"
         try:
-            src = triton.compiler.ASTSource(case["fn"], case["signature"], case["constexprs"])
+            src = triton.compiler.ASTSource(case["fn"], case["signature"], case["constexprs"], case.get("attrs"))
             out = triton.compile(src, target=target,
                                  options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
             results[key] = {"ok": bool(out.asm.get("cubin")), "error": None}
