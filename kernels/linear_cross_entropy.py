@@ -34,14 +34,27 @@ def _accumulate(dlogits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor, 
     torch.mm(dlogits, weight, out=dh_c)
     if dweight.dtype == dlogits.dtype:
         dweight.addmm_(dlogits.t(), h_c)
-    elif dlogits.is_cuda:
-        # half inputs: cuBLAS accumulates in fp32 and adds into the fp32 accumulator, no fp32 copy of dlogits
-        torch.addmm(dweight, dlogits.t(), h_c, out_dtype=dweight.dtype, out=dweight)
+    elif dlogits.is_cuda and _MIXED_ADDMM["ok"]:
+        # half inputs: cuBLAS multiplies the half operands and adds into the fp32 accumulator (no fp32 copy of
+        # dlogits). Some torch releases require self to have the operands' dtype; they fall back once, below.
+        try:
+            torch.addmm(dweight, dlogits.t(), h_c, out_dtype=dweight.dtype, out=dweight)
+        except RuntimeError:
+            _MIXED_ADDMM["ok"] = False
+            _accumulate_upcast(dlogits, h_c, dweight)
     else:
-        # CPU (the interpreter's tests) has no mixed-dtype addmm
-        dweight.addmm_(dlogits.t().to(dweight.dtype), h_c.to(dweight.dtype))
+        _accumulate_upcast(dlogits, h_c, dweight)
     if dbias is not None:
         dbias += dlogits.sum(dim=0, dtype=dbias.dtype)
+
+
+_MIXED_ADDMM = {"ok": True}  # whether addmm(fp32 self, half mat1, half mat2, out_dtype=fp32) runs here
+
+
+def _accumulate_upcast(dlogits: torch.Tensor, h_c: torch.Tensor, dweight: torch.Tensor) -> None:
+    """dweight (fp32) += dlogits^T h_c through fp32 copies of the chunk's operands: the CPU path (no mixed-dtype
+    addmm there) and the fallback on CUDA; costs a (chunk, V) fp32 temporary and an fp32 GEMM."""
+    dweight.addmm_(dlogits.t().to(dweight.dtype), h_c.to(dweight.dtype))
 
 
 def _grad_buffers(hidden, weight, bias):

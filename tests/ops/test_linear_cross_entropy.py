@@ -127,6 +127,18 @@ def test_all_rows_ignored(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_empty_batch(backend, device):
+    # zero tokens: 'sum' is 0, 'none' is empty, gradients are zeros of the right shapes
+    hidden, weight, t, b = _inputs((0,), 8, 12, device, torch.float32, True)
+    inputs = [x.requires_grad_() for x in (hidden, weight, b)]
+    assert ops.linear_cross_entropy(*inputs[:2], t, inputs[2], reduction="none", backend=backend).shape == (0,)
+    total = ops.linear_cross_entropy(*inputs[:2], t, inputs[2], reduction="sum", backend=backend)
+    total.backward()
+    assert total.item() == 0.0 and hidden.grad.shape == (0, 8)
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
 def test_float64_inputs(backend, device):
     # fp64 stays fp64 (options exactly representable in fp32, which the Triton kernels receive)
     hidden, weight, t, b = _inputs((7,), 6, 19, device, torch.float64, True, (2,))
