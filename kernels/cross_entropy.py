@@ -11,7 +11,7 @@ Backward: a (row, vocab block) grid; each program reads its block of logits once
 lse and writes dlogits. Rows whose target is ignore_index are not read; their gradient is 0.
 
 In-place gradient (off by default): `cross_entropy_forward(..., grad_in_place=True)` also overwrites the logits
-with the gradient of loss.sum() (dloss = 1 per row) in a second pass over the row, while it is still in L2.
+with the gradient of loss.sum() (dloss = 1 per row) in a second pass over the row (often still in L2).
 linear_cross_entropy uses it so that a chunk's logits buffer becomes its dlogits without a second buffer.
 `cross_entropy_backward(..., out=logits)` is the same in place for a given dloss (the kernel reads each element
 before writing it).
@@ -19,9 +19,10 @@ before writing it).
 Out-of-range targets (not ignore_index and outside [0, V)): the kernels never read them. The row's loss is NaN
 and its gradient row is NaN, so the error cannot pass as a finite loss. (The reference raises on CPU instead.)
 
-Dtypes: logits fp32/fp16/bf16 with fp32 math, loss/lse fp32; fp64 logits run in fp64 with fp64 loss/lse (note
-that label_smoothing and z_loss reach the kernel as fp32 scalars). Targets int32 or int64. Row offsets are int64,
-so M * V beyond 2^31 (32k rows x 128k vocab) indexes correctly.
+Dtypes: logits fp32/fp16/bf16 with fp32 math, loss/lse fp32; fp64 logits are supported and run in fp64 with
+fp64 loss/lse, but on GPUs label_smoothing and z_loss arrive as fp32 scalars, so they are exact only when fp32
+represents them (0.25, 0.125, ...). Targets int32 or int64. Row offsets are int64, so M * V beyond 2^31
+(32k rows x 128k vocab) indexes correctly.
 """
 import torch
 import triton
@@ -148,6 +149,8 @@ def cross_entropy_backward(
     label_smoothing: float, z_loss: float, out: torch.Tensor | None = None, block: int | None = None,
 ) -> torch.Tensor:
     """dlogits[M, V] from the saved lse[M]; out=logits computes it in place."""
+    if out is not None and out.stride(-1) != 1:
+        raise ValueError("cross_entropy_backward: out needs contiguous rows")
     logits = _check_rows(logits)
     M, V = logits.shape
     out = torch.empty_like(logits) if out is None else out

@@ -10,6 +10,11 @@ memory is O(chunk_size * V) plus the fp32 gradient accumulators. Per chunk c of 
      db  += colsum(dlogits_c)                       fp32
 With with_grad the forward does steps 1-3 with dloss = 1 (gradients of loss.sum(); the public op scales them);
 the backward recomputes step 1 for the incoming per-row dloss. dweight/dbias are returned in the input dtype.
+
+Cost of the fp32 dW accumulator (half inputs): 4 bytes per weight element, plus the final cast to the weight's
+dtype, and each chunk's dW update reads and writes it. On an H200 (torch 2.11) one update for a 256-row chunk at
+V=128256, H=4096 took 1.6 ms in fp32 against 0.83 ms for a bf16 accumulator and 0.39 ms for the chunk's logits
+matmul: the update is bound by the accumulator's traffic, so chunks of >= 1024 rows keep it near the GEMM time.
 """
 import torch
 
