@@ -5,16 +5,16 @@ Per row, with lse = logsumexp(x), t the target and eps the label smoothing:
     dloss/dx_j = p_j * (1 + 2 * z_loss * lse) - (1 - eps) * [j == t] - eps / V,   p_j = exp(x_j - lse)
 
 Forward: one program per row streams the vocab in blocks, keeping a running max m and sum d
-(d <- d * exp(m_old - m_new) + sum exp(x - m_new)), the sum of x (label smoothing) and, by a single load, x[t].
-It writes loss[M] and lse[M].
+(d <- d * exp(m_old - m_new) + sum exp(x - m_new)), the sum of x (label smoothing) and, by a single load,
+x[t]. It writes loss[M] and lse[M].
 Backward: a (row, vocab block) grid; each program reads its block of logits once, recomputes p from the saved
 lse and writes dlogits. Rows whose target is ignore_index are not read; their gradient is 0.
 
-In-place gradient (off by default): `cross_entropy_forward(..., grad_in_place=True)` also overwrites the logits
-with the gradient of loss.sum() (dloss = 1 per row) in a second pass over the row (often still in L2).
+In-place gradient (off by default): `cross_entropy_forward(..., grad_in_place=True)` also overwrites the
+logits with the gradient of loss.sum() (dloss = 1 per row) in a second pass over the row (often still in L2).
 linear_cross_entropy uses it so that a chunk's logits buffer becomes its dlogits without a second buffer.
-`cross_entropy_backward(..., out=logits)` is the same in place for a given dloss (the kernel reads each element
-before writing it).
+`cross_entropy_backward(..., out=logits)` is the same in place for a given dloss (the kernel reads each
+element before writing it).
 
 Out-of-range targets (not ignore_index and outside [0, V)): the kernels never read them. The row's loss is NaN
 and its gradient row is NaN, so the error cannot pass as a finite loss. (The reference raises on CPU instead.)
@@ -24,6 +24,7 @@ fp64 loss/lse, but on GPUs label_smoothing and z_loss arrive as fp32 scalars, so
 represents them (0.25, 0.125, ...). Targets int32 or int64. Row offsets are int64, so M * V beyond 2^31
 (32k rows x 128k vocab) indexes correctly.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -45,8 +46,19 @@ def _row_grad(x, c, t, lse, coef, scale, bad, V, label_smoothing):
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    logits_ptr, target_ptr, loss_ptr, lse_ptr, stride, V, ignore_index, label_smoothing, z_loss,
-    BLOCK: tl.constexpr, SMOOTHING: tl.constexpr, GRAD_IN_PLACE: tl.constexpr, ACC: tl.constexpr,
+    logits_ptr,
+    target_ptr,
+    loss_ptr,
+    lse_ptr,
+    stride,
+    V,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    BLOCK: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    GRAD_IN_PLACE: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride
@@ -94,8 +106,19 @@ def _cross_entropy_fwd_kernel(
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
-    dloss_ptr, logits_ptr, target_ptr, lse_ptr, dlogits_ptr, stride, out_stride, V, ignore_index,
-    label_smoothing, z_loss, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    dloss_ptr,
+    logits_ptr,
+    target_ptr,
+    lse_ptr,
+    dlogits_ptr,
+    stride,
+    out_stride,
+    V,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -119,8 +142,14 @@ def _check_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy_forward(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    grad_in_place: bool = False, loss: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad_in_place: bool = False,
+    loss: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss[M], lse[M]) of logits[M, V]. grad_in_place=True also overwrites `logits` (which must then be
@@ -137,16 +166,34 @@ def cross_entropy_forward(
         return loss, lse
     block = block or min(triton.next_power_of_2(V), FWD_BLOCK)
     launch(_cross_entropy_fwd_kernel)[(M,)](
-        logits, target, loss, lse, logits.stride(0), V, ignore_index, label_smoothing, z_loss,
-        BLOCK=block, SMOOTHING=label_smoothing > 0.0, GRAD_IN_PLACE=grad_in_place, ACC=acc_dtype(logits.dtype),
+        logits,
+        target,
+        loss,
+        lse,
+        logits.stride(0),
+        V,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        BLOCK=block,
+        SMOOTHING=label_smoothing > 0.0,
+        GRAD_IN_PLACE=grad_in_place,
+        ACC=acc_dtype(logits.dtype),
         num_warps=num_warps_for(block),
     )
     return loss, lse
 
 
 def cross_entropy_backward(
-    dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, ignore_index: int,
-    label_smoothing: float, z_loss: float, out: torch.Tensor | None = None, block: int | None = None,
+    dloss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    out: torch.Tensor | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """dlogits[M, V] from the saved lse[M]; out=logits computes it in place."""
     if out is not None and out.stride(-1) != 1:
@@ -158,8 +205,19 @@ def cross_entropy_backward(
         return out
     block = block or min(triton.next_power_of_2(V), BWD_BLOCK)
     launch(_cross_entropy_bwd_kernel)[(M, triton.cdiv(V, block))](
-        dloss.contiguous(), logits, target, lse.contiguous(), out, logits.stride(0), out.stride(0), V,
-        ignore_index, label_smoothing, z_loss, BLOCK=block, ACC=acc_dtype(logits.dtype),
+        dloss.contiguous(),
+        logits,
+        target,
+        lse.contiguous(),
+        out,
+        logits.stride(0),
+        out.stride(0),
+        V,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        BLOCK=block,
+        ACC=acc_dtype(logits.dtype),
         num_warps=num_warps_for(block),
     )
     return out
@@ -174,11 +232,18 @@ def cross_entropy_fwd(
 
 
 def cross_entropy_bwd(
-    dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, ignore_index: int,
-    label_smoothing: float, z_loss: float,
+    dloss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
 ) -> torch.Tensor:
     """dlogits[M, V] (logits' dtype) for the upstream dloss[M], from the saved lse[M]."""
-    return cross_entropy_backward(dloss, logits, target.contiguous(), lse, ignore_index, label_smoothing, z_loss)
+    return cross_entropy_backward(
+        dloss, logits, target.contiguous(), lse, ignore_index, label_smoothing, z_loss
+    )
 
 
 # ---------------------------------------------------------------------------------- sm_90a compile grid
@@ -186,27 +251,62 @@ def _compile_cases() -> list[dict]:
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
         for tdtype in ("i64", "i32"):
-            # vocab blocks the launchers pick: small vocabularies (next power of two) up to the 8192 cap; every
-            # flag combination with int64 targets, the plain forward with int32 ones
+            # vocab blocks the launchers pick: small vocabularies (next power of two) up to the 8192 cap;
+            # every flag combination with int64 targets, the plain forward with int32 ones
             for block in (128, 1024, FWD_BLOCK):
                 for smoothing in (False, True) if tdtype == "i64" else (False,):
                     for in_place in (False, True) if tdtype == "i64" else (False,):
-                        consts = dict(BLOCK=block, SMOOTHING=smoothing, GRAD_IN_PLACE=in_place, ACC=tl.float32)
-                        sig = {"logits_ptr": f"*{dtype}", "target_ptr": f"*{tdtype}", "loss_ptr": "*fp32",
-                               "lse_ptr": "*fp32", "stride": "i32", "V": "i32", "ignore_index": "i32",
-                               "label_smoothing": "fp32", "z_loss": "fp32", **{k: "constexpr" for k in consts}}
-                        cases.append(dict(
-                            name=f"cross_entropy_fwd_{dtype}_{tdtype}_B{block}_ls{int(smoothing)}_ip{int(in_place)}",
-                            fn=_cross_entropy_fwd_kernel, signature=sig, constexprs=consts,
-                            num_warps=num_warps_for(block), num_stages=3))
+                        consts = dict(
+                            BLOCK=block, SMOOTHING=smoothing, GRAD_IN_PLACE=in_place, ACC=tl.float32
+                        )
+                        sig = {
+                            "logits_ptr": f"*{dtype}",
+                            "target_ptr": f"*{tdtype}",
+                            "loss_ptr": "*fp32",
+                            "lse_ptr": "*fp32",
+                            "stride": "i32",
+                            "V": "i32",
+                            "ignore_index": "i32",
+                            "label_smoothing": "fp32",
+                            "z_loss": "fp32",
+                            **{k: "constexpr" for k in consts},
+                        }
+                        cases.append(
+                            dict(
+                                name=f"cross_entropy_fwd_{dtype}_{tdtype}_B{block}_ls{int(smoothing)}_ip{int(in_place)}",
+                                fn=_cross_entropy_fwd_kernel,
+                                signature=sig,
+                                constexprs=consts,
+                                num_warps=num_warps_for(block),
+                                num_stages=3,
+                            )
+                        )
             for block in (128, 1024, BWD_BLOCK) if tdtype == "i64" else (BWD_BLOCK,):
                 consts = dict(BLOCK=block, ACC=tl.float32)
-                sig = {"dloss_ptr": "*fp32", "logits_ptr": f"*{dtype}", "target_ptr": f"*{tdtype}",
-                       "lse_ptr": "*fp32", "dlogits_ptr": f"*{dtype}", "stride": "i32", "out_stride": "i32",
-                       "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32",
-                       **{k: "constexpr" for k in consts}}
-                cases.append(dict(name=f"cross_entropy_bwd_{dtype}_{tdtype}_B{block}", fn=_cross_entropy_bwd_kernel,
-                                  signature=sig, constexprs=consts, num_warps=num_warps_for(block), num_stages=3))
+                sig = {
+                    "dloss_ptr": "*fp32",
+                    "logits_ptr": f"*{dtype}",
+                    "target_ptr": f"*{tdtype}",
+                    "lse_ptr": "*fp32",
+                    "dlogits_ptr": f"*{dtype}",
+                    "stride": "i32",
+                    "out_stride": "i32",
+                    "V": "i32",
+                    "ignore_index": "i32",
+                    "label_smoothing": "fp32",
+                    "z_loss": "fp32",
+                    **{k: "constexpr" for k in consts},
+                }
+                cases.append(
+                    dict(
+                        name=f"cross_entropy_bwd_{dtype}_{tdtype}_B{block}",
+                        fn=_cross_entropy_bwd_kernel,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=num_warps_for(block),
+                        num_stages=3,
+                    )
+                )
     return cases
 
 

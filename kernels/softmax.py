@@ -1,8 +1,9 @@
 """Triton softmax: y = softmax(scale * x) over the rows of an (M, N) matrix, causal mask fused.
 
 Two forward kernels, picked by row length:
-- rows that fit in registers (N <= SINGLE_PASS_MAX): one read and one write. Each program holds a [ROWS, BLOCK]
-  tile of whole rows (several short rows per program, so short rows still move enough bytes per program).
+- rows that fit in registers (N <= SINGLE_PASS_MAX): one read and one write. Each program holds a
+  [ROWS, BLOCK] tile of whole rows (several short rows per program, so that short rows still move enough
+  bytes per program).
 - longer rows: one program per row streams BLOCK columns at a time. Pass 1 keeps a running max m and sum d
   (online softmax: d <- d * exp(m_old - m_new) + sum exp(s - m_new)); pass 2 re-reads the row, mostly from L2,
   and writes exp(s - m) / d.
@@ -10,12 +11,13 @@ The backward, dx = scale * y * (dy - rowsum(dy * y)), is one kernel from the sav
 one write when the row fits, and a dot-product pass first when it does not.
 
 Causal (causal_rows = L > 0): row r of the flattened stack of (L, N) score matrices keeps columns j <= r % L.
-Masked columns are never read and are written as 0. Column 0 is always kept, so a row is fully masked only when
-its inputs are all -inf; such a row gives zeros, as the reference does.
+Masked columns are never read and are written as 0. Column 0 is always kept, so a row is fully masked only
+when its inputs are all -inf; such a row gives zeros, as the reference does.
 
-Shapes: x, y, dy, dx are (M, N), row-major contiguous. Math is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64
-inputs; outputs have the input's dtype. All offsets are int64 (M * N may exceed 2^31).
+Shapes: x, y, dy, dx are (M, N), row-major contiguous. Math is fp32 for fp16/bf16/fp32 inputs and fp64 for
+fp64 inputs; outputs have the input's dtype. All offsets are int64 (M * N may exceed 2^31).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -30,8 +32,16 @@ ROW_TILE = 4096  # elements a single-pass program aims to hold when rows are sho
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _softmax_fwd_tile_kernel(
-    x_ptr, y_ptr, M, N, scale, causal_rows,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    M,
+    N,
+    scale,
+    causal_rows,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -53,7 +63,14 @@ def _softmax_fwd_tile_kernel(
 
 @triton.jit
 def _softmax_fwd_online_kernel(
-    x_ptr, y_ptr, N, scale, causal_rows, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    N,
+    scale,
+    causal_rows,
+    BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * N
@@ -67,7 +84,9 @@ def _softmax_fwd_online_kernel(
     d = tl.zeros((), ACC)
     for start in range(0, n_keep, BLOCK):
         c = start + cols
-        s = tl.where(c < n_keep, tl.load(x_row + c, mask=c < n_keep, other=0.0).to(ACC) * scale, float("-inf"))
+        s = tl.where(
+            c < n_keep, tl.load(x_row + c, mask=c < n_keep, other=0.0).to(ACC) * scale, float("-inf")
+        )
         m_new = tl.maximum(m, tl.max(s, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(s - m_ref), axis=0)
@@ -77,14 +96,25 @@ def _softmax_fwd_online_kernel(
     # 2. y = exp(s - m) / d, zeros on masked columns
     for start in range(0, N, BLOCK):
         c = start + cols
-        s = tl.where(c < n_keep, tl.load(x_row + c, mask=c < n_keep, other=0.0).to(ACC) * scale, float("-inf"))
+        s = tl.where(
+            c < n_keep, tl.load(x_row + c, mask=c < n_keep, other=0.0).to(ACC) * scale, float("-inf")
+        )
         tl.store(y_row + c, (tl.exp(s - m) * inv).to(y_ptr.dtype.element_ty), mask=c < N)
 
 
 @triton.jit
 def _softmax_bwd_tile_kernel(
-    dy_ptr, y_ptr, dx_ptr, M, N, scale, causal_rows,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+    dy_ptr,
+    y_ptr,
+    dx_ptr,
+    M,
+    N,
+    scale,
+    causal_rows,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -104,7 +134,15 @@ def _softmax_bwd_tile_kernel(
 
 @triton.jit
 def _softmax_bwd_online_kernel(
-    dy_ptr, y_ptr, dx_ptr, N, scale, causal_rows, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+    dy_ptr,
+    y_ptr,
+    dx_ptr,
+    N,
+    scale,
+    causal_rows,
+    BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     n_keep = N
@@ -129,7 +167,7 @@ def _softmax_bwd_online_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 def launch(kernel):
-    """The kernel as torch.compile can trace it (wrap_triton) on GPUs; the plain kernel under the interpreter."""
+    """The kernel as torch.compile traces it (wrap_triton) on GPUs; the plain kernel under the interpreter."""
     return kernel if backends.interpreting() else torch.library.wrap_triton(kernel)
 
 
@@ -143,7 +181,7 @@ def num_warps_for(block: int) -> int:
 
 
 def config(M: int, N: int, block: int | None = None) -> dict:
-    """Launch shape for (M, N): single pass (ROWS rows of BLOCK columns per program) or online (BLOCK columns)."""
+    """Launch shape for (M, N): single pass (ROWS rows of BLOCK columns) or online (BLOCK columns a step)."""
     block = block or (triton.next_power_of_2(N) if N <= SINGLE_PASS_MAX else ONLINE_BLOCK)
     if block >= N:
         rows = min(max(1, ROW_TILE // block), triton.next_power_of_2(M))
@@ -151,7 +189,9 @@ def config(M: int, N: int, block: int | None = None) -> dict:
     return dict(single=False, ROWS=1, BLOCK=block, num_warps=num_warps_for(block))
 
 
-def softmax_forward(x: torch.Tensor, scale: float, causal_rows: int, block: int | None = None) -> torch.Tensor:
+def softmax_forward(
+    x: torch.Tensor, scale: float, causal_rows: int, block: int | None = None
+) -> torch.Tensor:
     """y[M, N] = softmax(scale * x) per row. `block` (a power of two) forces the columns per step; a block
     shorter than N takes the online multi-block path (the tests use this to run it on small inputs)."""
     x = x.contiguous()
@@ -160,7 +200,9 @@ def softmax_forward(x: torch.Tensor, scale: float, causal_rows: int, block: int 
     if x.numel() == 0:
         return y
     cfg = config(M, N, block)
-    common = dict(BLOCK=cfg["BLOCK"], CAUSAL=causal_rows > 0, ACC=acc_dtype(x.dtype), num_warps=cfg["num_warps"])
+    common = dict(
+        BLOCK=cfg["BLOCK"], CAUSAL=causal_rows > 0, ACC=acc_dtype(x.dtype), num_warps=cfg["num_warps"]
+    )
     if cfg["single"]:
         launch(_softmax_fwd_tile_kernel)[(triton.cdiv(M, cfg["ROWS"]),)](
             x, y, M, N, scale, causal_rows, ROWS=cfg["ROWS"], **common
@@ -170,8 +212,9 @@ def softmax_forward(x: torch.Tensor, scale: float, causal_rows: int, block: int 
     return y
 
 
-def softmax_backward(dy: torch.Tensor, y: torch.Tensor, scale: float, causal_rows: int,
-                     block: int | None = None) -> torch.Tensor:
+def softmax_backward(
+    dy: torch.Tensor, y: torch.Tensor, scale: float, causal_rows: int, block: int | None = None
+) -> torch.Tensor:
     """dx[M, N] = scale * y * (dy - rowsum(dy * y)); `block` as in softmax_forward."""
     dy, y = dy.contiguous(), y.contiguous()
     dx = torch.empty_like(y)
@@ -179,7 +222,9 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, scale: float, causal_row
     if y.numel() == 0:
         return dx
     cfg = config(M, N, block)
-    common = dict(BLOCK=cfg["BLOCK"], CAUSAL=causal_rows > 0, ACC=acc_dtype(y.dtype), num_warps=cfg["num_warps"])
+    common = dict(
+        BLOCK=cfg["BLOCK"], CAUSAL=causal_rows > 0, ACC=acc_dtype(y.dtype), num_warps=cfg["num_warps"]
+    )
     if cfg["single"]:
         launch(_softmax_bwd_tile_kernel)[(triton.cdiv(M, cfg["ROWS"]),)](
             dy, y, dx, M, N, scale, causal_rows, ROWS=cfg["ROWS"], **common
@@ -191,7 +236,7 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, scale: float, causal_row
 
 # ---------------------------------------------------------------------------------------------- the pair
 def softmax_fwd(x: torch.Tensor, scale: float, causal_rows: int) -> torch.Tensor:
-    """y[M, N] = softmax(scale * x[M, N]) per row, column j of row r masked when j > r % causal_rows (if > 0)."""
+    """y[M, N] = softmax(scale * x[M, N]) per row; column j of row r masked when j > r % causal_rows > 0."""
     return softmax_forward(x, scale, causal_rows)
 
 
@@ -202,8 +247,9 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float, causal_rows: in
 
 # ---------------------------------------------------------------------------------- sm_90a compile grid
 def with_alignment(cases: list[dict], plain_dtype: str = "fp16") -> list[dict]:
-    """Each case as the GPU launcher specialises it for 16-divisible pointers and sizes (the common, vectorised
-    case: "attrs" for triton.compile), plus the unaligned form for the cases whose name has `plain_dtype`."""
+    """Each case as the GPU launcher specialises it for 16-divisible pointers and sizes (the common,
+    vectorised case: "attrs" for triton.compile), plus the unaligned form for the cases whose name has
+    `plain_dtype`."""
     out = []
     for case in cases:
         fn, sig = case["fn"], case["signature"]
@@ -229,18 +275,38 @@ def _compile_cases() -> list[dict]:
             for N in (64, 1024, 4096, 16384, 32768) if not causal else (1024, 32768):
                 cfg = config(1 << 20, N)
                 consts = dict(ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], CAUSAL=causal, ACC=tl.float32)
-                for name, fn, p in (("softmax_fwd_tile", _softmax_fwd_tile_kernel, ptrs),
-                                    ("softmax_bwd_tile", _softmax_bwd_tile_kernel, bwd_ptrs)):
+                for name, fn, p in (
+                    ("softmax_fwd_tile", _softmax_fwd_tile_kernel, ptrs),
+                    ("softmax_bwd_tile", _softmax_bwd_tile_kernel, bwd_ptrs),
+                ):
                     sig = {**p, "M": "i32", "N": "i32", **scalars, **{k: "constexpr" for k in consts}}
-                    cases.append(dict(name=f"{name}_{dtype}_N{N}_causal{int(causal)}", fn=fn, signature=sig,
-                                      constexprs=consts, num_warps=cfg["num_warps"], num_stages=3))
+                    cases.append(
+                        dict(
+                            name=f"{name}_{dtype}_N{N}_causal{int(causal)}",
+                            fn=fn,
+                            signature=sig,
+                            constexprs=consts,
+                            num_warps=cfg["num_warps"],
+                            num_stages=3,
+                        )
+                    )
             cfg = config(1, 1 << 18)
             consts = dict(BLOCK=cfg["BLOCK"], CAUSAL=causal, ACC=tl.float32)
-            for name, fn, p in (("softmax_fwd_online", _softmax_fwd_online_kernel, ptrs),
-                                ("softmax_bwd_online", _softmax_bwd_online_kernel, bwd_ptrs)):
+            for name, fn, p in (
+                ("softmax_fwd_online", _softmax_fwd_online_kernel, ptrs),
+                ("softmax_bwd_online", _softmax_bwd_online_kernel, bwd_ptrs),
+            ):
                 sig = {**p, "N": "i32", **scalars, **{k: "constexpr" for k in consts}}
-                cases.append(dict(name=f"{name}_{dtype}_causal{int(causal)}", fn=fn, signature=sig,
-                                  constexprs=consts, num_warps=cfg["num_warps"], num_stages=3))
+                cases.append(
+                    dict(
+                        name=f"{name}_{dtype}_causal{int(causal)}",
+                        fn=fn,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=cfg["num_warps"],
+                        num_stages=3,
+                    )
+                )
     return cases
 
 

@@ -1,9 +1,11 @@
 """ops.cross_entropy on every backend that runs here, against torch in higher precision (design.md's rule).
 
 Expected values: F.cross_entropy on the logits upcast (fp64 for fp32 inputs, fp32 for half inputs) plus the
-written z_loss term, z_loss * logsumexp(x)^2 on non-ignored rows; torch in the input dtype sets the error budget.
+written z_loss term, z_loss * logsumexp(x)^2 on non-ignored rows; torch in the input dtype sets the error
+budget.
 Outputs and input gradients (for a random upstream gradient) are checked on every backend.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,13 @@ def _skip_interpreted_bf16(backend, device, dtype):
 def torch_cross_entropy(x, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
     """The spec in plain torch: F.cross_entropy plus z_loss * lse^2 on rows whose target is not ignored."""
     C = x.shape[-1]
-    rows = F.cross_entropy(x.reshape(-1, C), target.reshape(-1).long(), ignore_index=ignore_index,
-                           reduction="none", label_smoothing=label_smoothing)
+    rows = F.cross_entropy(
+        x.reshape(-1, C),
+        target.reshape(-1).long(),
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
     valid = target.reshape(-1) != ignore_index
     if z_loss:
         rows = rows + torch.where(valid, z_loss * torch.logsumexp(x.reshape(-1, C), -1) ** 2, 0.0)
@@ -69,7 +76,12 @@ SETTINGS = [
     ((5, 37), {}, (), "odd vocab, fewer rows than anything"),
     ((6, 37), {"label_smoothing": 0.1}, (2,), "label smoothing with an ignored row"),
     ((6, 50), {"z_loss": 1e-2, "reduction": "sum"}, (0, 5), "z_loss, sum, ignored first and last rows"),
-    ((2, 3, 50), {"label_smoothing": 0.2, "z_loss": 1e-3, "reduction": "none"}, (1,), "(B, T, C), every option"),
+    (
+        (2, 3, 50),
+        {"label_smoothing": 0.2, "z_loss": 1e-3, "reduction": "none"},
+        (1,),
+        "(B, T, C), every option",
+    ),
     ((4, 33), {"ignore_index": 7, "reduction": "none"}, (3,), "a non-default ignore_index"),
     ((3, 10000), {"label_smoothing": 0.05}, (), "vocab above the forward block, not a multiple of it"),
     ((37,), {}, (), "a single (C,) vector with a () target"),
@@ -144,7 +156,9 @@ def test_reference_gradcheck_float64():
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([1, -100, 5, 0])
     for options in ({}, {"label_smoothing": 0.3, "z_loss": 0.1, "reduction": "sum"}, {"reduction": "none"}):
-        assert torch.autograd.gradcheck(lambda a: ops.cross_entropy(a, t, backend="reference", **options), (x,))
+        assert torch.autograd.gradcheck(
+            lambda a: ops.cross_entropy(a, t, backend="reference", **options), (x,)
+        )
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -178,7 +192,8 @@ def _triton_kernels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_small_blocks_and_in_place_grad(block, dtype):
     # blocks far shorter than the 300-column rows (not a multiple of either) run the online forward over many
-    # blocks and the backward over many programs per row; the in-place flag must equal the backward with dloss=1
+    # blocks and the backward over many programs per row; the in-place flag must equal the backward with
+    # dloss = 1
     kernels, device = _triton_kernels()
     from gptfast.ops import reference
 
@@ -192,8 +207,12 @@ def test_triton_small_blocks_and_in_place_grad(block, dtype):
     assert_close(lse, ref_lse, same_lse, "lse")
     dloss = torch.rand(6, device=device)
     g = kernels.cross_entropy_backward(dloss, x, t, lse, *args, block=block)
-    assert_close(g, reference.cross_entropy_bwd(dloss, x.to(reference_dtype(dtype)), t, ref_lse, *args),
-                 reference.cross_entropy_bwd(dloss, x, t, same_lse, *args), "dlogits")
+    assert_close(
+        g,
+        reference.cross_entropy_bwd(dloss, x.to(reference_dtype(dtype)), t, ref_lse, *args),
+        reference.cross_entropy_bwd(dloss, x, t, same_lse, *args),
+        "dlogits",
+    )
     inplace = x.clone()
     loss2, _ = kernels.cross_entropy_forward(inplace, t, *args, grad_in_place=True, block=block)
     torch.testing.assert_close(loss2, loss)
@@ -234,8 +253,12 @@ def test_triton_64bit_offsets_gpu():
     loss, lse = kernels.cross_entropy_fwd(x, t, -100, 0.0, 0.0)
     g = kernels.cross_entropy_bwd(torch.ones(16400, device="cuda"), x, t, lse, -100, 0.0, 0.0)
     tail, tt = x[-3:], t[-3:]
-    assert_close(loss[-3:], F.cross_entropy(tail.float(), tt, reduction="none"),
-                 F.cross_entropy(tail, tt, reduction="none").float(), "loss past 2^31")
+    assert_close(
+        loss[-3:],
+        F.cross_entropy(tail.float(), tt, reduction="none"),
+        F.cross_entropy(tail, tt, reduction="none").float(),
+        "loss past 2^31",
+    )
     ref = tail.float().detach().requires_grad_()
     same = tail.detach().requires_grad_()
     F.cross_entropy(ref, tt, reduction="sum").backward()

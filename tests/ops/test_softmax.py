@@ -1,9 +1,10 @@
-"""ops.softmax on every backend that runs here, against torch in higher precision (design.md's tolerance rule).
+"""ops.softmax on every backend that runs here, against torch in higher precision (design.md's rule).
 
 The expected values are torch's own: F.softmax of (scale * x) with the causal entries set to -inf, computed in
 fp64 for fp32 inputs and fp32 for half inputs; torch in the input dtype sets the error budget. This checks the
 reference backend against torch and every other backend against the same spec, for outputs and gradients.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,9 @@ def test_empty_input(backend, device):
 
 def test_reference_gradcheck_float64():
     x = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: ops.softmax(t, scale=0.7, causal=True, backend="reference"), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: ops.softmax(t, scale=0.7, causal=True, backend="reference"), (x,)
+    )
     assert torch.autograd.gradcheck(lambda t: ops.softmax(t, dim=1, backend="reference"), (x,))
 
 
@@ -152,8 +155,12 @@ def test_triton_online_path_small_blocks(block, causal_rows):
     ref = reference.softmax_fwd(xh, 0.8, causal_rows)
     ref_dx = reference.softmax_bwd(dyh, ref, 0.8, causal_rows)
     assert_close(y, ref, reference.softmax_fwd(x, 0.8, causal_rows), "online softmax output")
-    assert_close(dx, ref_dx, reference.softmax_bwd(dy, reference.softmax_fwd(x, 0.8, causal_rows), 0.8, causal_rows),
-                 "online softmax grad")
+    assert_close(
+        dx,
+        ref_dx,
+        reference.softmax_bwd(dy, reference.softmax_fwd(x, 0.8, causal_rows), 0.8, causal_rows),
+        "online softmax grad",
+    )
 
 
 @pytest.mark.parametrize("N", [32768, 262144])
