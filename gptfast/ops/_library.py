@@ -41,7 +41,13 @@ def _attach(fwd_name: str, bwd_name: str, fwd, bwd, spec: OpSpec) -> None:
     )
 
 
-def _python_op(qualname: str, impl: Callable, schema: str):
+def _python_op(qualname: str, impl: Callable, schema: str, backend: str):
+    # Triton pairs on GPUs are triton_ops: torch.compile then traces into the launcher and sees the kernels
+    # (launched through torch.library.wrap_triton). Under TRITON_INTERPRET=1 the kernels run on CPU tensors,
+    # which that tracing cannot launch, so there they stay opaque custom ops. triton_op infers the schema from
+    # the pair's annotations.
+    if backend == "triton" and not backends.interpreting():
+        return torch.library.triton_op(qualname, impl, mutates_args=())
     return torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
 
 
@@ -84,8 +90,8 @@ def _python_pair(op: str, backend: str):
     spec = _SPECS[op]
     module = backends.kernel_module(backend, op)
     fwd_name, bwd_name = f"gptfast::{qualname(op, backend)}", f"gptfast::{qualname(op, backend, 'bwd')}"
-    fwd_op = _python_op(fwd_name, getattr(module, f"{op}_fwd"), SCHEMAS[f"{op}_fwd"])
-    bwd_op = _python_op(bwd_name, getattr(module, f"{op}_bwd"), SCHEMAS[f"{op}_bwd"])
+    fwd_op = _python_op(fwd_name, getattr(module, f"{op}_fwd"), SCHEMAS[f"{op}_fwd"], backend)
+    bwd_op = _python_op(bwd_name, getattr(module, f"{op}_bwd"), SCHEMAS[f"{op}_bwd"], backend)
     _attach(fwd_name, bwd_name, fwd_op, bwd_op, spec)
     return fwd_op, bwd_op
 

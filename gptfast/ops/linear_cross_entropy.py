@@ -58,7 +58,7 @@ def _register_reduced(backend: str, fwd) -> None:
 
     def impl(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
         rows, _, dh, dw, db = fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, True)
-        scale = 1.0 / (target != ignore_index).sum() if mean else rows.new_ones(())
+        scale = 1.0 / (target != ignore_index).sum().to(rows.dtype) if mean else rows.new_ones(())
         loss = rows.sum() * scale
         scale = scale.to(rows.dtype)
         return loss, (dh * scale).to(dh.dtype), (dw * scale).to(dw.dtype), (db * scale).to(db.dtype)

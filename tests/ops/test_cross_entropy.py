@@ -1,0 +1,302 @@
+"""ops.cross_entropy on every backend that runs here, against torch in higher precision (design.md's rule).
+
+Expected values: F.cross_entropy on the logits upcast (fp64 for fp32 inputs, fp32 for half inputs) plus the
+written z_loss term, z_loss * logsumexp(x)^2 on non-ignored rows; torch in the input dtype sets the error
+budget.
+Outputs and input gradients (for a random upstream gradient) are checked on every backend.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import backends, ops
+from gptfast.testing import assert_close, reference_dtype
+
+from backends_under_test import cases, ids
+
+CASES = cases("cross_entropy")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _skip_interpreted_bf16(backend, device, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 Triton runs in the GPU tests")
+
+
+def torch_cross_entropy(x, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """The spec in plain torch: F.cross_entropy plus z_loss * lse^2 on rows whose target is not ignored."""
+    C = x.shape[-1]
+    rows = F.cross_entropy(
+        x.reshape(-1, C),
+        target.reshape(-1).long(),
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    valid = target.reshape(-1) != ignore_index
+    if z_loss:
+        rows = rows + torch.where(valid, z_loss * torch.logsumexp(x.reshape(-1, C), -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
+
+
+def check_against_torch(x, target, backend, **options):
+    """ops.cross_entropy's value and d/dinput vs torch (upcast) within 2x torch's own same-dtype error."""
+    hp = reference_dtype(x.dtype)
+    out_shape = target.shape if options.get("reduction") == "none" else ()
+    upstream = torch.rand(out_shape, device=x.device) + 0.5
+
+    def run(fn, inp):
+        inp = inp.detach().requires_grad_()
+        out = fn(inp)
+        (grad,) = torch.autograd.grad(out, inp, upstream.to(out.dtype))
+        return out, grad
+
+    out, grad = run(lambda t: ops.cross_entropy(t, target, backend=backend, **options), x)
+    ref, ref_grad = run(lambda t: torch_cross_entropy(t, target, **options), x.to(hp))
+    same, same_grad = run(lambda t: torch_cross_entropy(t, target, **options), x)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert_close(out, ref, same, "cross_entropy loss")
+    assert_close(grad, ref_grad, same_grad, "cross_entropy grad")
+
+
+def _targets(shape, classes, device, ignore_rows=(), dtype=torch.int64, ignore_index=-100):
+    t = torch.randint(0, classes, shape, device=device, dtype=dtype)
+    flat = t.view(-1)
+    for r in ignore_rows:
+        flat[r] = ignore_index
+    return t
+
+
+# (input shape, options, rows set to ignore_index, why)
+SETTINGS = [
+    ((1, 1), {}, (), "one row of one class: loss 0, grad 0"),
+    ((5, 37), {}, (), "odd vocab, fewer rows than anything"),
+    ((6, 37), {"label_smoothing": 0.1}, (2,), "label smoothing with an ignored row"),
+    ((6, 50), {"z_loss": 1e-2, "reduction": "sum"}, (0, 5), "z_loss, sum, ignored first and last rows"),
+    (
+        (2, 3, 50),
+        {"label_smoothing": 0.2, "z_loss": 1e-3, "reduction": "none"},
+        (1,),
+        "(B, T, C), every option",
+    ),
+    ((4, 33), {"ignore_index": 7, "reduction": "none"}, (3,), "a non-default ignore_index"),
+    ((3, 10000), {"label_smoothing": 0.05}, (), "vocab above the forward block, not a multiple of it"),
+    ((37,), {}, (), "a single (C,) vector with a () target"),
+]
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,options,ignore_rows,why", SETTINGS, ids=[s[3] for s in SETTINGS])
+def test_matches_torch(backend, device, dtype, shape, options, ignore_rows, why):
+    _skip_interpreted_bf16(backend, device, dtype)
+    x = 3 * torch.randn(shape, device=device).to(dtype)
+    t = _targets(shape[:-1], shape[-1], device, ignore_rows, ignore_index=options.get("ignore_index", -100))
+    check_against_torch(x, t, backend, **options)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_int32_targets_and_reductions(backend, device, reduction):
+    # int32 class indices are read as such by every backend; each reduction of the same rows
+    x = torch.randn(7, 29, device=device)
+    t = _targets((7,), 29, device, (4,), dtype=torch.int32)
+    check_against_torch(x, t, backend, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_non_contiguous_input(backend, device, dtype):
+    # a transposed (C, N) buffer viewed as (N, C), and a column slice: no layout assumptions
+    base = torch.randn(31, 12, device=device).to(dtype)
+    t = _targets((12,), 31, device, (3,))
+    check_against_torch(base.t(), t, backend, z_loss=1e-3)
+    check_against_torch(base.t()[:, ::2], torch.where(t >= 0, t % 16, t), backend, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_all_rows_ignored(backend, device):
+    # as torch: 'mean' divides 0 by 0 (NaN), 'sum' is 0, and no gradient flows into ignored rows
+    x = torch.randn(4, 11, device=device, requires_grad=True)
+    t = torch.full((4,), -100, device=device)
+    mean = ops.cross_entropy(x, t, backend=backend, label_smoothing=0.1, z_loss=1e-2)
+    assert mean.isnan()
+    total = ops.cross_entropy(x, t, reduction="sum", backend=backend, z_loss=1e-2)
+    assert total.item() == 0.0
+    (g,) = torch.autograd.grad(total, x)
+    assert torch.equal(g, torch.zeros_like(g))
+    (g,) = torch.autograd.grad(ops.cross_entropy(x, t, backend=backend), x)
+    assert torch.equal(g, torch.zeros_like(g))
+    check_against_torch(x, t, backend, reduction="sum")
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_empty_batch(backend, device):
+    # zero rows: 'sum' is 0, 'none' is empty, the gradient is empty
+    x = torch.randn(0, 9, device=device, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    assert ops.cross_entropy(x, t, reduction="none", backend=backend).shape == (0,)
+    total = ops.cross_entropy(x, t, reduction="sum", backend=backend)
+    total.backward()
+    assert total.item() == 0.0 and x.grad.shape == (0, 9)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_float64_inputs(backend, device):
+    # fp64 logits stay fp64 (options exactly representable in fp32, which the Triton kernels receive)
+    x = torch.randn(5, 40, dtype=torch.float64, device=device)
+    t = _targets((5,), 40, device, (1,))
+    check_against_torch(x, t, backend, label_smoothing=0.25, z_loss=0.125)
+
+
+def test_reference_gradcheck_float64():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 5, 0])
+    for options in ({}, {"label_smoothing": 0.3, "z_loss": 0.1, "reduction": "sum"}, {"reduction": "none"}):
+        assert torch.autograd.gradcheck(
+            lambda a: ops.cross_entropy(a, t, backend="reference", **options), (x,)
+        )
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_torch_compile_fullgraph(backend, device):
+    x = torch.randn(2, 5, 21, device=device)
+    t = _targets((2, 5), 21, device, (3,))
+
+    def fn(inp):
+        return ops.cross_entropy(inp, t, label_smoothing=0.1, z_loss=1e-3, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_e, out_c = fn(xe), compiled(xc)
+    out_e.backward()
+    out_c.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+# --------------------------------------------------------------------------------------- triton paths
+def _triton_kernels():
+    devices = [d for b, d in CASES if b == "triton"]
+    if not devices:
+        pytest.skip("the triton backend cannot run here")
+    from gptfast.kernels import cross_entropy as kernels
+
+    return kernels, devices[0]
+
+
+@pytest.mark.parametrize("block", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_small_blocks_and_in_place_grad(block, dtype):
+    # blocks far shorter than the 300-column rows (not a multiple of either) run the online forward over many
+    # blocks and the backward over many programs per row; the in-place flag must equal the backward with
+    # dloss = 1
+    kernels, device = _triton_kernels()
+    from gptfast.ops import reference
+
+    x = (3 * torch.randn(6, 300, device=device)).to(dtype)
+    t = _targets((6,), 300, device, (2,))
+    args = (-100, 0.1, 1e-2)
+    loss, lse = kernels.cross_entropy_forward(x, t, *args, block=block)
+    ref_loss, ref_lse = reference.cross_entropy_fwd(x.to(reference_dtype(dtype)), t, *args)
+    same_loss, same_lse = reference.cross_entropy_fwd(x, t, *args)
+    assert_close(loss, ref_loss, same_loss, "loss")
+    assert_close(lse, ref_lse, same_lse, "lse")
+    dloss = torch.rand(6, device=device)
+    g = kernels.cross_entropy_backward(dloss, x, t, lse, *args, block=block)
+    assert_close(
+        g,
+        reference.cross_entropy_bwd(dloss, x.to(reference_dtype(dtype)), t, ref_lse, *args),
+        reference.cross_entropy_bwd(dloss, x, t, same_lse, *args),
+        "dlogits",
+    )
+    inplace = x.clone()
+    loss2, _ = kernels.cross_entropy_forward(inplace, t, *args, grad_in_place=True, block=block)
+    torch.testing.assert_close(loss2, loss)
+    ones = torch.ones(6, device=device)
+    torch.testing.assert_close(inplace, kernels.cross_entropy_backward(ones, x, t, lse, *args, block=block))
+    out = x.clone()
+    kernels.cross_entropy_backward(dloss, out, t, lse, *args, out=out, block=block)
+    torch.testing.assert_close(out, g)
+
+
+def test_triton_out_of_range_target_gives_nan():
+    # documented: the Triton kernels never read outside the row; a target outside [0, V) that is not
+    # ignore_index makes that row's loss and gradient NaN (the other rows are untouched)
+    kernels, device = _triton_kernels()
+    x = torch.randn(4, 10, device=device)
+    t = torch.tensor([3, 10, -5, -100], device=device)
+    loss, lse = kernels.cross_entropy_fwd(x, t, -100, 0.0, 0.0)
+    assert loss[1].isnan() and loss[2].isnan() and loss[0].isfinite() and loss[3] == 0
+    g = kernels.cross_entropy_bwd(torch.ones(4, device=device), x, t, lse, -100, 0.0, 0.0)
+    assert g[1:3].isnan().all() and g[0].isfinite().all() and (g[3] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [1000, 50257, 128256])
+def test_triton_bf16_gpu(V):
+    x = 3 * torch.randn(256, V, device="cuda", dtype=torch.bfloat16)
+    t = _targets((256,), V, "cuda", (5, 100))
+    check_against_torch(x, t, "triton")
+    check_against_torch(x, t, "triton", label_smoothing=0.1, z_loss=1e-4, reduction="sum")
+
+
+@pytest.mark.gpu
+def test_triton_64bit_offsets_gpu():
+    # 16400 x 131072 bf16 = 2^31 + 52 Mi elements: the last rows start past 2^31 and must index correctly
+    kernels, _ = _triton_kernels()
+    x = torch.randn(16400, 131072, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, 131072, (16400,), device="cuda")
+    loss, lse = kernels.cross_entropy_fwd(x, t, -100, 0.0, 0.0)
+    g = kernels.cross_entropy_bwd(torch.ones(16400, device="cuda"), x, t, lse, -100, 0.0, 0.0)
+    tail, tt = x[-3:], t[-3:]
+    assert_close(
+        loss[-3:],
+        F.cross_entropy(tail.float(), tt, reduction="none"),
+        F.cross_entropy(tail, tt, reduction="none").float(),
+        "loss past 2^31",
+    )
+    ref = tail.float().detach().requires_grad_()
+    same = tail.detach().requires_grad_()
+    F.cross_entropy(ref, tt, reduction="sum").backward()
+    F.cross_entropy(same, tt, reduction="sum").backward()
+    assert_close(g[-3:], ref.grad, same.grad, "dlogits past 2^31")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_argument_errors():
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="input must have dtype"):
+        ops.cross_entropy(torch.ones(3, 5, dtype=torch.long), t)
+    with pytest.raises(TypeError, match="target must have dtype"):
+        ops.cross_entropy(x, t.float())
+    with pytest.raises(ValueError, match=r"target must have shape \(3,\)"):
+        ops.cross_entropy(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.cross_entropy(x, t, reduction="avg")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="label_smoothing must be in"):
+            ops.cross_entropy(x, t, label_smoothing=bad)
+    with pytest.raises(ValueError, match="z_loss must be in"):
+        ops.cross_entropy(x, t, z_loss=-1.0)
+
+
+def test_out_of_range_target_raises_on_cpu_reference():
+    with pytest.raises(IndexError, match=r"target values must be in \[0, 5\) or ignore_index=-100; got 5"):
+        ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 5, 1]), backend="reference")
+
+
+def test_unknown_backend_lists_names():
+    with pytest.raises(ValueError, match="known backends: reference, triton, cuda, cpu"):
+        ops.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="nope")
+
+
+def test_backend_that_cannot_run_names_reason():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(RuntimeError, match="gptfast backend 'cuda' cannot run cross_entropy: .+") as info:
+        ops.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="cuda")
+    assert isinstance(info.value, backends.BackendUnavailable)
