@@ -59,9 +59,8 @@ def _register_reduced(backend: str, fwd) -> None:
     def impl(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
         rows, _, dh, dw, db = fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, True)
         scale = 1.0 / (target != ignore_index).sum().to(rows.dtype) if mean else rows.new_ones(())
-        loss = rows.sum() * scale
-        scale = scale.to(rows.dtype)
-        return loss, (dh * scale).to(dh.dtype), (dw * scale).to(dw.dtype), (db * scale).to(db.dtype)
+        # The gradients are fresh buffers owned by this op: scale them in place rather than copy weight-sized ones.
+        return rows.sum() * scale, dh.mul_(scale), dw.mul_(scale), db.mul_(scale)
 
     def fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
         dbias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=_acc(hidden))
