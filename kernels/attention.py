@@ -79,29 +79,33 @@ def _dropout_mask_kernel(Keep, Rng, H, L, S, threshold, BLOCK_M: tl.constexpr, B
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, lo, hi,
+    acc, l_i, m_i, q, k_base, v_base, mask_base, k_offs, v_offs, mask_offs, offs_m, lo, hi,
     stride_kn, stride_vn, stride_mn, L, S, qk_scale, seed, rng_offset, bh, drop_threshold,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Folds key blocks [lo, hi) into (acc, l_i, m_i). BOUNDARY blocks get the causal and the key-tail masks."""
+    """Folds key blocks [lo, hi) into (acc, l_i, m_i). BOUNDARY blocks get the causal and the key-tail masks.
+
+    Only the scalar base pointers advance; the tile offsets stay loop-invariant, so no tile of 64-bit pointers
+    is carried around the loop (that would cost two registers per element and spill).
+    """
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptrs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
-        v = _load_tile(v_ptrs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
+        k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
+        v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK_KIND != 0:
             in_bounds = offs_m[:, None] < L
             if BOUNDARY:
                 in_bounds = in_bounds & (offs_n[None, :] < S)
             if MASK_KIND == 1:
-                keep_mask = tl.load(mask_ptrs, mask=in_bounds, other=0)
+                keep_mask = tl.load(mask_base + mask_offs, mask=in_bounds, other=0)
                 qk = tl.where(keep_mask != 0, qk, float("-inf"))
             else:
-                qk += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
         if BOUNDARY:
             valid = offs_n[None, :] < S
             if IS_CAUSAL:
@@ -119,10 +123,9 @@ def _attn_fwd_inner(
             p = tl.where(_dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if MASK_KIND != 0:
-            mask_ptrs += BLOCK_N * stride_mn
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+        mask_base += BLOCK_N * stride_mn
     return acc, l_i, m_i
 
 
@@ -157,10 +160,12 @@ def _attn_fwd_kernel(
     q = _load_tile(q_ptrs, offs_m, L, offs_d, D, BLOCK_D, True)
     k_head = K + b64 * stride_kb + hk64 * stride_kh
     v_head = V + b64 * stride_vb + hk64 * stride_vh
-    k_ptrs = k_head + (offs_n[:, None] * stride_kn + offs_d[None, :])
-    v_ptrs = v_head + (offs_n[:, None] * stride_vn + offs_dv[None, :])
-    mask_ptrs = (Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm
-                 + offs_n[None, :] * stride_mn)
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    mask_head = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
+    mask_offs = 0
+    if MASK_KIND != 0:
+        mask_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     seed = 0
     rng_offset = 0
     if HAS_DROPOUT:
@@ -178,14 +183,14 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, 0, full_hi,
+        acc, l_i, m_i, q, k_head, v_head, mask_head, k_offs, v_offs, mask_offs, offs_m, 0, full_hi,
         stride_kn, stride_vn, stride_mn, L, S, qk_scale, seed, rng_offset, bh, drop_threshold,
         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
     )
     full_hi64 = full_hi.to(tl.int64)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs + full_hi64 * stride_kn, v_ptrs + full_hi64 * stride_vn,
-        mask_ptrs + full_hi64 * stride_mn, offs_m, full_hi, hi,
+        acc, l_i, m_i, q, k_head + full_hi64 * stride_kn, v_head + full_hi64 * stride_vn,
+        mask_head + full_hi64 * stride_mn, k_offs, v_offs, mask_offs, offs_m, full_hi, hi,
         stride_kn, stride_vn, stride_mn, L, S, qk_scale, seed, rng_offset, bh, drop_threshold,
         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
     )
@@ -229,7 +234,7 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, q_ptrs, do_ptrs, mask_ptrs, lse_ptr, delta_ptr, offs_n, lo, hi,
+    dk, dv, k, v, q_base, do_base, mask_base, q_offs, do_offs, mask_offs, lse_ptr, delta_ptr, offs_n, lo, hi,
     stride_qm, stride_dom, stride_mm, L, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL_BLOCK: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -242,20 +247,20 @@ def _attn_bwd_dkdv_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_ptrs, offs_m, L, offs_d, D, BLOCK_D, True)
-        do = _load_tile(do_ptrs, offs_m, L, offs_dv, DV, BLOCK_DV, True)
+        q = _load_tile(q_base + q_offs, offs_m, L, offs_d, D, BLOCK_D, True)
+        do = _load_tile(do_base + do_offs, offs_m, L, offs_dv, DV, BLOCK_DV, True)
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf"))
         # A row with no key left (lse = -inf) has P = 0: +inf makes exp2 give exactly that.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASK_KIND == 2:
-            qk_t += tl.load(mask_ptrs, mask=offs_m[None, :] < L, other=0.0).to(tl.float32) * 1.4426950408889634
+            qk_t += tl.load(mask_base + mask_offs, mask=offs_m[None, :] < L, other=0.0).to(tl.float32) * 1.4426950408889634
         p_t = tl.exp2(qk_t - lse2[None, :])
         if CAUSAL_BLOCK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         if MASK_KIND == 1:
-            p_t = tl.where(tl.load(mask_ptrs, mask=offs_m[None, :] < L, other=0) != 0, p_t, 0.0)
+            p_t = tl.where(tl.load(mask_base + mask_offs, mask=offs_m[None, :] < L, other=0) != 0, p_t, 0.0)
         # 1. dV = (P * Z)^T dO, with Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout)
         # 2. dP = (dO V^T) * Z
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -270,10 +275,9 @@ def _attn_bwd_dkdv_inner(
         ds_t = p_t * (dp_t - delta[None, :])
         # 5. dK = scale * dS^T Q (the scale is applied once, after all blocks)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
-        if MASK_KIND != 0:
-            mask_ptrs += BLOCK_M * stride_mm
+        q_base += BLOCK_M * stride_qm
+        do_base += BLOCK_M * stride_dom
+        mask_base += BLOCK_M * stride_mm
     return dk, dv
 
 
@@ -313,6 +317,12 @@ def _attn_bwd_dkdv_kernel(
 
     # Causal: query i sees key j only when i >= j, so the query blocks start at the one holding row start_n;
     # those that also hold a row i < start_n + BLOCK_N - 1 cross the diagonal and need the causal mask.
+    q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :]
+    do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :]
+    # The mask tile is read transposed, (key, query), like P^T.
+    mask_offs = 0
+    if MASK_KIND != 0:
+        mask_offs = offs_m0[None, :] * stride_mm + rows_n * stride_mn
     end_m = tl.cdiv(L, BLOCK_M) * BLOCK_M
     if IS_CAUSAL:
         lo = tl.minimum(start_n // BLOCK_M * BLOCK_M, end_m)
@@ -329,22 +339,18 @@ def _attn_bwd_dkdv_kernel(
         bh = b * Hq + h
         q_head = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
         do_head = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
-        q_ptrs = q_head + (offs_m0[:, None] * stride_qm + offs_d[None, :])
-        do_ptrs = do_head + (offs_m0[:, None] * stride_dom + offs_dv[None, :])
-        # The mask tile is read transposed: (key, query), like P^T.
-        mask_ptrs = (Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + offs_m0[None, :] * stride_mm
-                     + rows_n * stride_mn)
+        mask_head = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
         lse_ptr = Lse + bh.to(tl.int64) * L
         delta_ptr = Delta + bh.to(tl.int64) * L
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_ptrs + lo64 * stride_qm, do_ptrs + lo64 * stride_dom, mask_ptrs + lo64 * stride_mm,
-            lse_ptr, delta_ptr, offs_n, lo, diag_hi,
+            dk, dv, k, v, q_head + lo64 * stride_qm, do_head + lo64 * stride_dom, mask_head + lo64 * stride_mm,
+            q_offs, do_offs, mask_offs, lse_ptr, delta_ptr, offs_n, lo, diag_hi,
             stride_qm, stride_dom, stride_mm, L, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
             D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
         )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_ptrs + diag64 * stride_qm, do_ptrs + diag64 * stride_dom,
-            mask_ptrs + diag64 * stride_mm, lse_ptr, delta_ptr, offs_n, diag_hi, end_m,
+            dk, dv, k, v, q_head + diag64 * stride_qm, do_head + diag64 * stride_dom,
+            mask_head + diag64 * stride_mm, q_offs, do_offs, mask_offs, lse_ptr, delta_ptr, offs_n, diag_hi, end_m,
             stride_qm, stride_dom, stride_mm, L, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
             D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, HAS_DROPOUT, PRECISION,
         )
@@ -357,7 +363,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, offs_m, lo, hi,
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, k_offs, v_offs, mask_offs, offs_m, lo, hi,
     stride_kn, stride_vn, stride_mn, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -368,18 +374,18 @@ def _attn_bwd_dq_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptrs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
-        v = _load_tile(v_ptrs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
+        k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
+        v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK_KIND != 0:
             in_bounds = offs_m[:, None] < L
             if BOUNDARY:
                 in_bounds = in_bounds & (offs_n[None, :] < S)
             if MASK_KIND == 2:
-                qk += tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
         p = tl.exp2(qk - lse2[:, None])
         if MASK_KIND == 1:
-            p = tl.where(tl.load(mask_ptrs, mask=in_bounds, other=0) != 0, p, 0.0)
+            p = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p, 0.0)
         if BOUNDARY:
             valid = offs_n[None, :] < S
             if IS_CAUSAL:
@@ -394,10 +400,9 @@ def _attn_bwd_dq_inner(
         ds = p * (dp - delta[:, None])
         # 4. dQ = scale * dS K (the scale is applied once, after all blocks)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if MASK_KIND != 0:
-            mask_ptrs += BLOCK_N * stride_mn
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
+        mask_base += BLOCK_N * stride_mn
     return dq
 
 
@@ -435,9 +440,14 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
-    k_ptrs = K + b64 * stride_kb + hk64 * stride_kh + (offs_n[:, None] * stride_kn + offs_d[None, :])
-    v_ptrs = V + b64 * stride_vb + hk64 * stride_vh + (offs_n[:, None] * stride_vn + offs_dv[None, :])
-    mask_ptrs = Mask + b64 * stride_mb + h64 * stride_mh + rows_m * stride_mm + offs_n[None, :] * stride_mn
+    k_head = K + b64 * stride_kb + hk64 * stride_kh
+    v_head = V + b64 * stride_vb + hk64 * stride_vh
+    mask_head = Mask + b64 * stride_mb + h64 * stride_mh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    mask_offs = 0
+    if MASK_KIND != 0:
+        mask_offs = rows_m * stride_mm + offs_n[None, :] * stride_mn
     seed = 0
     rng_offset = 0
     if HAS_DROPOUT:
@@ -451,14 +461,14 @@ def _attn_bwd_dq_kernel(
         full_hi = S // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, offs_m, 0, full_hi,
+        dq, q, do, lse2, delta, k_head, v_head, mask_head, k_offs, v_offs, mask_offs, offs_m, 0, full_hi,
         stride_kn, stride_vn, stride_mn, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
     )
     full_hi64 = full_hi.to(tl.int64)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_ptrs + full_hi64 * stride_kn, v_ptrs + full_hi64 * stride_vn,
-        mask_ptrs + full_hi64 * stride_mn, offs_m, full_hi, hi,
+        dq, q, do, lse2, delta, k_head + full_hi64 * stride_kn, v_head + full_hi64 * stride_vn,
+        mask_head + full_hi64 * stride_mn, k_offs, v_offs, mask_offs, offs_m, full_hi, hi,
         stride_kn, stride_vn, stride_mn, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
     )
@@ -646,3 +656,76 @@ def unsupported(op: str, attn_mask=None, dropout=None, head_dim=None, value_dim=
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the kernels take float16, bfloat16 or float32, got {dtype}; use backend='reference'"
     return None
+
+
+# ---------------------------------------------------------------------------------------- compile cases
+_CONSTEXPRS = ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "PRECISION",
+               "BLOCK_M", "BLOCK_N")
+_FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_scale")
+_DATA_POINTERS = ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DVt")
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, dt: str, mask_kind: int, dropout: bool) -> dict[str, str]:
+    types = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*i1" if mask_kind == 1 else f"*{dt}",
+             "Rng": "*i64" if dropout else f"*{dt}", "Keep": "*i8", "drop_threshold": "i64" if dropout else "i32",
+             "threshold": "i64"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in _CONSTEXPRS:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in _DATA_POINTERS:
+            sig[name] = f"*{dt}"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _compile_case(kind: str, dtype: torch.dtype, head_dim: int, causal: bool, config=None, mask_kind: int = 0,
+                  dropout: bool = False, value_dim: int | None = None) -> dict:
+    fn, table = {"fwd": (_attn_fwd_kernel, _FWD), "dkdv": (_attn_bwd_dkdv_kernel, _DKDV),
+                 "dq": (_attn_bwd_dq_kernel, _DQ)}[kind]
+    dv = value_dim or head_dim
+    block_d, block_dv = _block(head_dim), _block(dv)
+    config = config or table[_table_key(dtype.itemsize, max(block_d, block_dv))][0]
+    dt = _DTYPE_NAMES[dtype]
+    constexprs = dict(D=head_dim, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_CAUSAL=causal, MASK_KIND=mask_kind,
+                      HAS_DROPOUT=dropout, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                      BLOCK_M=config[0], BLOCK_N=config[1])
+    name = (f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
+            f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}"
+            f"{['', '_boolmask', '_floatmask'][mask_kind]}{'_dropout' if dropout else ''}")
+    return dict(name=name, fn=fn, signature=_signature(fn, dt, mask_kind, dropout), constexprs=constexprs,
+                num_warps=config[2], num_stages=config[3])
+
+
+def _delta_case(dtype: torch.dtype, value_dim: int) -> dict:
+    dt = _DTYPE_NAMES[dtype]
+    fn = _attn_bwd_delta_kernel
+    return dict(name=f"attn_delta_{dt}_dv{value_dim}", fn=fn, signature=_signature(fn, dt, 0, False),
+                constexprs=dict(DV=value_dim, BLOCK_DV=_block(value_dim), BLOCK_M=64), num_warps=4, num_stages=1)
+
+
+def _compile_cases() -> list[dict]:
+    """The kernels the H200 would build: each head dim's default configs (bf16; causal and not for the fwd),
+    fp16, every autotune candidate at head dim 128, masks, dropout and fp32 at small head dims."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    kinds = ("fwd", "dkdv", "dq")
+    cases = [_compile_case(kind, bf16, d, True) for d in (16, 32, 64, 80, 96, 128, 256) for kind in kinds]
+    cases += [_compile_case("fwd", bf16, d, False) for d in (64, 128, 256)]
+    cases += [_compile_case(kind, fp16, d, False) for d in (64, 128) for kind in kinds]
+    cases += [_compile_case(kind, bf16, 128, True, config=c)
+              for kind, table in (("fwd", _FWD), ("dkdv", _DKDV), ("dq", _DQ)) for c in table[(2, 128)][1:]]
+    cases += [_compile_case(kind, fp16, 64, False, mask_kind=m, dropout=drop)
+              for m, drop in ((1, False), (2, False), (0, True)) for kind in kinds]
+    cases += [_compile_case(kind, fp32, d, True) for d in (64, 256) for kind in kinds]
+    cases += [_compile_case("fwd", fp16, 64, True, value_dim=128)]
+    cases += [_delta_case(bf16, 128), _delta_case(fp16, 80)]
+    return cases
+
+
+COMPILE_CASES = _compile_cases()
