@@ -315,44 +315,31 @@ def _attn_bwd_dkdv_kernel(
         seed = tl.load(Rng)
         rng_offset = tl.load(Rng + 1)
 
-    # Causal: query i sees key j only when i >= j, so the query blocks start at the one holding row start_n;
-    # those that also hold a row i < start_n + BLOCK_N - 1 cross the diagonal and need the causal mask.
     q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :]
     do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :]
     # The mask tile is read transposed, (key, query), like P^T.
     mask_offs = 0
     if MASK_KIND != 0:
         mask_offs = offs_m0[None, :] * stride_mm + rows_n * stride_mn
-    end_m = tl.cdiv(L, BLOCK_M) * BLOCK_M
+    # Causal: query i sees key j only when i >= j, so the query blocks start at the one holding row start_n.
+    # One loop with the causal select on every block: a separate diagonal loop costs more registers (and
+    # spills) than the select costs time.
+    lo = 0
+    lo64 = 0
     if IS_CAUSAL:
-        lo = tl.minimum(start_n // BLOCK_M * BLOCK_M, end_m)
-        diag_hi = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M, end_m)
+        lo = start_n // BLOCK_M * BLOCK_M
         lo64 = lo.to(tl.int64)
-        diag64 = diag_hi.to(tl.int64)
-    else:
-        lo = 0
-        diag_hi = 0
-        lo64 = 0
-        diag64 = 0
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
-        q_head = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-        do_head = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
-        mask_head = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
-        lse_ptr = Lse + bh.to(tl.int64) * L
-        delta_ptr = Delta + bh.to(tl.int64) * L
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_head + lo64 * stride_qm, do_head + lo64 * stride_dom, mask_head + lo64 * stride_mm,
-            q_offs, do_offs, mask_offs, lse_ptr, delta_ptr, offs_n, lo, diag_hi,
+            dk, dv, k, v,
+            Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + lo64 * stride_qm,
+            DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + lo64 * stride_dom,
+            Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + lo64 * stride_mm,
+            q_offs, do_offs, mask_offs, Lse + bh.to(tl.int64) * L, Delta + bh.to(tl.int64) * L, offs_n, lo, L,
             stride_qm, stride_dom, stride_mm, L, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
             D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_head + diag64 * stride_qm, do_head + diag64 * stride_dom,
-            mask_head + diag64 * stride_mm, q_offs, do_offs, mask_offs, lse_ptr, delta_ptr, offs_n, diag_hi, end_m,
-            stride_qm, stride_dom, stride_mm, L, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
-            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, HAS_DROPOUT, PRECISION,
         )
     dk = dk * sm_scale
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + rows_n * stride_dkn + offs_d[None, :]
