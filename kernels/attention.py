@@ -17,8 +17,8 @@ query block accumulates dQ over the key blocks. Both recompute P from the saved 
 Dropout draws a Philox number per score element (b, h, i, j) from (seed, offset) = rng, so the backward
 regenerates exactly the forward's mask; `dropout_mask` returns that mask for tests.
 """
-import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -566,14 +566,16 @@ def _dropout_args(dropout_p: float, rng: Tensor, like: Tensor):
 def _shared_meta(q: Tensor, v: Tensor, L: int, S: int, is_causal: bool, mask_kind: int, dropout_p: float):
     D, DV = q.shape[-1], v.shape[-1]
     return dict(
-        L_BUCKET=triton.next_power_of_2(max(L, 1)), S_BUCKET=triton.next_power_of_2(max(S, 1)),
+        # Lengths enter the autotune key as powers of two, so a decode loop (L = 1, S growing) does not retune
+        # at every step; int() keeps symbolic sizes under torch.compile out of triton's bit tricks.
+        L_BUCKET=triton.next_power_of_2(max(int(L), 1)), S_BUCKET=triton.next_power_of_2(max(int(S), 1)),
         D=D, DV=DV, BLOCK_D=_block(D), BLOCK_DV=_block(DV), IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind,
         HAS_DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
     rng: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """out (B, Hq, L, Dv) in q's dtype and lse (B, Hq, L) fp32 from q (B, Hq, L, D), k (B, Hk, S, D),
@@ -596,7 +598,7 @@ def attention_fwd(
 
 
 def attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, out: Tensor, lse: Tensor,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     dropout_p: float, is_causal: bool, scale: float, rng: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like (q, k, v) from dout (B, Hq, L, Dv) with stride(-1) == 1 and the forward's
@@ -702,21 +704,46 @@ def _delta_case(dtype: torch.dtype, value_dim: int) -> dict:
 
 
 def _compile_cases() -> list[dict]:
-    """The kernels the H200 would build: each head dim's default configs (bf16; causal and not for the fwd),
-    fp16, every autotune candidate at head dim 128, masks, dropout and fp32 at small head dims."""
+    """A covering set small enough for the CPU suite (compiling one attention kernel for sm_90a takes 5-40 s on
+    a laptop core): every head dim, each kernel, fp16 and bf16, causal and not, both mask kinds, dropout, fp32
+    and Dv != D each appear at least once, with the default (first) config of their list."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    kinds = ("fwd", "dkdv", "dq")
-    cases = [_compile_case(kind, bf16, d, True) for d in (16, 32, 64, 80, 96, 128, 256) for kind in kinds]
-    cases += [_compile_case("fwd", bf16, d, False) for d in (64, 128, 256)]
-    cases += [_compile_case(kind, fp16, d, False) for d in (64, 128) for kind in kinds]
-    cases += [_compile_case(kind, bf16, 128, True, config=c)
-              for kind, table in (("fwd", _FWD), ("dkdv", _DKDV), ("dq", _DQ)) for c in table[(2, 128)][1:]]
-    cases += [_compile_case(kind, fp16, 64, False, mask_kind=m, dropout=drop)
-              for m, drop in ((1, False), (2, False), (0, True)) for kind in kinds]
-    cases += [_compile_case(kind, fp32, d, True) for d in (64, 256) for kind in kinds]
-    cases += [_compile_case("fwd", fp16, 64, True, value_dim=128)]
-    cases += [_delta_case(bf16, 128), _delta_case(fp16, 80)]
-    return cases
+    return [
+        _compile_case("fwd", bf16, 128, True),  # the benchmark's configuration
+        _compile_case("dkdv", bf16, 128, True),
+        _compile_case("dq", bf16, 128, True),
+        _compile_case("fwd", fp16, 64, False),
+        _compile_case("dkdv", fp16, 64, False),
+        _compile_case("dq", bf16, 64, True),
+        _compile_case("fwd", bf16, 16, True),  # the smallest head dim: dots with K = 16
+        _compile_case("dkdv", fp16, 32, True),
+        _compile_case("dq", fp16, 80, False),  # padded head dims
+        _compile_case("fwd", bf16, 96, True),
+        _compile_case("fwd", bf16, 256, True),  # the largest head dim
+        _compile_case("dq", bf16, 256, False),
+        _compile_case("fwd", fp16, 64, False, mask_kind=1),
+        _compile_case("dkdv", fp16, 64, False, mask_kind=2),
+        _compile_case("dq", bf16, 64, False, mask_kind=1),
+        _compile_case("fwd", bf16, 64, True, dropout=True),
+        _compile_case("dkdv", bf16, 64, True, dropout=True),
+        _compile_case("fwd", fp32, 32, True),  # ieee fp32 dots
+        _compile_case("fwd", fp16, 32, True, value_dim=64),
+        _delta_case(bf16, 128),
+    ]
+
+
+def _all_compile_cases() -> list[dict]:
+    """Every config autotune can pick: each candidate of each list at the head dim that keys it, for fp16 and
+    bf16 causal and not, and fp32 causal (about 150 kernels, slow: for a --runslow compile test)."""
+    cases = []
+    for kind, table in (("fwd", _FWD), ("dkdv", _DKDV), ("dq", _DQ)):
+        for dtype, causals in ((torch.float16, (False, True)), (torch.bfloat16, (False, True)), (torch.float32, (True,))):
+            for head_dim in (64, 128, 256):
+                for causal in causals:
+                    for config in table[_table_key(dtype.itemsize, head_dim)]:
+                        cases.append(_compile_case(kind, dtype, head_dim, causal, config=config))
+    return cases + [_delta_case(dtype, dv) for dtype in (torch.float16, torch.bfloat16) for dv in (64, 80, 128)]
 
 
 COMPILE_CASES = _compile_cases()
+ALL_COMPILE_CASES = _all_compile_cases()
