@@ -26,7 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# The kernels read these as compile-time constants (triton only lets jit code see constexpr globals).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,7 +66,7 @@ def _dropout_keep(seed, offset, bh, i, j, threshold):
 
 
 @triton.jit
-def _dropout_mask_kernel(Keep, Rng, H, L, S, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(Keep, Rng, L, S, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep mask (B, H, L, S) that the attention kernels draw, for tests."""
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,7 +107,7 @@ def _attn_fwd_inner(
                 keep_mask = tl.load(mask_base + mask_offs, mask=in_bounds, other=0)
                 qk = tl.where(keep_mask != 0, qk, float("-inf"))
             else:
-                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * _LOG2E
         if BOUNDARY:
             valid = offs_n[None, :] < S
             if IS_CAUSAL:
@@ -139,7 +141,8 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(L, BLOCK_M), Hq, B). MASK_KIND: 0 none, 1 bool (True keeps), 2 additive float."""
+    """Grid (cdiv(L, BLOCK_M), Hq, B). MASK_KIND: 0 none, 1 bool (True keeps), 2 additive float. L_BUCKET and
+    S_BUCKET only key the autotuner (as in the backward kernels)."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         # Later query blocks see more keys: start them first so the grid does not end on a long straggler.
@@ -202,7 +205,7 @@ def _attn_fwd_kernel(
     if HAS_DROPOUT:
         inv_l = inv_l * dropout_scale
     out = acc * inv_l[:, None]
-    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
     o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
               + offs_dv[None, :])
     if DV == BLOCK_DV:
@@ -251,13 +254,13 @@ def _attn_bwd_dkdv_inner(
         do = _load_tile(do_base + do_offs, offs_m, L, offs_dv, DV, BLOCK_DV, True)
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf"))
         # A row with no key left (lse = -inf) has P = 0: +inf makes exp2 give exactly that.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASK_KIND != 0:
             in_bounds = (offs_m[None, :] < L) & (offs_n[:, None] < S)
         if MASK_KIND == 2:
-            qk_t += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+            qk_t += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * _LOG2E
         p_t = tl.exp2(qk_t - lse2[None, :])
         if IS_CAUSAL:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -371,7 +374,7 @@ def _attn_bwd_dq_inner(
             if BOUNDARY:
                 in_bounds = in_bounds & (offs_n[None, :] < S)
             if MASK_KIND == 2:
-                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * _LOG2E
         p = tl.exp2(qk - lse2[:, None])
         if MASK_KIND == 1:
             p = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p, 0.0)
@@ -427,7 +430,7 @@ def _attn_bwd_dq_kernel(
     do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + rows_m * stride_dom + offs_dv[None, :],
                     offs_m, L, offs_dv, DV, BLOCK_DV, True)
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
     k_head = K + b64 * stride_kb + hk64 * stride_kh
     v_head = V + b64 * stride_vb + hk64 * stride_vh
@@ -582,10 +585,12 @@ def attention_fwd(
     v (B, Hk, S, Dv), attn_mask None or (B, Hq, L, S) (any strides), rng int64 (seed, offset) on the CPU."""
     B, Hq, L, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
-    out = torch.zeros(B, Hq, L, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or S == 0:
-        return out, lse
+    if B * Hq * L == 0 or S == 0:
+        # Nothing to launch; with no keys every row is dead: out 0, lse -inf.
+        return (torch.zeros(B, Hq, L, v.shape[-1], dtype=q.dtype, device=q.device),
+                torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=q.device))
+    out = torch.empty(B, Hq, L, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     mask, mask_kind, mask_strides = _mask_args(attn_mask, q)
     rng_t, dropout_scale, threshold = _dropout_args(dropout_p, rng, q)
     _launch(_attn_fwd)[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), Hq, B)](
@@ -636,7 +641,7 @@ def dropout_mask(batch: int, heads: int, L: int, S: int, dropout_p: float, rng: 
         _, _, threshold = _dropout_args(dropout_p, rng, keep)
         block = 64
         _dropout_mask_kernel[(triton.cdiv(L, block), triton.cdiv(S, block), batch * heads)](
-            keep, rng.to(device), heads, L, S, threshold, BLOCK_M=block, BLOCK_N=block,
+            keep, rng.to(device), L, S, threshold, BLOCK_M=block, BLOCK_N=block,
         )
     return keep.bool()
 
