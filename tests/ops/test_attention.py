@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast import ops
+from gptfast import backends, ops
 from gptfast.ops import _library
 from gptfast.ops import reference as R
 from gptfast.testing import assert_close, reference_dtype
@@ -41,8 +41,17 @@ def _forward_backward(fn, q, k, v, dout):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+def _require(backend, device, q, v, dtype, attn_mask=False, dropout=False):
+    """Skips, with the backend's own reason, a call that the backend refuses (auto selection would pass it on)."""
+    reason = backends.why_not(backend, "attention", torch.device(device), attn_mask=attn_mask, dropout=dropout,
+                              head_dim=q.shape[-1], value_dim=v.shape[-1], dtype=dtype)
+    if reason:
+        pytest.skip(f"{backend} refuses this call: {reason}")
+
+
 def _check_against_reference(backend, device, q, k, v, dtype, mask=None, **kw):
     """The backend's out and grads vs the reference in higher precision, bounded by torch's own SDPA error."""
+    _require(backend, device, q, v, dtype, attn_mask=mask is not None)
     gqa = kw.pop("enable_gqa", q.shape[-3] != k.shape[-3])
     q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
     mask = None if mask is None else mask.to(device)
@@ -233,6 +242,7 @@ def test_backend_unbatched_and_decode(backend, device):
 def test_backend_empty(backend, device):
     # no queries (L = 0): an empty output, and zero gradients for k and v
     q, k, v = _leaves(*_qkv(1, 2, 2, 0, 5, 16))
+    _require(backend, device, q, v, q.dtype)
     out = SDPA(q.to(device), k.to(device), v.to(device), backend=backend)
     assert out.shape == (1, 2, 0, 16)
     out.sum().backward()
@@ -304,6 +314,7 @@ def test_dropout_same_mask_as_reference(backend, device, dtype, causal):
 def test_dropout_through_the_op_is_seeded(backend, device):
     # the public op draws (seed, offset) from torch's generator: manual_seed reproduces it, a new draw differs
     q, k, v = (t.to(device) for t in _qkv(1, 2, 2, 16, 16, 16))
+    _require(backend, device, q, v, q.dtype, dropout=True)
     torch.manual_seed(5)
     a = SDPA(q, k, v, dropout_p=0.5, backend=backend)
     b = SDPA(q, k, v, dropout_p=0.5, backend=backend)
@@ -322,6 +333,7 @@ def test_compile_fullgraph(backend, device):
 
     q, k, v = _qkv(1, 4, 2, 9, 11, 16)
     mask = torch.rand(9, 11) > 0.2
+    _require(backend, device, q, v, q.dtype, attn_mask=True)
     eager = _forward_backward(lambda a, b, c: f(a, b, c, mask), q, k, v, torch.tensor(1.0))
     torch._dynamo.reset()
     compiled_f = torch.compile(f, fullgraph=True, backend="aot_eager")
