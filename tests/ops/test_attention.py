@@ -41,6 +41,24 @@ def _forward_backward(fn, q, k, v, dout):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+def _attention_in_dtype(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """Attention composed of torch ops run in the inputs' dtype, without upcasting: the baseline FlashAttention's
+    tests hold kernels to. (torch's CPU SDPA computes half inputs in fp32 and rounds only its outputs, which no
+    tensor-core kernel can match: those round P and dS to half for the matmuls, as torch's CUDA flash kernel
+    does.) A row with no key left gives 0, as in torch."""
+    L, S = q.shape[-2], k.shape[-2]
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
+    s = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return p @ v
+
+
 def _require(backend, device, q, v, dtype, attn_mask=False, dropout=False):
     """Skips, with the backend's own reason, a call that the backend refuses (auto selection would pass it on)."""
     reason = backends.why_not(backend, "attention", torch.device(device), attn_mask=attn_mask, dropout=dropout,
@@ -67,8 +85,7 @@ def _check_against_reference(backend, device, q, k, v, dtype, mask=None, **kw):
         *(t.to(hp) for t in (q, k, v)), dout.to(hp),
     )
     theirs = _forward_backward(
-        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=half_mask, enable_gqa=gqa, **kw),
-        q, k, v, dout,
+        lambda a, b, c: _attention_in_dtype(a, b, c, attn_mask=half_mask, enable_gqa=gqa, **kw), q, k, v, dout
     )
     for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, theirs):
         assert g.dtype == dtype, f"{name} has dtype {g.dtype}, expected {dtype}"
@@ -149,6 +166,17 @@ def test_reference_fused_qkv_views():
 def test_reference_decode_single_query():
     # Lq = 1 against a longer cache: no causal mask, as the KV-cache decode step calls it
     _check_reference_vs_torch(*_qkv(2, 4, 4, 1, 23, 16), torch.float16)
+
+
+def test_baseline_composite_is_attention():
+    # the half-precision baseline above is itself torch's attention: equal to SDPA in float64 (masks, GQA, causal)
+    q, k, v = (t.double() for t in _qkv(2, 4, 2, 9, 11, 8))
+    bool_mask = torch.rand(9, 11) > 0.5
+    bool_mask[2] = False
+    float_mask = _randn(9, 11, dtype=torch.float64)
+    for kw in (dict(is_causal=True), dict(attn_mask=bool_mask), dict(attn_mask=float_mask, scale=0.3)):
+        torch.testing.assert_close(_attention_in_dtype(q, k, v, enable_gqa=True, **kw),
+                                   F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw))
 
 
 # -------------------------------------------------------------------------------------- gradcheck
