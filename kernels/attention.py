@@ -471,7 +471,8 @@ def _attn_bwd_dq_kernel(
 
 # --------------------------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per (element bytes, padded head dim); autotune picks one
-# per key on the GPU. The first of each list is the default, and the only one the interpreter runs. The 16-bit
+# per key on the GPU (the interpreter runs _INTERPRETER_CONFIG only). The first of each list is the one
+# COMPILE_CASES builds. The 16-bit
 # lists keep the configs that ptxas builds for sm_90a without register spills (checked with the compile cases;
 # head dim 256's backward cannot avoid a few); the fp32 lists only have to fit (fp32 is not a speed target).
 _FWD = {
@@ -511,32 +512,19 @@ def _to_config(c) -> triton.Config:
     return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
 
 
-def _configs(table) -> list[triton.Config]:
-    if _INTERPRET:
-        return [_to_config(_INTERPRETER_CONFIG)]
-    unique = dict.fromkeys(c for cs in table.values() for c in cs)
-    return [_to_config(c) for c in unique]
+_TABLES = {"fwd": (_FWD, _attn_fwd_kernel), "dkdv": (_DKDV, _attn_bwd_dkdv_kernel), "dq": (_DQ, _attn_bwd_dq_kernel)}
+_TUNED: dict = {}
 
 
-def _pruner(table):
-    """Keeps the candidates listed for this call's dtype and padded head dim (the larger of the q and v dims)."""
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        wanted = table[_table_key(args["Q"].element_size(), max(args["BLOCK_D"], args["BLOCK_DV"]))]
-        kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        return kept or configs[:1]
-    return prune
-
-
-def _autotuned(kernel, table):
-    return triton.autotune(configs=_configs(table), key=_AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(table)})(kernel)
-
-
-_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD)
-_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV)
-_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _DQ)
+def _tuned(kind: str, q: Tensor, meta: dict):
+    """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing needs
+    pruning at call time (torch.compile traces these launches)."""
+    key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])))
+    if key not in _TUNED:
+        table, kernel = _TABLES[kind]
+        candidates = [_INTERPRETER_CONFIG] if _INTERPRET else table[key[1:]]
+        _TUNED[key] = triton.autotune(configs=[_to_config(c) for c in candidates], key=_AUTOTUNE_KEY)(kernel)
+    return _TUNED[key]
 
 
 # -------------------------------------------------------------------------------------------- launchers
@@ -593,11 +581,11 @@ def attention_fwd(
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     mask, mask_kind, mask_strides = _mask_args(attn_mask, q)
     rng_t, dropout_scale, threshold = _dropout_args(dropout_p, rng, q)
-    _launch(_attn_fwd)[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), Hq, B)](
+    meta = _shared_meta(q, v, L, S, is_causal, mask_kind, dropout_p)
+    _launch(_tuned("fwd", q, meta))[lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B)](
         q, k, v, mask, out, lse, rng_t,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        Hq, L, S, Hq // Hk, scale * LOG2E, dropout_scale, threshold,
-        **_shared_meta(q, v, L, S, is_causal, mask_kind, dropout_p),
+        Hq, L, S, Hq // Hk, scale * LOG2E, dropout_scale, threshold, **meta,
     )
     return out, lse
 
@@ -623,11 +611,11 @@ def attention_bwd(
         BLOCK_M=64, num_warps=4,
     )
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
-    _launch(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hk, B)](
+    _launch(_tuned("dkdv", q, meta))[lambda config: (triton.cdiv(S, config["BLOCK_N"]), Hk, B)](
         q, k, v, mask, dout, lse, delta, dk, dv, rng_t, *common, *dk.stride()[:3], *dv.stride()[:3],
         Hq, L, S, Hq // Hk, scale * LOG2E, scale, dropout_scale, threshold, **meta,
     )
-    _launch(_attn_bwd_dq)[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), Hq, B)](
+    _launch(_tuned("dq", q, meta))[lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B)](
         q, k, v, mask, dout, lse, delta, dq, rng_t, *common, *dq.stride()[:3],
         Hq, L, S, Hq // Hk, scale * LOG2E, scale, dropout_scale, threshold, **meta,
     )
