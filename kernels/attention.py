@@ -471,10 +471,10 @@ def _attn_bwd_dq_kernel(
 
 # --------------------------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per (element bytes, padded head dim); autotune picks one
-# per key on the GPU (the interpreter runs _INTERPRETER_CONFIG only). The first of each list is the one
-# COMPILE_CASES builds. The 16-bit
-# lists keep the configs that ptxas builds for sm_90a without register spills (checked with the compile cases;
-# head dim 256's backward cannot avoid a few); the fp32 lists only have to fit (fp32 is not a speed target).
+# per key on the GPU (the interpreter runs _INTERPRETER_CONFIG only), and COMPILE_CASES builds the first of each.
+# The 16-bit lists keep the configs that ptxas builds for sm_90a without register spills (checked on the compiled
+# cubins with stride alignment as at run time; head dim 256's backward keeps a few small spills); the fp32 lists
+# only have to fit (fp32 is not a speed target).
 _FWD = {
     (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
     (2, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
