@@ -11,8 +11,14 @@ without any masks, then the few boundary blocks (the causal diagonal and the tai
 is_causal, key blocks past the diagonal are never loaded.
 
 Backward (deterministic, no atomics): a small kernel computes delta = rowsum(dO * O); one kernel per key block
-accumulates dK and dV over the query blocks and, for GQA, over the query heads of its group; one kernel per
-query block accumulates dQ over the key blocks. Both recompute P from the saved lse.
+accumulates dK and dV over the query blocks (one loop, causal select on each block) and, for GQA, over the query
+heads of its group; one kernel per query block accumulates dQ over the key blocks in the forward's two stages.
+Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse. With O = (P * Z) V, P = softmax(S),
+S = scale * Q K^T and Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout), the steps are
+    1. dV = (P * Z)^T dO                       4. dQ = scale * dS K
+    2. dP = (dO V^T) * Z                       5. dK = scale * dS^T Q
+    3. dS = P * (dP - delta),  delta = rowsum(dP * P) = rowsum(dO * O)
+numbered the same in the kernels below.
 
 Dropout draws a Philox number per score element (b, h, i, j) from (seed, offset) = rng, so the backward
 regenerates exactly the forward's mask; `dropout_mask` returns that mask for tests.
@@ -266,8 +272,7 @@ def _attn_bwd_dkdv_inner(
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         if MASK_KIND == 1:
             p_t = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p_t, 0.0)
-        # 1. dV = (P * Z)^T dO, with Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout)
-        # 2. dP = (dO V^T) * Z
+        # 2. dP = (dO V^T) * Z, with Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
             keep_t = _dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], drop_threshold)
@@ -275,6 +280,7 @@ def _attn_bwd_dkdv_inner(
             dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
         else:
             pz_t = p_t
+        # 1. dV = (P * Z)^T dO (after step 2, which draws the keep mask both need)
         dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=PRECISION)
         # 3. dS = P * (dP - delta), delta = rowsum(dP * P) = rowsum(dO * O)
         ds_t = p_t * (dp_t - delta[None, :])
