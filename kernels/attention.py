@@ -522,13 +522,23 @@ _TABLES = {"fwd": (_FWD, _attn_fwd_kernel), "dkdv": (_DKDV, _attn_bwd_dkdv_kerne
 _TUNED: dict = {}
 
 
+def autotune_enabled() -> bool:
+    """False when GPTFAST_ATTENTION_AUTOTUNE=0: then each list's first config runs, untimed. Every candidate costs
+    a compile (seconds) per dtype, head dim and causal/mask/dropout combination, which a test suite sweeping
+    many combinations cannot afford; benchmarks and training leave it on. Read at call time."""
+    return os.environ.get("GPTFAST_ATTENTION_AUTOTUNE", "1") != "0"
+
+
 def _tuned(kind: str, q: Tensor, meta: dict):
     """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing needs
     pruning at call time (torch.compile traces these launches)."""
-    key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])))
+    tune = autotune_enabled()
+    key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])), tune)
     if key not in _TUNED:
         table, kernel = _TABLES[kind]
-        candidates = [_INTERPRETER_CONFIG] if _INTERPRET else table[key[1:]]
+        candidates = table[key[1:3]] if tune else table[key[1:3]][:1]
+        if _INTERPRET:
+            candidates = [_INTERPRETER_CONFIG]
         _TUNED[key] = triton.autotune(configs=[_to_config(c) for c in candidates], key=_AUTOTUNE_KEY)(kernel)
     return _TUNED[key]
 
