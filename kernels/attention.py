@@ -479,31 +479,32 @@ def _attn_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per (element bytes, padded head dim); autotune picks one
 # per key on the GPU (the interpreter runs _INTERPRETER_CONFIG only), and COMPILE_CASES builds the first of each.
 # The 16-bit lists keep the configs that ptxas builds for sm_90a without register spills (checked on the compiled
-# cubins with stride alignment as at run time; head dim 256's backward keeps a few small spills); the fp32 lists
-# only have to fit (fp32 is not a speed target).
+# cubins with stride alignment as at run time; head dim 256's backward keeps a few small spills). fp32 is not a
+# speed target: one small config each, because ieee fp32 dots unroll into FMAs that take ptxas minutes at
+# larger tiles.
 _FWD = {
     (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
     (2, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     (2, 256): [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
-    (4, 64): [(64, 64, 4, 2), (32, 32, 4, 2)],
-    (4, 128): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (4, 256): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    (4, 64): [(32, 32, 4, 2)],
+    (4, 128): [(32, 32, 4, 2)],
+    (4, 256): [(32, 16, 4, 2)],
 }
 _DKDV = {  # BLOCK_M: query rows per step, BLOCK_N: the key block a program owns
     (2, 64): [(32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 2), (64, 64, 8, 2)],
     (2, 128): [(32, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 3)],
     (2, 256): [(16, 32, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
-    (4, 64): [(32, 64, 4, 2), (32, 32, 4, 2)],
-    (4, 128): [(32, 64, 4, 2), (32, 32, 4, 2)],
-    (4, 256): [(16, 32, 4, 2), (32, 32, 4, 1)],
+    (4, 64): [(32, 32, 4, 2)],
+    (4, 128): [(32, 32, 4, 2)],
+    (4, 256): [(16, 32, 4, 2)],
 }
 _DQ = {
     (2, 64): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
     (2, 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
     (2, 256): [(32, 32, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
-    (4, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (4, 128): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (4, 256): [(32, 16, 4, 2), (32, 32, 4, 1)],
+    (4, 64): [(32, 32, 4, 2)],
+    (4, 128): [(32, 32, 4, 2)],
+    (4, 256): [(32, 16, 4, 2)],
 }
 # Few, large blocks: the interpreter's cost is per program and per loop step, not per element.
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
