@@ -306,13 +306,15 @@ def test_dropout_keep_rate(backend, device, p):
     assert not torch.equal(keep, _keep_mask(backend, torch.tensor([1234567, 90]), shape, p, device))
 
 
-def _dropout_math(q, k, v, keep, p, causal, scale):
+def _dropout_math(q, k, v, keep, p, causal, scale, attn_mask=None):
     """Attention with the given keep mask, in plain torch (differentiable), the same formula as the kernels."""
     Hq, Hk = q.shape[1], k.shape[1]
     k, v = (t.repeat_interleave(Hq // Hk, dim=1) for t in (k, v))
     s = (q @ k.transpose(-2, -1)) * scale
     if causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s + attn_mask.to(s.dtype)
     return (torch.softmax(s.float(), dim=-1).to(q.dtype) * keep / (1 - p)) @ v
 
 
@@ -336,6 +338,25 @@ def test_dropout_same_mask_as_reference(backend, device, dtype, causal):
     theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, causal, scale), q, k, v, dout)
     for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
         assert_close(g, r, t, name=f"{backend}/dropout/{name}")
+
+
+@pytest.mark.parametrize("backend,device", DROPOUT_CASES, ids=ids(DROPOUT_CASES))
+def test_dropout_with_float_mask(backend, device):
+    # dropout and an additive mask in one call (the mask broadcast over batch and heads, by stride 0)
+    B, H, L, S, D, p, scale = 2, 2, 21, 34, 16, 0.25, 0.4
+    rng = torch.tensor([31337, 2718], dtype=torch.int64)
+    q, k, v = (t.to(device) for t in _qkv(B, H, H, L, S, D))
+    mask = _randn(L, S, device=device).expand(B, H, L, S)
+    dout = _randn(B, H, L, D, device=device)
+    keep = _keep_mask(backend, rng, (B, H, L, S), p, device)
+    fwd, bwd = _library.pair("attention", backend)
+    out, lse = fwd(q, k, v, mask, p, False, scale, rng)
+    grads = bwd(dout, q, k, v, mask, out, lse, p, False, scale, rng)
+    ref = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask.double()),
+                            *(t.double() for t in (q, k, v)), dout.double())
+    theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask), q, k, v, dout)
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
+        assert_close(g, r, t, name=f"{backend}/dropout+mask/{name}")
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
