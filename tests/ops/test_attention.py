@@ -182,6 +182,7 @@ def test_baseline_composite_is_attention():
 # -------------------------------------------------------------------------------------- gradcheck
 @pytest.mark.parametrize("causal,Hk", [(False, 2), (True, 2), (True, 1)])  # plain, causal, causal + GQA (MQA)
 def test_reference_gradcheck(causal, Hk):
+    # tiny float64 shapes (L != S, D = 3) keep gradcheck's finite differences fast
     q, k, v = (t.double().requires_grad_() for t in _qkv(1, 2, Hk, 4, 5, 3))
     torch.autograd.gradcheck(
         lambda a, b, c: SDPA(a, b, c, is_causal=causal, enable_gqa=Hk != 2, backend="reference"), (q, k, v)
@@ -189,6 +190,7 @@ def test_reference_gradcheck(causal, Hk):
 
 
 def test_reference_gradcheck_float_mask():
+    # an additive mask broadcast over batch and heads
     q, k, v = (t.double().requires_grad_() for t in _qkv(1, 2, 2, 4, 5, 3))
     mask = _randn(4, 5, dtype=torch.float64)
     torch.autograd.gradcheck(lambda a, b, c: SDPA(a, b, c, attn_mask=mask, backend="reference"), (q, k, v))
@@ -230,6 +232,7 @@ def test_backend_value_dim_differs(backend, device):
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_backend_custom_scale(backend, device, dtype):
+    # scale != 1/sqrt(D), non-causal, lengths that leave tails
     _check_against_reference(backend, device, *_qkv(1, 2, 2, 19, 21, 16), dtype, scale=0.61)
 
 
