@@ -688,6 +688,13 @@ def _signature(fn, dt: str, mask_kind: int, dropout: bool) -> dict[str, str]:
     return sig
 
 
+def _aligned(fn, signature: dict[str, str]) -> dict:
+    """triton.compile attrs as the launcher sees typical calls: 16-byte aligned pointers and q/k/v/o strides that
+    are multiples of 16 (head dims of 16 and up); the mask's strides (often 0 or odd) stay unspecialised."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if signature[name].startswith("*") or (name.startswith("stride_") and not name.startswith("stride_m"))}
+
+
 def _compile_case(kind: str, dtype: torch.dtype, head_dim: int, causal: bool, config=None, mask_kind: int = 0,
                   dropout: bool = False, value_dim: int | None = None) -> dict:
     fn, table = {"fwd": (_attn_fwd_kernel, _FWD), "dkdv": (_attn_bwd_dkdv_kernel, _DKDV),
@@ -702,14 +709,16 @@ def _compile_case(kind: str, dtype: torch.dtype, head_dim: int, causal: bool, co
     name = (f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
             f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}"
             f"{['', '_boolmask', '_floatmask'][mask_kind]}{'_dropout' if dropout else ''}")
-    return dict(name=name, fn=fn, signature=_signature(fn, dt, mask_kind, dropout), constexprs=constexprs,
+    signature = _signature(fn, dt, mask_kind, dropout)
+    return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, attrs=_aligned(fn, signature),
                 num_warps=config[2], num_stages=config[3])
 
 
 def _delta_case(dtype: torch.dtype, value_dim: int) -> dict:
     dt = _DTYPE_NAMES[dtype]
     fn = _attn_bwd_delta_kernel
-    return dict(name=f"attn_delta_{dt}_dv{value_dim}", fn=fn, signature=_signature(fn, dt, 0, False),
+    signature = _signature(fn, dt, 0, False)
+    return dict(name=f"attn_delta_{dt}_dv{value_dim}", fn=fn, signature=signature, attrs=_aligned(fn, signature),
                 constexprs=dict(DV=value_dim, BLOCK_DV=_block(value_dim), BLOCK_M=64), num_warps=4, num_stages=1)
 
 
