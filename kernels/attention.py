@@ -1,8 +1,9 @@
 """FlashAttention-2 forward and backward in Triton: the "triton" backend of ops.scaled_dot_product_attention.
 
-Layout (contract in gptfast/ops/schemas.py): q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv), any strides with
-stride(-1) == 1 (the GPT passes views of its fused qkv projection, read in place); out (B, Hq, L, Dv) in q's dtype
-and lse (B, Hq, L) fp32, the natural-log log-sum-exp of each score row (-inf for a row with no key left).
+Layout (contract in gptfast/ops/schemas.py): q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv), any strides
+with stride(-1) == 1 (the GPT passes views of its fused qkv projection, read in place); out (B, Hq, L, Dv) in
+q's dtype and lse (B, Hq, L) fp32, the natural-log log-sum-exp of each score row (-inf for a row with no key
+left).
 
 Forward: one program per (query block, head, batch) streams the key blocks with an online softmax (running max
 m, running sum l) in the base-2 domain (log2(e) is folded into the scale, so every exponential is one exp2).
@@ -11,18 +12,19 @@ without any masks, then the few boundary blocks (the causal diagonal and the tai
 is_causal, key blocks past the diagonal are never loaded.
 
 Backward (deterministic, no atomics): a small kernel computes delta = rowsum(dO * O); one kernel per key block
-accumulates dK and dV over the query blocks (one loop, causal select on each block) and, for GQA, over the query
-heads of its group; one kernel per query block accumulates dQ over the key blocks in the forward's two stages.
-Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse. With O = (P * Z) V, P = softmax(S),
-S = scale * Q K^T and Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout), the steps are
+accumulates dK and dV over the query blocks (one loop, causal select on each block) and, for GQA, over the
+query heads of its group; one kernel per query block accumulates dQ over the key blocks in the forward's two
+stages. Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse. With O = (P * Z) V, P =
+softmax(S), S = scale * Q K^T and Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout), the
+steps are
     1. dV = (P * Z)^T dO                       4. dQ = scale * dS K
     2. dP = (dO V^T) * Z                       5. dK = scale * dS^T Q
     3. dS = P * (dP - delta),  delta = rowsum(dP * P) = rowsum(dO * O)
 numbered the same in the kernels below.
 
 Dropout draws a Philox number per score element (b, h, i, j) from (seed, offset) = rng, so the backward
-regenerates exactly the forward's mask; `dropout_mask` returns that mask for tests.
-"""
+regenerates exactly the forward's mask; `dropout_mask` returns that mask for tests."""
+
 import os
 from typing import Optional
 
@@ -42,8 +44,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ------------------------------------------------------------------------------------------------ helpers
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Loads a (rows, cols) tile, zero outside the n_rows x N_COLS matrix; masks vanish when nothing can be out."""
+def _load_tile(
+    ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr
+):
+    """Loads a (rows, cols) tile, zero outside n_rows x N_COLS; no mask where nothing can fall outside."""
     if CHECK_ROWS:
         if N_COLS == BLOCK_COLS:
             tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
@@ -59,11 +63,10 @@ def _load_tile(ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.co
 
 @triton.jit
 def _dropout_keep(seed, offset, bh, i, j, threshold):
-    """True where score (bh, i, j) survives dropout: Philox-4x32 on the counter (j, i, bh, offset) keyed by seed.
+    """True where score (bh, i, j) survives dropout: Philox-4x32 on counter (j, i, bh, offset), key seed.
 
     i and j broadcast against each other (a column and a row of indices, either way round); the result has the
-    full tile's shape. threshold = round(dropout_p * 2^32), so P(keep) = 1 - dropout_p.
-    """
+    full tile's shape. threshold = round(dropout_p * 2^32), so P(keep) = 1 - dropout_p."""
     jj = j + i * 0
     ii = i + j * 0
     zero = ii * 0
@@ -87,10 +90,38 @@ def _dropout_mask_kernel(Keep, Rng, L, S, threshold, BLOCK_M: tl.constexpr, BLOC
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, k_offs, v_offs, mask_offs, offs_m, lo, hi,
-    stride_kn, stride_vn, stride_mn, L, S, qk_scale, seed, rng_offset, bh, drop_threshold,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    mask_base,
+    k_offs,
+    v_offs,
+    mask_offs,
+    offs_m,
+    lo,
+    hi,
+    stride_kn,
+    stride_vn,
+    stride_mn,
+    L,
+    S,
+    qk_scale,
+    seed,
+    rng_offset,
+    bh,
+    drop_threshold,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Folds key blocks [lo, hi) into (acc, l_i, m_i). BOUNDARY blocks get the causal and the key-tail masks.
@@ -128,7 +159,9 @@ def _attn_fwd_inner(
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             # The normaliser l sums P before dropout; only the values P V see the dropped entries.
-            p = tl.where(_dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold), p, 0.0)
+            p = tl.where(
+                _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold), p, 0.0
+            )
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
         k_base += BLOCK_N * stride_kn
@@ -139,13 +172,48 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, Rng,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_ob, stride_oh, stride_om,
-    Hq, L, S, GROUP, qk_scale, dropout_scale, drop_threshold, L_BUCKET, S_BUCKET,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    Out,
+    Lse,
+    Rng,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    Hq,
+    L,
+    S,
+    GROUP,
+    qk_scale,
+    dropout_scale,
+    drop_threshold,
+    L_BUCKET,
+    S_BUCKET,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(L, BLOCK_M), Hq, B). MASK_KIND: 0 none, 1 bool (True keeps), 2 additive float. L_BUCKET and
     S_BUCKET only key the autotuner (as in the backward kernels)."""
@@ -164,8 +232,13 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + start_m.to(tl.int64) * stride_qm
-              + (tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :]))
+    q_ptrs = (
+        Q
+        + b64 * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + start_m.to(tl.int64) * stride_qm
+        + (tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :])
+    )
     q = _load_tile(q_ptrs, offs_m, L, offs_d, D, BLOCK_D, True)
     k_head = K + b64 * stride_kb + hk64 * stride_kh
     v_head = V + b64 * stride_vb + hk64 * stride_vh
@@ -181,7 +254,8 @@ def _attn_fwd_kernel(
         seed = tl.load(Rng)
         rng_offset = tl.load(Rng + 1)
 
-    # Key block [n, n + BLOCK_N) is seen in full by every row of this block when n + BLOCK_N <= min(start_m + 1, S).
+    # Key block [n, n + BLOCK_N) is seen in full by every row of this block when n + BLOCK_N <= min(start_m +
+    # 1, S).
     if IS_CAUSAL:
         hi = tl.minimum(S, start_m + BLOCK_M)
         full_hi = tl.minimum(start_m + 1, S) // BLOCK_N * BLOCK_N
@@ -192,16 +266,75 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, mask_head, k_offs, v_offs, mask_offs, offs_m, 0, full_hi,
-        stride_kn, stride_vn, stride_mn, L, S, qk_scale, seed, rng_offset, bh, drop_threshold,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_head,
+        v_head,
+        mask_head,
+        k_offs,
+        v_offs,
+        mask_offs,
+        offs_m,
+        0,
+        full_hi,
+        stride_kn,
+        stride_vn,
+        stride_mn,
+        L,
+        S,
+        qk_scale,
+        seed,
+        rng_offset,
+        bh,
+        drop_threshold,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        False,
+        IS_CAUSAL,
+        MASK_KIND,
+        HAS_DROPOUT,
+        PRECISION,
     )
     full_hi64 = full_hi.to(tl.int64)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_head + full_hi64 * stride_kn, v_head + full_hi64 * stride_vn,
-        mask_head + full_hi64 * stride_mn, k_offs, v_offs, mask_offs, offs_m, full_hi, hi,
-        stride_kn, stride_vn, stride_mn, L, S, qk_scale, seed, rng_offset, bh, drop_threshold,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_head + full_hi64 * stride_kn,
+        v_head + full_hi64 * stride_vn,
+        mask_head + full_hi64 * stride_mn,
+        k_offs,
+        v_offs,
+        mask_offs,
+        offs_m,
+        full_hi,
+        hi,
+        stride_kn,
+        stride_vn,
+        stride_mn,
+        L,
+        S,
+        qk_scale,
+        seed,
+        rng_offset,
+        bh,
+        drop_threshold,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        True,
+        IS_CAUSAL,
+        MASK_KIND,
+        HAS_DROPOUT,
+        PRECISION,
     )
 
     # A row with no key left has l = 0: its output is 0 and its lse -inf, as torch gives.
@@ -212,8 +345,13 @@ def _attn_fwd_kernel(
         inv_l = inv_l * dropout_scale
     out = acc * inv_l[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
-    o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
-              + offs_dv[None, :])
+    o_ptrs = (
+        Out
+        + b64 * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + offs_m[:, None].to(tl.int64) * stride_om
+        + offs_dv[None, :]
+    )
     if DV == BLOCK_DV:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < L)
     else:
@@ -224,8 +362,20 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------- backward
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, Hq, L,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    Hq,
+    L,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32. Grid (cdiv(L, BLOCK_M), Hq, B)."""
     h = tl.program_id(1)
@@ -233,20 +383,65 @@ def _attn_bwd_delta_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = offs_m[:, None].to(tl.int64)
-    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_om
-                   + offs_dv[None, :], offs_m, L, offs_dv, DV, BLOCK_DV, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows * stride_dom
-                    + offs_dv[None, :], offs_m, L, offs_dv, DV, BLOCK_DV, True)
+    o = _load_tile(
+        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows * stride_om + offs_dv[None, :],
+        offs_m,
+        L,
+        offs_dv,
+        DV,
+        BLOCK_DV,
+        True,
+    )
+    do = _load_tile(
+        DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows * stride_dom + offs_dv[None, :],
+        offs_m,
+        L,
+        offs_dv,
+        DV,
+        BLOCK_DV,
+        True,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + (b * Hq + h).to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, mask_base, q_offs, do_offs, mask_offs, lse_ptr, delta_ptr, offs_n, lo, hi,
-    stride_qm, stride_dom, stride_mm, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    mask_base,
+    q_offs,
+    do_offs,
+    mask_offs,
+    lse_ptr,
+    delta_ptr,
+    offs_n,
+    lo,
+    hi,
+    stride_qm,
+    stride_dom,
+    stride_mm,
+    L,
+    S,
+    qk_scale,
+    dropout_scale,
+    seed,
+    rng_offset,
+    bh,
+    drop_threshold,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Adds the query blocks [lo, hi) of one head to dk, dv (key block offs_n), all in the transposed frame.
 
@@ -294,14 +489,58 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DVt, Rng,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    Hq, L, S, GROUP, qk_scale, sm_scale, dropout_scale, drop_threshold, L_BUCKET, S_BUCKET,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DVt,
+    Rng,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    Hq,
+    L,
+    S,
+    GROUP,
+    qk_scale,
+    sm_scale,
+    dropout_scale,
+    drop_threshold,
+    L_BUCKET,
+    S_BUCKET,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block of kv head hk. Grid (cdiv(S, BLOCK_N), Hk, B); loops over the GROUP query heads
     that read this kv head and over their query blocks, so each dK/dV element has one writer (no atomics)."""
@@ -314,10 +553,24 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_n = offs_n[:, None].to(tl.int64)
-    k = _load_tile(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + rows_n * stride_kn + offs_d[None, :],
-                   offs_n, S, offs_d, D, BLOCK_D, True)
-    v = _load_tile(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + rows_n * stride_vn + offs_dv[None, :],
-                   offs_n, S, offs_dv, DV, BLOCK_DV, True)
+    k = _load_tile(
+        K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + rows_n * stride_kn + offs_d[None, :],
+        offs_n,
+        S,
+        offs_d,
+        D,
+        BLOCK_D,
+        True,
+    )
+    v = _load_tile(
+        V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + rows_n * stride_vn + offs_dv[None, :],
+        offs_n,
+        S,
+        offs_dv,
+        DV,
+        BLOCK_DV,
+        True,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     seed = 0
@@ -344,13 +597,41 @@ def _attn_bwd_dkdv_kernel(
         h = hk * GROUP + g
         bh = b * Hq + h
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v,
+            dk,
+            dv,
+            k,
+            v,
             Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + lo64 * stride_qm,
             DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + lo64 * stride_dom,
             Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + lo64 * stride_mm,
-            q_offs, do_offs, mask_offs, Lse + bh.to(tl.int64) * L, Delta + bh.to(tl.int64) * L, offs_n, lo, L,
-            stride_qm, stride_dom, stride_mm, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
-            D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
+            q_offs,
+            do_offs,
+            mask_offs,
+            Lse + bh.to(tl.int64) * L,
+            Delta + bh.to(tl.int64) * L,
+            offs_n,
+            lo,
+            L,
+            stride_qm,
+            stride_dom,
+            stride_mm,
+            L,
+            S,
+            qk_scale,
+            dropout_scale,
+            seed,
+            rng_offset,
+            bh,
+            drop_threshold,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_M,
+            IS_CAUSAL,
+            MASK_KIND,
+            HAS_DROPOUT,
+            PRECISION,
         )
     dk = dk * sm_scale
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + rows_n * stride_dkn + offs_d[None, :]
@@ -361,10 +642,40 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, mask_base, k_offs, v_offs, mask_offs, offs_m, lo, hi,
-    stride_kn, stride_vn, stride_mn, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    mask_base,
+    k_offs,
+    v_offs,
+    mask_offs,
+    offs_m,
+    lo,
+    hi,
+    stride_kn,
+    stride_vn,
+    stride_mn,
+    L,
+    S,
+    qk_scale,
+    dropout_scale,
+    seed,
+    rng_offset,
+    bh,
+    drop_threshold,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Adds key blocks [lo, hi) to dq; BOUNDARY blocks get the causal and key-tail masks."""
@@ -406,14 +717,54 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DQ, Rng,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    Hq, L, S, GROUP, qk_scale, sm_scale, dropout_scale, drop_threshold, L_BUCKET, S_BUCKET,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    Rng,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    Hq,
+    L,
+    S,
+    GROUP,
+    qk_scale,
+    sm_scale,
+    dropout_scale,
+    drop_threshold,
+    L_BUCKET,
+    S_BUCKET,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block. Grid (cdiv(L, BLOCK_M), Hq, B); the key blocks are visited as in the forward."""
     pid_m = tl.program_id(0)
@@ -431,10 +782,24 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_m = offs_m[:, None].to(tl.int64)
-    q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + rows_m * stride_qm + offs_d[None, :],
-                   offs_m, L, offs_d, D, BLOCK_D, True)
-    do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + rows_m * stride_dom + offs_dv[None, :],
-                    offs_m, L, offs_dv, DV, BLOCK_DV, True)
+    q = _load_tile(
+        Q + b64 * stride_qb + h64 * stride_qh + rows_m * stride_qm + offs_d[None, :],
+        offs_m,
+        L,
+        offs_d,
+        D,
+        BLOCK_D,
+        True,
+    )
+    do = _load_tile(
+        DO + b64 * stride_dob + h64 * stride_doh + rows_m * stride_dom + offs_dv[None, :],
+        offs_m,
+        L,
+        offs_dv,
+        DV,
+        BLOCK_DV,
+        True,
+    )
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
@@ -459,16 +824,79 @@ def _attn_bwd_dq_kernel(
         full_hi = S // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head, v_head, mask_head, k_offs, v_offs, mask_offs, offs_m, 0, full_hi,
-        stride_kn, stride_vn, stride_mn, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_head,
+        v_head,
+        mask_head,
+        k_offs,
+        v_offs,
+        mask_offs,
+        offs_m,
+        0,
+        full_hi,
+        stride_kn,
+        stride_vn,
+        stride_mn,
+        L,
+        S,
+        qk_scale,
+        dropout_scale,
+        seed,
+        rng_offset,
+        bh,
+        drop_threshold,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        False,
+        IS_CAUSAL,
+        MASK_KIND,
+        HAS_DROPOUT,
+        PRECISION,
     )
     full_hi64 = full_hi.to(tl.int64)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_head + full_hi64 * stride_kn, v_head + full_hi64 * stride_vn,
-        mask_head + full_hi64 * stride_mn, k_offs, v_offs, mask_offs, offs_m, full_hi, hi,
-        stride_kn, stride_vn, stride_mn, L, S, qk_scale, dropout_scale, seed, rng_offset, bh, drop_threshold,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, HAS_DROPOUT, PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_head + full_hi64 * stride_kn,
+        v_head + full_hi64 * stride_vn,
+        mask_head + full_hi64 * stride_mn,
+        k_offs,
+        v_offs,
+        mask_offs,
+        offs_m,
+        full_hi,
+        hi,
+        stride_kn,
+        stride_vn,
+        stride_mn,
+        L,
+        S,
+        qk_scale,
+        dropout_scale,
+        seed,
+        rng_offset,
+        bh,
+        drop_threshold,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        True,
+        IS_CAUSAL,
+        MASK_KIND,
+        HAS_DROPOUT,
+        PRECISION,
     )
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :]
@@ -476,12 +904,12 @@ def _attn_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per (element bytes, padded head dim); autotune picks one
-# per key on the GPU (the interpreter runs _INTERPRETER_CONFIG only), and COMPILE_CASES builds the first of each.
-# The 16-bit lists keep the configs that ptxas builds for sm_90a without register spills (checked on the compiled
-# cubins with stride alignment as at run time; head dim 256's backward keeps a few small spills). fp32 is not a
-# speed target: one small config each, because ieee fp32 dots unroll into FMAs that take ptxas minutes at
-# larger tiles.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per (element bytes, padded head dim); autotune picks
+# one per key on the GPU (the interpreter runs _INTERPRETER_CONFIG only), and COMPILE_CASES builds the first
+# of each. The 16-bit lists keep the configs that ptxas builds for sm_90a without register spills (checked on
+# the compiled cubins with stride alignment as at run time; head dim 256's backward keeps a few small spills).
+# fp32 is not a speed target: one small config each, because ieee fp32 dots unroll into FMAs that take ptxas
+# minutes at larger tiles.
 _FWD = {
     (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
     (2, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
@@ -519,20 +947,24 @@ def _to_config(c) -> triton.Config:
     return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
 
 
-_TABLES = {"fwd": (_FWD, _attn_fwd_kernel), "dkdv": (_DKDV, _attn_bwd_dkdv_kernel), "dq": (_DQ, _attn_bwd_dq_kernel)}
+_TABLES = {
+    "fwd": (_FWD, _attn_fwd_kernel),
+    "dkdv": (_DKDV, _attn_bwd_dkdv_kernel),
+    "dq": (_DQ, _attn_bwd_dq_kernel),
+}
 _TUNED: dict = {}
 
 
 def autotune_enabled() -> bool:
-    """False when GPTFAST_ATTENTION_AUTOTUNE=0: then each list's first config runs, untimed. Every candidate costs
-    a compile (seconds) per dtype, head dim and causal/mask/dropout combination, which a test suite sweeping
-    many combinations cannot afford; benchmarks and training leave it on. Read at call time."""
+    """False when GPTFAST_ATTENTION_AUTOTUNE=0: then each list's first config runs, untimed. Every candidate
+    costs a compile (seconds) per dtype, head dim and causal/mask/dropout combination, which a test suite
+    sweeping many combinations cannot afford; benchmarks and training leave it on. Read at call time."""
     return os.environ.get("GPTFAST_ATTENTION_AUTOTUNE", "1") != "0"
 
 
 def _tuned(kind: str, q: Tensor, meta: dict):
-    """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing needs
-    pruning at call time (torch.compile traces these launches)."""
+    """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing
+    needs pruning at call time (torch.compile traces these launches)."""
     tune = autotune_enabled()
     key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])), tune)
     if key not in _TUNED:
@@ -576,14 +1008,27 @@ def _shared_meta(q: Tensor, v: Tensor, L: int, S: int, is_causal: bool, mask_kin
     return dict(
         # Lengths enter the autotune key as powers of two, so a decode loop (L = 1, S growing) does not retune
         # at every step; int() keeps symbolic sizes under torch.compile out of triton's bit tricks.
-        L_BUCKET=triton.next_power_of_2(max(int(L), 1)), S_BUCKET=triton.next_power_of_2(max(int(S), 1)),
-        D=D, DV=DV, BLOCK_D=_block(D), BLOCK_DV=_block(DV), IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        L_BUCKET=triton.next_power_of_2(max(int(L), 1)),
+        S_BUCKET=triton.next_power_of_2(max(int(S), 1)),
+        D=D,
+        DV=DV,
+        BLOCK_D=_block(D),
+        BLOCK_DV=_block(DV),
+        IS_CAUSAL=bool(is_causal),
+        MASK_KIND=mask_kind,
+        HAS_DROPOUT=dropout_p > 0.0,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
     rng: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """out (B, Hq, L, Dv) in q's dtype and lse (B, Hq, L) fp32 from q (B, Hq, L, D), k (B, Hk, S, D),
@@ -592,24 +1037,52 @@ def attention_fwd(
     Hk, S = k.shape[1], k.shape[2]
     if B * Hq * L == 0 or S == 0:
         # Nothing to launch; with no keys every row is dead: out 0, lse -inf.
-        return (torch.zeros(B, Hq, L, v.shape[-1], dtype=q.dtype, device=q.device),
-                torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=q.device))
+        return (
+            torch.zeros(B, Hq, L, v.shape[-1], dtype=q.dtype, device=q.device),
+            torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=q.device),
+        )
     out = torch.empty(B, Hq, L, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     mask, mask_kind, mask_strides = _mask_args(attn_mask, q)
     rng_t, dropout_scale, threshold = _dropout_args(dropout_p, rng, q)
     meta = _shared_meta(q, v, L, S, is_causal, mask_kind, dropout_p)
     _launch(_tuned("fwd", q, meta))[lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B)](
-        q, k, v, mask, out, lse, rng_t,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        Hq, L, S, Hq // Hk, scale * LOG2E, dropout_scale, threshold, **meta,
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        rng_t,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *mask_strides,
+        *out.stride()[:3],
+        Hq,
+        L,
+        S,
+        Hq // Hk,
+        scale * LOG2E,
+        dropout_scale,
+        threshold,
+        **meta,
     )
     return out, lse
 
 
 def attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
-    dropout_p: float, is_causal: bool, scale: float, rng: Tensor,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    rng: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like (q, k, v) from dout (B, Hq, L, Dv) with stride(-1) == 1 and the forward's
     out and lse; dK and dV of a kv head sum over the query heads of its group."""
@@ -624,17 +1097,64 @@ def attention_bwd(
     meta = _shared_meta(q, v, L, S, is_causal, mask_kind, dropout_p)
     block_dv = meta["BLOCK_DV"]
     _launch(_attn_bwd_delta_kernel)[(triton.cdiv(L, 64), Hq, B)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], Hq, L, DV=v.shape[-1], BLOCK_DV=block_dv,
-        BLOCK_M=64, num_warps=4,
+        out,
+        dout,
+        delta,
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        Hq,
+        L,
+        DV=v.shape[-1],
+        BLOCK_DV=block_dv,
+        BLOCK_M=64,
+        num_warps=4,
     )
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
     _launch(_tuned("dkdv", q, meta))[lambda config: (triton.cdiv(S, config["BLOCK_N"]), Hk, B)](
-        q, k, v, mask, dout, lse, delta, dk, dv, rng_t, *common, *dk.stride()[:3], *dv.stride()[:3],
-        Hq, L, S, Hq // Hk, scale * LOG2E, scale, dropout_scale, threshold, **meta,
+        q,
+        k,
+        v,
+        mask,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        rng_t,
+        *common,
+        *dk.stride()[:3],
+        *dv.stride()[:3],
+        Hq,
+        L,
+        S,
+        Hq // Hk,
+        scale * LOG2E,
+        scale,
+        dropout_scale,
+        threshold,
+        **meta,
     )
     _launch(_tuned("dq", q, meta))[lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B)](
-        q, k, v, mask, dout, lse, delta, dq, rng_t, *common, *dq.stride()[:3],
-        Hq, L, S, Hq // Hk, scale * LOG2E, scale, dropout_scale, threshold, **meta,
+        q,
+        k,
+        v,
+        mask,
+        dout,
+        lse,
+        delta,
+        dq,
+        rng_t,
+        *common,
+        *dq.stride()[:3],
+        Hq,
+        L,
+        S,
+        Hq // Hk,
+        scale * LOG2E,
+        scale,
+        dropout_scale,
+        threshold,
+        **meta,
     )
     return dq, dk, dv
 
@@ -646,12 +1166,20 @@ def dropout_mask(batch: int, heads: int, L: int, S: int, dropout_p: float, rng: 
         _, _, threshold = _dropout_args(dropout_p, rng, keep)
         block = 64
         _dropout_mask_kernel[(triton.cdiv(L, block), triton.cdiv(S, block), batch * heads)](
-            keep, rng.to(device), L, S, threshold, BLOCK_M=block, BLOCK_N=block,
+            keep,
+            rng.to(device),
+            L,
+            S,
+            threshold,
+            BLOCK_M=block,
+            BLOCK_N=block,
         )
     return keep.bool()
 
 
-def unsupported(op: str, attn_mask=None, dropout=None, head_dim=None, value_dim=None, dtype=None) -> str | None:
+def unsupported(
+    op: str, attn_mask=None, dropout=None, head_dim=None, value_dim=None, dtype=None
+) -> str | None:
     """Why this backend refuses the call, or None. Masks, dropout and GQA all run in the kernels."""
     for name, dim in (("head_dim", head_dim), ("value_dim", value_dim)):
         if dim is not None and not 1 <= dim <= MAX_HEAD_DIM:
@@ -662,17 +1190,33 @@ def unsupported(op: str, attn_mask=None, dropout=None, head_dim=None, value_dim=
 
 
 # ---------------------------------------------------------------------------------------- compile cases
-_CONSTEXPRS = ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "PRECISION",
-               "BLOCK_M", "BLOCK_N")
+_CONSTEXPRS = (
+    "D",
+    "DV",
+    "BLOCK_D",
+    "BLOCK_DV",
+    "IS_CAUSAL",
+    "MASK_KIND",
+    "HAS_DROPOUT",
+    "PRECISION",
+    "BLOCK_M",
+    "BLOCK_N",
+)
 _FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_scale")
 _DATA_POINTERS = ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DVt")
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _signature(fn, dt: str, mask_kind: int, dropout: bool) -> dict[str, str]:
-    types = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*i1" if mask_kind == 1 else f"*{dt}",
-             "Rng": "*i64" if dropout else f"*{dt}", "Keep": "*i8", "drop_threshold": "i64" if dropout else "i32",
-             "threshold": "i64"}
+    types = {
+        "Lse": "*fp32",
+        "Delta": "*fp32",
+        "Mask": "*i1" if mask_kind == 1 else f"*{dt}",
+        "Rng": "*i64" if dropout else f"*{dt}",
+        "Keep": "*i8",
+        "drop_threshold": "i64" if dropout else "i32",
+        "threshold": "i64",
+    }
     sig = {}
     for name in fn.arg_names:
         if name in _CONSTEXPRS:
@@ -689,43 +1233,83 @@ def _signature(fn, dt: str, mask_kind: int, dropout: bool) -> dict[str, str]:
 
 
 def _aligned(fn, signature: dict[str, str]) -> dict:
-    """triton.compile attrs as the launcher sees typical calls: 16-byte aligned pointers and q/k/v/o strides that
-    are multiples of 16 (head dims of 16 and up); the mask's strides (often 0 or odd) stay unspecialised."""
-    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if signature[name].startswith("*") or (name.startswith("stride_") and not name.startswith("stride_m"))}
+    """triton.compile attrs as the launcher sees typical calls: 16-byte aligned pointers and q/k/v/o strides
+    that are multiples of 16 (head dims of 16 and up); the mask's strides (often 0 or odd) stay unspecialised.
+    """
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or (name.startswith("stride_") and not name.startswith("stride_m"))
+    }
 
 
-def _compile_case(kind: str, dtype: torch.dtype, head_dim: int, causal: bool, config=None, mask_kind: int = 0,
-                  dropout: bool = False, value_dim: int | None = None) -> dict:
-    fn, table = {"fwd": (_attn_fwd_kernel, _FWD), "dkdv": (_attn_bwd_dkdv_kernel, _DKDV),
-                 "dq": (_attn_bwd_dq_kernel, _DQ)}[kind]
+def _compile_case(
+    kind: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    causal: bool,
+    config=None,
+    mask_kind: int = 0,
+    dropout: bool = False,
+    value_dim: int | None = None,
+) -> dict:
+    fn, table = {
+        "fwd": (_attn_fwd_kernel, _FWD),
+        "dkdv": (_attn_bwd_dkdv_kernel, _DKDV),
+        "dq": (_attn_bwd_dq_kernel, _DQ),
+    }[kind]
     dv = value_dim or head_dim
     block_d, block_dv = _block(head_dim), _block(dv)
     config = config or table[_table_key(dtype.itemsize, max(block_d, block_dv))][0]
     dt = _DTYPE_NAMES[dtype]
-    constexprs = dict(D=head_dim, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_CAUSAL=causal, MASK_KIND=mask_kind,
-                      HAS_DROPOUT=dropout, PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                      BLOCK_M=config[0], BLOCK_N=config[1])
-    name = (f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
-            f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}"
-            f"{['', '_boolmask', '_floatmask'][mask_kind]}{'_dropout' if dropout else ''}")
+    constexprs = dict(
+        D=head_dim,
+        DV=dv,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        IS_CAUSAL=causal,
+        MASK_KIND=mask_kind,
+        HAS_DROPOUT=dropout,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_M=config[0],
+        BLOCK_N=config[1],
+    )
+    name = (
+        f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
+        f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}"
+        f"{['', '_boolmask', '_floatmask'][mask_kind]}{'_dropout' if dropout else ''}"
+    )
     signature = _signature(fn, dt, mask_kind, dropout)
-    return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, attrs=_aligned(fn, signature),
-                num_warps=config[2], num_stages=config[3])
+    return dict(
+        name=name,
+        fn=fn,
+        signature=signature,
+        constexprs=constexprs,
+        attrs=_aligned(fn, signature),
+        num_warps=config[2],
+        num_stages=config[3],
+    )
 
 
 def _delta_case(dtype: torch.dtype, value_dim: int) -> dict:
     dt = _DTYPE_NAMES[dtype]
     fn = _attn_bwd_delta_kernel
     signature = _signature(fn, dt, 0, False)
-    return dict(name=f"attn_delta_{dt}_dv{value_dim}", fn=fn, signature=signature, attrs=_aligned(fn, signature),
-                constexprs=dict(DV=value_dim, BLOCK_DV=_block(value_dim), BLOCK_M=64), num_warps=4, num_stages=1)
+    return dict(
+        name=f"attn_delta_{dt}_dv{value_dim}",
+        fn=fn,
+        signature=signature,
+        attrs=_aligned(fn, signature),
+        constexprs=dict(DV=value_dim, BLOCK_DV=_block(value_dim), BLOCK_M=64),
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 def _compile_cases() -> list[dict]:
-    """A covering set small enough for the CPU suite (compiling one attention kernel for sm_90a takes 5-40 s on
-    a laptop core): every head dim, each kernel, fp16 and bf16, causal and not, both mask kinds, dropout, fp32
-    and Dv != D each appear at least once, with the default (first) config of their list."""
+    """A covering set small enough for the CPU suite (compiling one attention kernel for sm_90a takes 5-40 s
+    on a laptop core): every head dim, each kernel, fp16 and bf16, causal and not, both mask kinds, dropout,
+    fp32 and Dv != D each appear at least once, with the default (first) config of their list."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
         _compile_case("fwd", bf16, 128, True),  # the benchmark's configuration
@@ -756,12 +1340,18 @@ def _all_compile_cases() -> list[dict]:
     bf16 causal and not, and fp32 causal (about 150 kernels, slow: for a --runslow compile test)."""
     cases = []
     for kind, table in (("fwd", _FWD), ("dkdv", _DKDV), ("dq", _DQ)):
-        for dtype, causals in ((torch.float16, (False, True)), (torch.bfloat16, (False, True)), (torch.float32, (True,))):
+        for dtype, causals in (
+            (torch.float16, (False, True)),
+            (torch.bfloat16, (False, True)),
+            (torch.float32, (True,)),
+        ):
             for head_dim in (64, 128, 256):
                 for causal in causals:
                     for config in table[_table_key(dtype.itemsize, head_dim)]:
                         cases.append(_compile_case(kind, dtype, head_dim, causal, config=config))
-    return cases + [_delta_case(dtype, dv) for dtype in (torch.float16, torch.bfloat16) for dv in (64, 80, 128)]
+    return cases + [
+        _delta_case(dtype, dv) for dtype in (torch.float16, torch.bfloat16) for dv in (64, 80, 128)
+    ]
 
 
 COMPILE_CASES = _compile_cases()

@@ -4,6 +4,7 @@ reference (design.md's tolerance rule on the output and on every gradient), drop
 Backends come from backends_under_test.cases("attention"): the reference always, triton under the interpreter
 on CPU (fp32 and fp16; bf16 only on a GPU), cpu/cuda when built. Interpreter shapes stay small.
 """
+
 import math
 
 import pytest
@@ -26,8 +27,11 @@ def _randn(*shape, dtype=torch.float32, device="cpu"):
 
 
 def _qkv(B, Hq, Hk, L, S, D, Dv=None, dtype=torch.float32, device="cpu"):
-    return (_randn(B, Hq, L, D, dtype=dtype, device=device), _randn(B, Hk, S, D, dtype=dtype, device=device),
-            _randn(B, Hk, S, Dv or D, dtype=dtype, device=device))
+    return (
+        _randn(B, Hq, L, D, dtype=dtype, device=device),
+        _randn(B, Hk, S, D, dtype=dtype, device=device),
+        _randn(B, Hk, S, Dv or D, dtype=dtype, device=device),
+    )
 
 
 def _leaves(*ts):
@@ -42,10 +46,10 @@ def _forward_backward(fn, q, k, v, dout):
 
 
 def _attention_in_dtype(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """Attention composed of torch ops run in the inputs' dtype, without upcasting: the baseline FlashAttention's
-    tests hold kernels to. (torch's CPU SDPA computes half inputs in fp32 and rounds only its outputs, which no
-    tensor-core kernel can match: those round P and dS to half for the matmuls, as torch's CUDA flash kernel
-    does.) A row with no key left gives 0, as in torch."""
+    """Attention composed of torch ops run in the inputs' dtype, without upcasting: the baseline
+    FlashAttention's tests hold kernels to. (torch's CPU SDPA computes half inputs in fp32 and rounds only its
+    outputs, which no tensor-core kernel can match: those round P and dS to half for the matmuls, as torch's
+    CUDA flash kernel does.) A row with no key left gives 0, as in torch."""
     L, S = q.shape[-2], k.shape[-2]
     if enable_gqa:
         k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
@@ -60,9 +64,18 @@ def _attention_in_dtype(q, k, v, attn_mask=None, is_causal=False, scale=None, en
 
 
 def _require(backend, device, q, v, dtype, attn_mask=False, dropout=False):
-    """Skips, with the backend's own reason, a call that the backend refuses (auto selection would pass it on)."""
-    reason = backends.why_not(backend, "attention", torch.device(device), attn_mask=attn_mask, dropout=dropout,
-                              head_dim=q.shape[-1], value_dim=v.shape[-1], dtype=dtype)
+    """Skips, with the backend's own reason, a call that the backend refuses (auto selection would pass it
+    on)."""
+    reason = backends.why_not(
+        backend,
+        "attention",
+        torch.device(device),
+        attn_mask=attn_mask,
+        dropout=dropout,
+        head_dim=q.shape[-1],
+        value_dim=v.shape[-1],
+        dtype=dtype,
+    )
     if reason:
         pytest.skip(f"{backend} refuses this call: {reason}")
 
@@ -76,13 +89,18 @@ def _check_against_reference(backend, device, q, k, v, dtype, mask=None, **kw):
     half_mask = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
     dout = _randn(*q.shape[:-1], v.shape[-1], dtype=dtype, device=device)
     got = _forward_backward(
-        lambda a, b, c: SDPA(a, b, c, attn_mask=half_mask, enable_gqa=gqa, backend=backend, **kw), q, k, v, dout
+        lambda a, b, c: SDPA(a, b, c, attn_mask=half_mask, enable_gqa=gqa, backend=backend, **kw),
+        q,
+        k,
+        v,
+        dout,
     )
     hp = reference_dtype(dtype)
     hp_mask = mask if mask is None or mask.dtype == torch.bool else mask.to(hp)
     ref = _forward_backward(
         lambda a, b, c: SDPA(a, b, c, attn_mask=hp_mask, enable_gqa=gqa, backend="reference", **kw),
-        *(t.to(hp) for t in (q, k, v)), dout.to(hp),
+        *(t.to(hp) for t in (q, k, v)),
+        dout.to(hp),
     )
     theirs = _forward_backward(
         lambda a, b, c: _attention_in_dtype(a, b, c, attn_mask=half_mask, enable_gqa=gqa, **kw), q, k, v, dout
@@ -94,17 +112,23 @@ def _check_against_reference(backend, device, q, k, v, dtype, mask=None, **kw):
 
 # ------------------------------------------------------------------------- the reference against torch
 def _check_reference_vs_torch(q, k, v, dtype, attn_mask=None, **kw):
-    """reference backend in `dtype` vs torch SDPA in higher precision, bounded by torch's own `dtype` error."""
+    """reference backend in `dtype` vs torch SDPA in higher precision, within torch's own `dtype` error."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dtype)
     dout = _randn(*q.shape[:-1], v.shape[-1], dtype=dtype)
-    got = _forward_backward(lambda a, b, c: SDPA(a, b, c, attn_mask=m, backend="reference", **kw), q, k, v, dout)
+    got = _forward_backward(
+        lambda a, b, c: SDPA(a, b, c, attn_mask=m, backend="reference", **kw), q, k, v, dout
+    )
     hp = reference_dtype(dtype)
     hm = m if m is None or m.dtype == torch.bool else m.to(hp)
-    ref = _forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=hm, **kw),
-                            *(t.to(hp) for t in (q, k, v)), dout.to(hp))
-    theirs = _forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=m, **kw),
-                               q, k, v, dout)
+    ref = _forward_backward(
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=hm, **kw),
+        *(t.to(hp) for t in (q, k, v)),
+        dout.to(hp),
+    )
+    theirs = _forward_backward(
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=m, **kw), q, k, v, dout
+    )
     for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, theirs):
         assert_close(g, r, t, name=f"reference/{name}")
     return got
@@ -115,7 +139,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("L,S", [(13, 13), (7, 19), (19, 7)])  # square, L < S and L > S (torch's top-left causal)
+@pytest.mark.parametrize(
+    "L,S", [(13, 13), (7, 19), (19, 7)]
+)  # square, L < S and L > S (torch's top-left causal)
 def test_reference_matches_torch(dtype, causal, L, S):
     _check_reference_vs_torch(*_qkv(2, 3, 3, L, S, 16), dtype, is_causal=causal)
 
@@ -169,14 +195,17 @@ def test_reference_decode_single_query():
 
 
 def test_baseline_composite_is_attention():
-    # the half-precision baseline above is itself torch's attention: equal to SDPA in float64 (masks, GQA, causal)
+    # the half-precision baseline above is itself torch's attention: equal to SDPA in float64 (masks, GQA,
+    # causal)
     q, k, v = (t.double() for t in _qkv(2, 4, 2, 9, 11, 8))
     bool_mask = torch.rand(9, 11) > 0.5
     bool_mask[2] = False
     float_mask = _randn(9, 11, dtype=torch.float64)
     for kw in (dict(is_causal=True), dict(attn_mask=bool_mask), dict(attn_mask=float_mask, scale=0.3)):
-        torch.testing.assert_close(_attention_in_dtype(q, k, v, enable_gqa=True, **kw),
-                                   F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw))
+        torch.testing.assert_close(
+            _attention_in_dtype(q, k, v, enable_gqa=True, **kw),
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw),
+        )
 
 
 # -------------------------------------------------------------------------------------- gradcheck
@@ -219,14 +248,17 @@ def test_backend_matches_reference(backend, device, dtype, causal, shape):
 @pytest.mark.parametrize("D", [16, 32, 64, 80, 96, 128, 256])  # every head dim; 80 and 96 pad to 128
 def test_backend_head_dims(backend, device, D):
     # tiny lengths keep the interpreter fast; 9 and 5 are not multiples of any block
-    _check_against_reference(backend, device, *_qkv(1, 2, 2, 9, 5 if D >= 128 else 13, D), torch.float32,
-                             is_causal=True)
+    _check_against_reference(
+        backend, device, *_qkv(1, 2, 2, 9, 5 if D >= 128 else 13, D), torch.float32, is_causal=True
+    )
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
 def test_backend_value_dim_differs(backend, device):
     # Dv != D: the value/output head dim is padded separately
-    _check_against_reference(backend, device, *_qkv(1, 2, 2, 11, 14, 32, Dv=16), torch.float16, is_causal=True)
+    _check_against_reference(
+        backend, device, *_qkv(1, 2, 2, 11, 14, 32, Dv=16), torch.float16, is_causal=True
+    )
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -282,7 +314,7 @@ def test_backend_empty(backend, device):
 
 # --------------------------------------------------------------------------------------------- dropout
 def _keep_mask(backend, rng, shape, p, device):
-    """The keep mask `backend` draws for rng = (seed, offset); None when the backend has no accessor for it."""
+    """The keep mask `backend` draws for rng = (seed, offset); None when the backend has no accessor."""
     if backend == "reference":
         return R.dropout_keep(rng, shape, p, device)
     if backend == "triton":
@@ -310,7 +342,7 @@ def test_dropout_keep_rate(backend, device, p):
 
 
 def _dropout_math(q, k, v, keep, p, causal, scale, attn_mask=None):
-    """Attention with the given keep mask, in plain torch (differentiable), the same formula as the kernels."""
+    """Attention with the given keep mask in plain (differentiable) torch: the kernels' formula."""
     Hq, Hk = q.shape[1], k.shape[1]
     k, v = (t.repeat_interleave(Hq // Hk, dim=1) for t in (k, v))
     s = (q @ k.transpose(-2, -1)) * scale
@@ -336,8 +368,11 @@ def test_dropout_same_mask_as_reference(backend, device, dtype, causal):
     out, lse = fwd(q, k, v, None, p, causal, scale, rng)
     grads = bwd(dout, q, k, v, None, out, lse, p, causal, scale, rng)
     hp = reference_dtype(dtype)
-    ref = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, causal, scale),
-                            *(t.to(hp) for t in (q, k, v)), dout.to(hp))
+    ref = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, causal, scale),
+        *(t.to(hp) for t in (q, k, v)),
+        dout.to(hp),
+    )
     theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, causal, scale), q, k, v, dout)
     for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
         assert_close(g, r, t, name=f"{backend}/dropout/{name}")
@@ -355,9 +390,14 @@ def test_dropout_with_float_mask(backend, device):
     fwd, bwd = _library.pair("attention", backend)
     out, lse = fwd(q, k, v, mask, p, False, scale, rng)
     grads = bwd(dout, q, k, v, mask, out, lse, p, False, scale, rng)
-    ref = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask.double()),
-                            *(t.double() for t in (q, k, v)), dout.double())
-    theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask), q, k, v, dout)
+    ref = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask.double()),
+        *(t.double() for t in (q, k, v)),
+        dout.double(),
+    )
+    theirs = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask), q, k, v, dout
+    )
     for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
         assert_close(g, r, t, name=f"{backend}/dropout+mask/{name}")
 
@@ -408,7 +448,9 @@ def test_errors():
     with pytest.raises(ValueError, match="enable_gqa"):
         SDPA(q, k, v)  # 4 query heads over 2 kv heads without enable_gqa
     with pytest.raises(ValueError, match="multiple"):
-        SDPA(q, k[:, :1].expand(2, 3, 6, 8), v[:, :1].expand(2, 3, 6, 8), enable_gqa=True)  # 3 does not divide 4
+        SDPA(
+            q, k[:, :1].expand(2, 3, 6, 8), v[:, :1].expand(2, 3, 6, 8), enable_gqa=True
+        )  # 3 does not divide 4
     with pytest.raises(ValueError, match="either attn_mask or is_causal"):
         SDPA(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True, enable_gqa=True)
     with pytest.raises(ValueError, match="broadcast"):
@@ -429,8 +471,12 @@ def test_triton_refuses_what_it_cannot_run():
     from gptfast.kernels.attention import unsupported
 
     assert unsupported("attention") is None
-    assert unsupported("attention", attn_mask=True, dropout=True, head_dim=256, value_dim=64,
-                       dtype=torch.bfloat16) is None
+    assert (
+        unsupported(
+            "attention", attn_mask=True, dropout=True, head_dim=256, value_dim=64, dtype=torch.bfloat16
+        )
+        is None
+    )
     assert "head_dim" in unsupported("attention", head_dim=512)
     assert "value_dim" in unsupported("attention", head_dim=64, value_dim=320)
     assert "float64" in unsupported("attention", dtype=torch.float64)
@@ -450,21 +496,30 @@ def one_config(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("one_config")
 @pytest.mark.parametrize("backend,device", GPU_CASES, ids=ids(GPU_CASES))
-@pytest.mark.parametrize("dtype,causal,shape", [
-    # each new (dtype, head dim, causal) compiles all three kernels on the GPU, so the list stays short
-    (torch.bfloat16, True, (2, 8, 8, 1024, 1024, 128)),  # the benchmark's head dim and mode at a long length
-    (torch.bfloat16, False, (2, 8, 8, 1024, 1024, 128)),
-    (torch.float16, True, (2, 8, 8, 1024, 1024, 128)),
-    (torch.bfloat16, True, (1, 8, 2, 1000, 1031, 64)),  # GQA, lengths off every block size
-    (torch.float16, False, (1, 8, 1, 1000, 1031, 64)),  # MQA
-    (torch.bfloat16, True, (2, 4, 4, 257, 257, 256)),  # the largest head dim
-    (torch.bfloat16, False, (2, 6, 6, 300, 300, 80)),  # a padded head dim
-    (torch.bfloat16, False, (4, 8, 8, 1, 2049, 128)),  # decode: one query against a long cache
-], ids=lambda x: str(x).replace("torch.", "").replace(" ", ""))
+@pytest.mark.parametrize(
+    "dtype,causal,shape",
+    [
+        # each new (dtype, head dim, causal) compiles all three kernels on the GPU, so the list stays short
+        (
+            torch.bfloat16,
+            True,
+            (2, 8, 8, 1024, 1024, 128),
+        ),  # the benchmark's head dim and mode at a long length
+        (torch.bfloat16, False, (2, 8, 8, 1024, 1024, 128)),
+        (torch.float16, True, (2, 8, 8, 1024, 1024, 128)),
+        (torch.bfloat16, True, (1, 8, 2, 1000, 1031, 64)),  # GQA, lengths off every block size
+        (torch.float16, False, (1, 8, 1, 1000, 1031, 64)),  # MQA
+        (torch.bfloat16, True, (2, 4, 4, 257, 257, 256)),  # the largest head dim
+        (torch.bfloat16, False, (2, 6, 6, 300, 300, 80)),  # a padded head dim
+        (torch.bfloat16, False, (4, 8, 8, 1, 2049, 128)),  # decode: one query against a long cache
+    ],
+    ids=lambda x: str(x).replace("torch.", "").replace(" ", ""),
+)
 def test_gpu_matches_reference(backend, device, dtype, causal, shape):
     B, Hq, Hk, L, S, D = shape
-    _check_against_reference(backend, device, *_qkv(B, Hq, Hk, L, S, D), dtype, is_causal=causal,
-                             enable_gqa=Hq != Hk)
+    _check_against_reference(
+        backend, device, *_qkv(B, Hq, Hk, L, S, D), dtype, is_causal=causal, enable_gqa=Hq != Hk
+    )
 
 
 @pytest.mark.gpu
@@ -492,8 +547,11 @@ def test_gpu_dropout_same_mask(backend):
     fwd, bwd = _library.pair("attention", backend)
     out, lse = fwd(q, k, v, None, p, True, scale, rng)
     grads = bwd(dout, q, k, v, None, out, lse, p, True, scale, rng)
-    ref = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, True, scale),
-                            *(t.float() for t in (q, k, v)), dout.float())
+    ref = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, True, scale),
+        *(t.float() for t in (q, k, v)),
+        dout.float(),
+    )
     theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, True, scale), q, k, v, dout)
     for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
         assert_close(g, r, t, name=f"{backend}/dropout/{name}")
