@@ -1,0 +1,557 @@
+"""ops.scaled_dot_product_attention: the reference against torch, float64 gradcheck, every backend against the
+reference (design.md's tolerance rule on the output and on every gradient), dropout, torch.compile, errors.
+
+Backends come from backends_under_test.cases("attention"): the reference always, triton under the interpreter
+on CPU (fp32 and fp16; bf16 only on a GPU), cpu/cuda when built. Interpreter shapes stay small.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import backends, ops
+from gptfast.ops import _library
+from gptfast.ops import reference as R
+from gptfast.testing import assert_close, reference_dtype
+from backends_under_test import cases, ids
+
+CASES = cases("attention")
+CPU_CASES = [c for c in CASES if c[1] == "cpu"]
+SDPA = ops.scaled_dot_product_attention
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _qkv(B, Hq, Hk, L, S, D, Dv=None, dtype=torch.float32, device="cpu"):
+    return (
+        _randn(B, Hq, L, D, dtype=dtype, device=device),
+        _randn(B, Hk, S, D, dtype=dtype, device=device),
+        _randn(B, Hk, S, Dv or D, dtype=dtype, device=device),
+    )
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _forward_backward(fn, q, k, v, dout):
+    q, k, v = _leaves(q, k, v)
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _attention_in_dtype(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """Attention composed of torch ops run in the inputs' dtype, without upcasting: the baseline
+    FlashAttention's tests hold kernels to. (torch's CPU SDPA computes half inputs in fp32 and rounds only its
+    outputs, which no tensor-core kernel can match: those round P and dS to half for the matmuls, as torch's
+    CUDA flash kernel does.) A row with no key left gives 0, as in torch."""
+    L, S = q.shape[-2], k.shape[-2]
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
+    s = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return p @ v
+
+
+def _require(backend, device, q, v, dtype, attn_mask=False, dropout=False):
+    """Skips, with the backend's own reason, a call that the backend refuses (auto selection would pass it
+    on)."""
+    reason = backends.why_not(
+        backend,
+        "attention",
+        torch.device(device),
+        attn_mask=attn_mask,
+        dropout=dropout,
+        head_dim=q.shape[-1],
+        value_dim=v.shape[-1],
+        dtype=dtype,
+    )
+    if reason:
+        pytest.skip(f"{backend} refuses this call: {reason}")
+
+
+def _check_against_reference(backend, device, q, k, v, dtype, mask=None, **kw):
+    """The backend's out and grads vs the reference in higher precision, bounded by torch's own SDPA error."""
+    _require(backend, device, q, v, dtype, attn_mask=mask is not None)
+    gqa = kw.pop("enable_gqa", q.shape[-3] != k.shape[-3])
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    mask = None if mask is None else mask.to(device)
+    half_mask = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+    dout = _randn(*q.shape[:-1], v.shape[-1], dtype=dtype, device=device)
+    got = _forward_backward(
+        lambda a, b, c: SDPA(a, b, c, attn_mask=half_mask, enable_gqa=gqa, backend=backend, **kw),
+        q,
+        k,
+        v,
+        dout,
+    )
+    hp = reference_dtype(dtype)
+    hp_mask = mask if mask is None or mask.dtype == torch.bool else mask.to(hp)
+    ref = _forward_backward(
+        lambda a, b, c: SDPA(a, b, c, attn_mask=hp_mask, enable_gqa=gqa, backend="reference", **kw),
+        *(t.to(hp) for t in (q, k, v)),
+        dout.to(hp),
+    )
+    theirs = _forward_backward(
+        lambda a, b, c: _attention_in_dtype(a, b, c, attn_mask=half_mask, enable_gqa=gqa, **kw), q, k, v, dout
+    )
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, theirs):
+        assert g.dtype == dtype, f"{name} has dtype {g.dtype}, expected {dtype}"
+        assert_close(g, r, t, name=f"{backend}/{name}")
+
+
+# ------------------------------------------------------------------------- the reference against torch
+def _check_reference_vs_torch(q, k, v, dtype, attn_mask=None, **kw):
+    """reference backend in `dtype` vs torch SDPA in higher precision, within torch's own `dtype` error."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dtype)
+    dout = _randn(*q.shape[:-1], v.shape[-1], dtype=dtype)
+    got = _forward_backward(
+        lambda a, b, c: SDPA(a, b, c, attn_mask=m, backend="reference", **kw), q, k, v, dout
+    )
+    hp = reference_dtype(dtype)
+    hm = m if m is None or m.dtype == torch.bool else m.to(hp)
+    ref = _forward_backward(
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=hm, **kw),
+        *(t.to(hp) for t in (q, k, v)),
+        dout.to(hp),
+    )
+    theirs = _forward_backward(
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=m, **kw), q, k, v, dout
+    )
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, theirs):
+        assert_close(g, r, t, name=f"reference/{name}")
+    return got
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "L,S", [(13, 13), (7, 19), (19, 7)]
+)  # square, L < S and L > S (torch's top-left causal)
+def test_reference_matches_torch(dtype, causal, L, S):
+    _check_reference_vs_torch(*_qkv(2, 3, 3, L, S, 16), dtype, is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Hk", [1, 2])  # MQA and GQA over 4 query heads
+def test_reference_gqa_matches_torch(dtype, Hk):
+    _check_reference_vs_torch(*_qkv(2, 4, Hk, 11, 9, 8), dtype, is_causal=True, enable_gqa=True)
+
+
+def test_reference_custom_scale_and_value_dim():
+    # scale != 1/sqrt(D), and Dv != D
+    _check_reference_vs_torch(*_qkv(1, 2, 2, 6, 10, 8, Dv=12), torch.float32, scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_bool_mask_with_dead_rows(dtype):
+    mask = torch.rand(2, 1, 9, 11) > 0.4  # broadcast over heads
+    mask[0, 0, 3] = False  # a row with no key left: torch gives 0, and zero gradients
+    q, k, v = _qkv(2, 3, 3, 9, 11, 8)
+    out = _check_reference_vs_torch(q, k, v, dtype, attn_mask=mask)[0]
+    assert torch.all(out[0, :, 3] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_float_mask_with_inf_rows(dtype):
+    mask = _randn(9, 11)  # broadcast over batch and heads
+    mask[4] = float("-inf")  # a whole row of -inf: zeros, as torch
+    mask[5, ::2] = float("-inf")
+    out = _check_reference_vs_torch(*_qkv(2, 3, 3, 9, 11, 8), dtype, attn_mask=mask)[0]
+    assert torch.all(out[:, :, 4] == 0)
+
+
+def test_reference_unbatched():
+    # (H, L, D) inputs without the batch dim
+    q, k, v = (t[0] for t in _qkv(1, 2, 2, 5, 7, 8))
+    _check_reference_vs_torch(q, k, v, torch.float32, is_causal=True)
+
+
+def test_reference_fused_qkv_views():
+    # q, k, v as strided views of one (B, L, 3, H, D) projection, as the GPT passes them
+    qkv = _randn(2, 10, 3, 4, 8)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    _check_reference_vs_torch(q, k, v, torch.float32, is_causal=True)
+
+
+def test_reference_decode_single_query():
+    # Lq = 1 against a longer cache: no causal mask, as the KV-cache decode step calls it
+    _check_reference_vs_torch(*_qkv(2, 4, 4, 1, 23, 16), torch.float16)
+
+
+def test_baseline_composite_is_attention():
+    # the half-precision baseline above is itself torch's attention: equal to SDPA in float64 (masks, GQA,
+    # causal)
+    q, k, v = (t.double() for t in _qkv(2, 4, 2, 9, 11, 8))
+    bool_mask = torch.rand(9, 11) > 0.5
+    bool_mask[2] = False
+    float_mask = _randn(9, 11, dtype=torch.float64)
+    for kw in (dict(is_causal=True), dict(attn_mask=bool_mask), dict(attn_mask=float_mask, scale=0.3)):
+        torch.testing.assert_close(
+            _attention_in_dtype(q, k, v, enable_gqa=True, **kw),
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw),
+        )
+
+
+# -------------------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("causal,Hk", [(False, 2), (True, 2), (True, 1)])  # plain, causal, causal + GQA (MQA)
+def test_reference_gradcheck(causal, Hk):
+    # tiny float64 shapes (L != S, D = 3) keep gradcheck's finite differences fast
+    q, k, v = (t.double().requires_grad_() for t in _qkv(1, 2, Hk, 4, 5, 3))
+    torch.autograd.gradcheck(
+        lambda a, b, c: SDPA(a, b, c, is_causal=causal, enable_gqa=Hk != 2, backend="reference"), (q, k, v)
+    )
+
+
+def test_reference_gradcheck_float_mask():
+    # an additive mask broadcast over batch and heads
+    q, k, v = (t.double().requires_grad_() for t in _qkv(1, 2, 2, 4, 5, 3))
+    mask = _randn(4, 5, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda a, b, c: SDPA(a, b, c, attn_mask=mask, backend="reference"), (q, k, v))
+
+
+# ------------------------------------------------------------------------ every backend vs reference
+CPU_DTYPES = [torch.float32, torch.float16]
+SHAPES = [
+    (1, 1, 1, 1, 1, 16),  # one query, one key
+    (2, 2, 2, 17, 17, 32),  # odd square length, two batches
+    (1, 4, 2, 67, 130, 32),  # GQA, L < S, key tail past a block
+    (1, 2, 1, 130, 67, 16),  # MQA, L > S: the last queries see every key
+]
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backend_matches_reference(backend, device, dtype, causal, shape):
+    B, Hq, Hk, L, S, D = shape
+    _check_against_reference(backend, device, *_qkv(B, Hq, Hk, L, S, D), dtype, is_causal=causal)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("D", [16, 32, 64, 80, 96, 128, 256])  # every head dim; 80 and 96 pad to 128
+def test_backend_head_dims(backend, device, D):
+    # tiny lengths keep the interpreter fast; 9 and 5 are not multiples of any block
+    _check_against_reference(
+        backend, device, *_qkv(1, 2, 2, 9, 5 if D >= 128 else 13, D), torch.float32, is_causal=True
+    )
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_backend_value_dim_differs(backend, device):
+    # Dv != D: the value/output head dim is padded separately
+    _check_against_reference(
+        backend, device, *_qkv(1, 2, 2, 11, 14, 32, Dv=16), torch.float16, is_causal=True
+    )
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_backend_custom_scale(backend, device, dtype):
+    # scale != 1/sqrt(D), non-causal, lengths that leave tails
+    _check_against_reference(backend, device, *_qkv(1, 2, 2, 19, 21, 16), dtype, scale=0.61)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_backend_bool_mask(backend, device, dtype):
+    mask = torch.rand(2, 1, 33, 45) > 0.3  # stride 0 over heads; 33 x 45 leaves tails in both dims
+    mask[1, 0, 7] = False  # a row with no key left
+    mask[0, 0, :, 40:] = False  # whole masked columns in the tail block
+    _check_against_reference(backend, device, *_qkv(2, 2, 2, 33, 45, 32), dtype, mask=mask)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_backend_float_mask(backend, device, dtype):
+    mask = _randn(33, 45)  # stride 0 over batch and heads
+    mask[5] = float("-inf")  # a whole row of -inf gives zeros
+    mask[9, 1::3] = float("-inf")
+    _check_against_reference(backend, device, *_qkv(2, 4, 2, 33, 45, 16), dtype, mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_backend_fused_qkv_views(backend, device):
+    # strided views of one (B, L, 3, H, D) projection: the kernels read them in place
+    qkv = _randn(2, 37, 3, 2, 32)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    _check_against_reference(backend, device, q, k, v, torch.float16, is_causal=True)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_backend_unbatched_and_decode(backend, device):
+    # (H, L, D) inputs, and a single query against a 67-long cache (the decode step)
+    q, k, v = (t[0] for t in _qkv(1, 2, 2, 1, 67, 32))
+    _check_against_reference(backend, device, q, k, v, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_backend_empty(backend, device):
+    # no queries (L = 0): an empty output, and zero gradients for k and v
+    q, k, v = _leaves(*_qkv(1, 2, 2, 0, 5, 16))
+    _require(backend, device, q, v, q.dtype)
+    out = SDPA(q.to(device), k.to(device), v.to(device), backend=backend)
+    assert out.shape == (1, 2, 0, 16)
+    out.sum().backward()
+    assert torch.all(k.grad == 0) and torch.all(v.grad == 0)
+
+
+# --------------------------------------------------------------------------------------------- dropout
+def _keep_mask(backend, rng, shape, p, device):
+    """The keep mask `backend` draws for rng = (seed, offset); None when the backend has no accessor."""
+    if backend == "reference":
+        return R.dropout_keep(rng, shape, p, device)
+    if backend == "triton":
+        from gptfast.kernels.attention import dropout_mask
+
+        return dropout_mask(*shape, p, rng, device)
+    return None
+
+
+DROPOUT_CASES = [c for c in CASES if c[0] in ("reference", "triton")]
+
+
+@pytest.mark.parametrize("backend,device", DROPOUT_CASES, ids=ids(DROPOUT_CASES))
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_rate(backend, device, p):
+    shape = (2, 2, 100, 160)  # 64000 draws: the keep rate's std is below 0.002
+    rng = torch.tensor([1234567, 89], dtype=torch.int64)
+    keep = _keep_mask(backend, rng, shape, p, device)
+    assert keep.dtype == torch.bool and keep.shape == shape
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    # no repeated pattern across heads or rows, the same mask for the same rng, another for another offset
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    assert torch.equal(keep, _keep_mask(backend, rng.clone(), shape, p, device))
+    assert not torch.equal(keep, _keep_mask(backend, torch.tensor([1234567, 90]), shape, p, device))
+
+
+def _dropout_math(q, k, v, keep, p, causal, scale, attn_mask=None):
+    """Attention with the given keep mask in plain (differentiable) torch: the kernels' formula."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    k, v = (t.repeat_interleave(Hq // Hk, dim=1) for t in (k, v))
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s + attn_mask.to(s.dtype)
+    return (torch.softmax(s.float(), dim=-1).to(q.dtype) * keep / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("backend,device", DROPOUT_CASES, ids=ids(DROPOUT_CASES))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_same_mask_as_reference(backend, device, dtype, causal):
+    # out and grads equal plain attention computed with the backend's own keep mask: forward and backward
+    # regenerate the same mask. GQA and odd lengths on the way.
+    B, Hq, Hk, L, S, D, p, scale = 2, 4, 2, 37, 29, 16, 0.3, 0.3
+    rng = torch.tensor([987654321, 4321], dtype=torch.int64)
+    q, k, v = (t.to(device, dtype) for t in _qkv(B, Hq, Hk, L, S, D))
+    dout = _randn(B, Hq, L, D, dtype=dtype, device=device)
+    keep = _keep_mask(backend, rng, (B, Hq, L, S), p, device)
+    fwd, bwd = _library.pair("attention", backend)
+    out, lse = fwd(q, k, v, None, p, causal, scale, rng)
+    grads = bwd(dout, q, k, v, None, out, lse, p, causal, scale, rng)
+    hp = reference_dtype(dtype)
+    ref = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, causal, scale),
+        *(t.to(hp) for t in (q, k, v)),
+        dout.to(hp),
+    )
+    theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, causal, scale), q, k, v, dout)
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
+        assert_close(g, r, t, name=f"{backend}/dropout/{name}")
+
+
+@pytest.mark.parametrize("backend,device", DROPOUT_CASES, ids=ids(DROPOUT_CASES))
+def test_dropout_with_float_mask(backend, device):
+    # dropout and an additive mask in one call (the mask broadcast over batch and heads, by stride 0)
+    B, H, L, S, D, p, scale = 2, 2, 21, 34, 16, 0.25, 0.4
+    rng = torch.tensor([31337, 2718], dtype=torch.int64)
+    q, k, v = (t.to(device) for t in _qkv(B, H, H, L, S, D))
+    mask = _randn(L, S, device=device).expand(B, H, L, S)
+    dout = _randn(B, H, L, D, device=device)
+    keep = _keep_mask(backend, rng, (B, H, L, S), p, device)
+    fwd, bwd = _library.pair("attention", backend)
+    out, lse = fwd(q, k, v, mask, p, False, scale, rng)
+    grads = bwd(dout, q, k, v, mask, out, lse, p, False, scale, rng)
+    ref = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask.double()),
+        *(t.double() for t in (q, k, v)),
+        dout.double(),
+    )
+    theirs = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, False, scale, mask), q, k, v, dout
+    )
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
+        assert_close(g, r, t, name=f"{backend}/dropout+mask/{name}")
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_dropout_through_the_op_is_seeded(backend, device):
+    # the public op draws (seed, offset) from torch's generator: manual_seed reproduces it, a new draw differs
+    q, k, v = (t.to(device) for t in _qkv(1, 2, 2, 16, 16, 16))
+    _require(backend, device, q, v, q.dtype, dropout=True)
+    torch.manual_seed(5)
+    a = SDPA(q, k, v, dropout_p=0.5, backend=backend)
+    b = SDPA(q, k, v, dropout_p=0.5, backend=backend)
+    torch.manual_seed(5)
+    c = SDPA(q, k, v, dropout_p=0.5, backend=backend)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("backend,device", CPU_CASES, ids=ids(CPU_CASES))
+def test_compile_fullgraph(backend, device):
+    def f(q, k, v, mask):
+        causal = SDPA(q, k, v, is_causal=True, enable_gqa=True, backend=backend)
+        masked = SDPA(q, k, v, attn_mask=mask, enable_gqa=True, backend=backend)
+        return (causal * masked).sum()
+
+    q, k, v = _qkv(1, 4, 2, 9, 11, 16)
+    mask = torch.rand(9, 11) > 0.2
+    _require(backend, device, q, v, q.dtype, attn_mask=True)
+    eager = _forward_backward(lambda a, b, c: f(a, b, c, mask), q, k, v, torch.tensor(1.0))
+    torch._dynamo.reset()
+    compiled_f = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = _forward_backward(lambda a, b, c: compiled_f(a, b, c, mask), q, k, v, torch.tensor(1.0))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_errors():
+    q, k, v = _qkv(2, 4, 2, 5, 6, 8)
+    with pytest.raises(TypeError, match="key"):
+        SDPA(q, k.half(), v)  # mismatched dtypes
+    with pytest.raises(ValueError, match="device"):
+        SDPA(q, k, v.to("meta"))  # mismatched devices
+    with pytest.raises(ValueError, match="batch"):
+        SDPA(q, k[:1], v[:1], enable_gqa=True)
+    with pytest.raises(ValueError, match="head dim"):
+        SDPA(q, k[..., :4], v, enable_gqa=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        SDPA(q, k, v)  # 4 query heads over 2 kv heads without enable_gqa
+    with pytest.raises(ValueError, match="multiple"):
+        SDPA(
+            q, k[:, :1].expand(2, 3, 6, 8), v[:, :1].expand(2, 3, 6, 8), enable_gqa=True
+        )  # 3 does not divide 4
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        SDPA(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True, enable_gqa=True)
+    with pytest.raises(ValueError, match="broadcast"):
+        SDPA(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), enable_gqa=True)
+    with pytest.raises(TypeError, match="attn_mask"):
+        SDPA(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.int64), enable_gqa=True)
+    with pytest.raises(TypeError, match="attn_mask"):
+        SDPA(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.float64), enable_gqa=True)  # not q's dtype
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout_p"):
+            SDPA(q, k, v, dropout_p=p, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"\(B, H, L, D\)"):
+        SDPA(q[0, 0], k[0, 0], v[0, 0])  # 2-d inputs
+
+
+def test_triton_refuses_what_it_cannot_run():
+    pytest.importorskip("triton")
+    from gptfast.kernels.attention import unsupported
+
+    assert unsupported("attention") is None
+    assert (
+        unsupported(
+            "attention", attn_mask=True, dropout=True, head_dim=256, value_dim=64, dtype=torch.bfloat16
+        )
+        is None
+    )
+    assert "head_dim" in unsupported("attention", head_dim=512)
+    assert "value_dim" in unsupported("attention", head_dim=64, value_dim=320)
+    assert "float64" in unsupported("attention", dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------- GPU (bf16, large)
+GPU_CASES = [c for c in CASES if c[1] == "cuda"]
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    # Autotuning compiles every candidate for each of the many combinations below (minutes); correctness needs
+    # the default config only. The benchmarks autotune.
+    monkeypatch.setenv("GPTFAST_ATTENTION_AUTOTUNE", "0")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("one_config")
+@pytest.mark.parametrize("backend,device", GPU_CASES, ids=ids(GPU_CASES))
+@pytest.mark.parametrize(
+    "dtype,causal,shape",
+    [
+        # each new (dtype, head dim, causal) compiles all three kernels on the GPU, so the list stays short
+        (
+            torch.bfloat16,
+            True,
+            (2, 8, 8, 1024, 1024, 128),
+        ),  # the benchmark's head dim and mode at a long length
+        (torch.bfloat16, False, (2, 8, 8, 1024, 1024, 128)),
+        (torch.float16, True, (2, 8, 8, 1024, 1024, 128)),
+        (torch.bfloat16, True, (1, 8, 2, 1000, 1031, 64)),  # GQA, lengths off every block size
+        (torch.float16, False, (1, 8, 1, 1000, 1031, 64)),  # MQA
+        (torch.bfloat16, True, (2, 4, 4, 257, 257, 256)),  # the largest head dim
+        (torch.bfloat16, False, (2, 6, 6, 300, 300, 80)),  # a padded head dim
+        (torch.bfloat16, False, (4, 8, 8, 1, 2049, 128)),  # decode: one query against a long cache
+    ],
+    ids=lambda x: str(x).replace("torch.", "").replace(" ", ""),
+)
+def test_gpu_matches_reference(backend, device, dtype, causal, shape):
+    B, Hq, Hk, L, S, D = shape
+    _check_against_reference(
+        backend, device, *_qkv(B, Hq, Hk, L, S, D), dtype, is_causal=causal, enable_gqa=Hq != Hk
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("one_config")
+@pytest.mark.parametrize("backend,device", GPU_CASES, ids=ids(GPU_CASES))
+def test_gpu_masks_bf16(backend, device):
+    bool_mask = torch.rand(2, 1, 500, 700) > 0.3
+    bool_mask[0, 0, 10] = False
+    _check_against_reference(backend, device, *_qkv(2, 4, 4, 500, 700, 64), torch.bfloat16, mask=bool_mask)
+    float_mask = _randn(500, 700)
+    float_mask[3] = float("-inf")
+    _check_against_reference(backend, device, *_qkv(2, 4, 4, 500, 700, 64), torch.bfloat16, mask=float_mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("one_config")
+@pytest.mark.parametrize("backend", [b for b, d in GPU_CASES if b in ("reference", "triton")])
+def test_gpu_dropout_same_mask(backend):
+    B, H, L, S, D, p, scale = 2, 4, 300, 333, 64, 0.2, 0.125
+    rng = torch.tensor([42, 7], dtype=torch.int64)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(B, H, H, L, S, D))
+    dout = _randn(B, H, L, D, dtype=torch.bfloat16, device="cuda")
+    keep = _keep_mask(backend, rng, (B, H, L, S), p, "cuda")
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    fwd, bwd = _library.pair("attention", backend)
+    out, lse = fwd(q, k, v, None, p, True, scale, rng)
+    grads = bwd(dout, q, k, v, None, out, lse, p, True, scale, rng)
+    ref = _forward_backward(
+        lambda a, b, c: _dropout_math(a, b, c, keep, p, True, scale),
+        *(t.float() for t in (q, k, v)),
+        dout.float(),
+    )
+    theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, True, scale), q, k, v, dout)
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
+        assert_close(g, r, t, name=f"{backend}/dropout/{name}")
