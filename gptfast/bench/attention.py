@@ -116,16 +116,19 @@ def _sdpa_peer(backend):
     return make
 
 
-def _compiled_reference():
-    def attend(q, k, v, causal: bool):
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        return reference.attention_fwd(q, k, v, None, 0.0, causal, scale, _NO_RNG)[0]
-
-    fn = compiled(attend)
-    return lambda shape, inp: lambda q, k, v: fn(q, k, v, shape["causal"])
+def _reference_attention(q, k, v, causal: bool):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return reference.attention_fwd(q, k, v, None, 0.0, causal, scale, _NO_RNG)[0]
 
 
 _NO_RNG = torch.zeros(2, dtype=torch.int64)
+
+
+def _compiled_reference():
+    def make(shape, inp):
+        fn = compiled(_reference_attention)
+        return lambda q, k, v: fn(q, k, v, shape["causal"])
+    return make
 
 
 def _materialising(materialises: bool, make):

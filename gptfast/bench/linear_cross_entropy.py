@@ -61,8 +61,8 @@ class LinearCrossEntropySuite(OpSuite):
     def peers(self, device, dtype):
         peers, notes = gptfast_peers("linear_cross_entropy", device, lambda b: lambda shape, inp: (
             lambda h, w, t: ops.linear_cross_entropy(h, w, t, backend=b)))
-        peers.append(Peer("torch (unfused)", "eager", _unfused_peer(device, dtype, _unfused)))
-        peers.append(Peer("torch.compile(unfused)", "compile", _unfused_peer(device, dtype, compiled(_unfused))))
+        peers.append(Peer("torch (unfused)", "eager", _unfused_peer(device, lambda: _unfused)))
+        peers.append(Peer("torch.compile(unfused)", "compile", _unfused_peer(device, lambda: compiled(_unfused))))
         liger, why = optional_module("liger_kernel.transformers.fused_linear_cross_entropy")
         if liger is not None and device.type == "cuda":
             def make(shape, inp):
@@ -84,11 +84,11 @@ def _unfused(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
 
-def _unfused_peer(device, dtype, fn):
+def _unfused_peer(device, build):
     def make(shape, inp):
         # logits, their gradient and softmax's fp32 temporaries: about 4 x M x V x 4 bytes at once.
         require_memory(4 * shape["M"] * shape["V"] * 4, device, "the unfused M x V logits")
-        return fn
+        return build()
     return make
 
 

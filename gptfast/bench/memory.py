@@ -6,8 +6,6 @@ allocator; the running sum of those events, in time order, peaks at the same num
 reports on a GPU. It counts tensors, not the Python heap or the allocator's cached pages, so it is fair
 between peers (RSS would charge one peer for pages another left mapped).
 """
-import gc
-
 import torch
 
 CPU_METHOD = "torch.profiler memory accounting (peak of the running sum of CPU allocator events)"
@@ -21,7 +19,6 @@ def method(device) -> str:
 def peak_bytes(fn, device) -> int:
     """Bytes allocated at the peak of fn(), above the allocation before it (what fn's results keep included)."""
     device = torch.device(device)
-    gc.collect()
     if device.type == "cuda":
         return _peak_cuda(fn, device)
     return _peak_cpu(fn)

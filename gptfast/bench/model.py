@@ -79,13 +79,7 @@ class ModelSuite(OpSuite):
         return work / (median_ms * 1e-3)
 
     def flops_per_step(self, shape) -> float:
-        cfg = self.config(shape)
-        with torch.device("meta"):
-            n = sum(p.numel() for p in TorchGPT(cfg).parameters())
-        if cfg.pos_encoding == "learned":
-            n -= cfg.block_size * cfg.n_embd
-        tokens = shape["B"] * shape["T"]
-        return (6 * n + 12 * cfg.n_layer * cfg.n_embd * shape["T"]) * tokens
+        return model_flops(self.config(shape), shape["B"], shape["T"])
 
     def ceiling_rate(self, row):
         return row.extra.get("TFLOP/s")
@@ -202,6 +196,15 @@ class StepRunnable:
         state = sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor))
         return params + state
+
+
+def model_flops(config, batch: int, seq_len: int) -> float:
+    """(6 * N + 12 * n_layer * n_embd * T) * B * T: nanoGPT's FLOPs per training step, N without positions."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in TorchGPT(config).parameters())
+    if getattr(config, "pos_encoding", "learned") == "learned":
+        n -= config.block_size * config.n_embd
+    return (6 * n + 12 * config.n_layer * config.n_embd * seq_len) * batch * seq_len
 
 
 def _split(values):

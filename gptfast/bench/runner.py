@@ -161,12 +161,14 @@ def run(device: str | None = None, ops=OPS, mode: str = "quick", dtype: torch.dt
     bar = Progress(sum(count_steps(s, settings, extra_peers.get(s.name, ())) for s in suites), progress)
     try:
         for suite in suites:
-            res = run_suite(suite, settings, extra_peers.get(suite.name, ()), bar)
-            ceiling = results["ceilings"]["copy_GBps" if suite.ceiling == "copy" else "matmul_TFLOPs"]
-            add_ceiling_pct(res.rows, ceiling, suite.ceiling_rate)
-            results["suites"][suite.name] = report.suite_dict(res)
-            results["meta"]["elapsed_s"] = time.monotonic() - start
-            report.write(results, out)
+            def save(res, suite=suite):
+                ceiling = results["ceilings"]["copy_GBps" if suite.ceiling == "copy" else "matmul_TFLOPs"]
+                add_ceiling_pct(res.rows, ceiling, suite.ceiling_rate)
+                results["suites"][suite.name] = report.suite_dict(res)
+                results["meta"]["elapsed_s"] = time.monotonic() - start
+                report.write(results, out)
+
+            save(run_suite(suite, settings, extra_peers.get(suite.name, ()), bar, partial=save))
     finally:
         bar.close()
     if plots:

@@ -188,8 +188,11 @@ def select_peers(suite: OpSuite, settings: Settings, extra_peers=()) -> tuple[li
     return kept, notes
 
 
-def run_suite(suite: OpSuite, settings: Settings, extra_peers=(), progress=None) -> SuiteResult:
-    """Every shape x peer x phase of `suite`, as rows, with speedups filled in."""
+def run_suite(suite: OpSuite, settings: Settings, extra_peers=(), progress=None, partial=None) -> SuiteResult:
+    """Every shape x peer x phase of `suite`, as rows, with speedups filled in.
+
+    progress(n, what) is called after each peer; partial(result so far) too, so a caller can save early.
+    """
     reason = suite.unavailable()
     if reason:
         return SuiteResult(suite.name, [], [f"suite not run: {reason}"], dict(suite.formulas), suite.metric,
@@ -209,6 +212,9 @@ def run_suite(suite: OpSuite, settings: Settings, extra_peers=(), progress=None)
             rows.extend(got)
             if progress:
                 progress(len(got), f"{suite.name} {suite.label(shape)} {peer.name}")
+            if partial:
+                add_speedups(rows, suite.is_eager, suite.is_compile)
+                partial(SuiteResult(suite.name, rows, notes, dict(suite.formulas), suite.metric, suite.ceiling))
         del inputs, want
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,6 @@
+"""pytest-benchmark suite for attention: gptfast.bench's cases and checks (options in benchmarks/conftest.py)."""
+OP = "attention"
+
+
+def test_attention(bench_case, run_case):
+    run_case(bench_case)

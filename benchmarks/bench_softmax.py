@@ -1,0 +1,6 @@
+"""pytest-benchmark suite for softmax: gptfast.bench's cases and checks (options in benchmarks/conftest.py)."""
+OP = "softmax"
+
+
+def test_softmax(bench_case, run_case):
+    run_case(bench_case)
