@@ -42,7 +42,7 @@ class Ceilings:
         }
 
 
-def copy_bandwidth(nbytes: int, device, budget: Budget = Budget()) -> tuple[float, Timing]:
+def copy_bandwidth(nbytes: int, device, budget: Budget) -> tuple[float, Timing]:
     """GB/s of a device-to-device copy of nbytes, counting the read and the write."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
@@ -50,7 +50,7 @@ def copy_bandwidth(nbytes: int, device, budget: Budget = Budget()) -> tuple[floa
     return 2 * nbytes / (timing.median * 1e-3) / 1e9, timing
 
 
-def matmul_throughput(n: int, dtype: torch.dtype, device, budget: Budget = Budget()) -> tuple[float, Timing]:
+def matmul_throughput(n: int, dtype: torch.dtype, device, budget: Budget) -> tuple[float, Timing]:
     """TFLOP/s of an n x n by n x n matmul in dtype."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

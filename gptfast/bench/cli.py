@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="data type of the inputs (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                        help="skip the cases left after this many seconds (the report says which)")
+                        help="share this many seconds among the suites and skip the cases left when a suite's "
+                        "share runs out (the report says which); default: none, except "
+                        f"{runner.QUICK_CPU_BUDGET_S:.0f} s for the quick CPU run; 0: no limit")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--exclude", type=_kinds, default=(), metavar="KINDS",
                         help="peer kinds to leave out, comma-separated: " + ",".join(KINDS) + " (e.g. compile, "

@@ -58,29 +58,34 @@ class Runnable:
     """A peer bound to one case: run(phase) -> (output, grads) for the check, timed(phase) -> a callable."""
 
     def __init__(self, fn: Callable, inputs: Inputs, peer: Peer):
-        self.fn, self.peer = fn, peer
-        prep = peer.prepare or (lambda t: t)
+        self.fn, self.inputs = fn, inputs
+        self.prep = peer.prepare or (lambda t: t)
         self.restore = peer.restore or (lambda t: t)
-        args = list(inputs.args)
-        for i in inputs.diff:
-            # A private copy: some peers (Liger's cross-entropy) overwrite their input with the gradient.
-            args[i] = prep(args[i].detach().clone()).requires_grad_(True)
-        self.args = tuple(args)
-        self.diff = [self.args[i] for i in inputs.diff]
-        self.grad_out = prep(inputs.grad_out) if inputs.grad_out is not None else None
+        self.args = self._private_args()
+        self.grad_out = self.prep(inputs.grad_out) if inputs.grad_out is not None else None
 
-    def _fwd(self):
+    def _private_args(self) -> tuple:
+        # A private copy: some peers (Liger's cross-entropy) overwrite their input with the gradient.
+        args = list(self.inputs.args)
+        for i in self.inputs.diff:
+            args[i] = self.prep(args[i].detach().clone()).requires_grad_(True)
+        return tuple(args)
+
+    def _fwd(self, args=None):
         with torch.no_grad():
-            return self.fn(*self.args)
+            return self.fn(*(args or self.args))
 
-    def _fwd_bwd(self):
-        out = self.fn(*self.args)
-        return out, torch.autograd.grad(out, self.diff, self.grad_out)
+    def _fwd_bwd(self, args=None):
+        args = args or self.args
+        out = self.fn(*args)
+        return out, torch.autograd.grad(out, [args[i] for i in self.inputs.diff], self.grad_out)
 
     def run(self, phase: str):
+        """The checked call, on fresh copies of the inputs (a timed repeat may have overwritten its own)."""
+        args = self._private_args()
         if phase == "fwd":
-            return self.restore(self._fwd()), []
-        out, grads = self._fwd_bwd()
+            return self.restore(self._fwd(args)), []
+        out, grads = self._fwd_bwd(args)
         return self.restore(out.detach()), [self.restore(g) for g in grads]
 
     def timed(self, phase: str) -> Callable:

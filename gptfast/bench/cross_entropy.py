@@ -3,14 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops import reference
 from .core import Inputs, Peer
 from .suite import OpSuite, compiled, element_size, gptfast_peers, optional_module
 
 # (M rows, V classes). The GPU's full sizes end at issue 3's target, 16k x 128k in bf16.
 SHAPES = {
     ("tiny", "cpu"): [(64, 512)],
-    ("quick", "cpu"): [(256, 8192), (1024, 32768)],
+    ("quick", "cpu"): [(256, 8192), (1024, 16384)],
     ("full", "cpu"): [(256, 8192), (1024, 32768), (4096, 65536)],
     ("tiny", "cuda"): [(256, 4096)],
     ("quick", "cuda"): [(4096, 32768), (8192, 65536)],
@@ -66,8 +65,11 @@ class CrossEntropySuite(OpSuite):
 
 
 def _reference_mean(x, t):
-    loss, _ = reference.cross_entropy_fwd(x, t, -100, 0.0, 0.0)
-    return (loss.sum() / (t != -100).sum()).to(x.dtype)
+    """The reference's math (gptfast/ops/reference.py) for the default options, without its CPU-only target
+    check: that check is a host sync, which would split the compiled graph in two."""
+    xf = x.float()
+    loss = torch.logsumexp(xf, dim=-1) - xf.gather(1, t[:, None]).squeeze(1)
+    return loss.mean().to(x.dtype)
 
 
 SUITE = CrossEntropySuite()

@@ -6,6 +6,10 @@ allocator; the running sum of those events, in time order, peaks at the same num
 reports on a GPU. It counts tensors, not the Python heap or the allocator's cached pages, so it is fair
 between peers (RSS would charge one peer for pages another left mapped).
 """
+import contextlib
+import os
+import sys
+
 import torch
 
 CPU_METHOD = "torch.profiler memory accounting (peak of the running sum of CPU allocator events)"
@@ -35,10 +39,25 @@ def _peak_cuda(fn, device: torch.device) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences file descriptor 2: kineto prints two lines per profile from C++, which would tear the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _peak_cpu(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # fn already ran (checked and timed) before this, so nothing it would print is lost.
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

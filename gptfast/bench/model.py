@@ -12,7 +12,7 @@ import importlib
 import torch
 
 from .. import backends
-from .core import Inputs, Peer, Row, Skip
+from .core import Inputs, Peer, Skip
 from .suite import OpSuite, backends_for, compiled
 from .torch_gpt import TorchGPT
 
@@ -179,7 +179,7 @@ class StepRunnable:
 
     def run(self, phase):
         if self.unchecked:
-            _, loss = self.forward(self.idx, self.targets)  # still compiles / warms up before timing
+            self.forward(self.idx, self.targets)  # still compiles / warms up before timing
             return None
         return _split(_loss_and_grads(self.forward, self.idx, self.targets, self.names))
 

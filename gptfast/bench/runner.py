@@ -28,12 +28,16 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 # Repeats per measurement by mode and device: GPUs are fast and precise, CPUs slow and noisy.
 BUDGETS = {
     ("tiny", "cpu"): Budget(warmup=1, budget_ms=10.0, min_reps=3, max_reps=10),
-    ("quick", "cpu"): Budget(warmup=2, budget_ms=100.0, min_reps=5, max_reps=30),
+    ("quick", "cpu"): Budget(warmup=1, budget_ms=100.0, min_reps=5, max_reps=30),
     ("full", "cpu"): Budget(warmup=3, budget_ms=500.0, min_reps=10, max_reps=100),
     ("tiny", "cuda"): Budget(warmup=2, budget_ms=20.0, min_reps=5, max_reps=20),
     ("quick", "cuda"): Budget(warmup=3, budget_ms=100.0, min_reps=10, max_reps=100),
     ("full", "cuda"): Budget(warmup=5, budget_ms=150.0, min_reps=10, max_reps=200),
 }
+
+
+# `gptfast bench` on a CPU with no --time-budget: it must end within 5 minutes even on a slow 2-core machine.
+QUICK_CPU_BUDGET_S = 270.0
 
 
 def suite_for(op: str):
@@ -58,7 +62,7 @@ def git_commit() -> str | None:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+uncommitted changes" if dirty else "")
@@ -140,7 +144,11 @@ class Progress:
 def run(device: str | None = None, ops=OPS, mode: str = "quick", dtype: torch.dtype | None = None,
         out: str | Path = "bench-out", time_budget: float | None = None, threads: int | None = None,
         plots: bool = True, progress: bool = True, extra_peers: dict | None = None, exclude=()) -> dict:
-    """Runs the benchmark and writes report.md, results.json and the plots into `out`; returns the results."""
+    """Runs the benchmark and writes report.md, results.json and the plots into `out`; returns the results.
+
+    time_budget (seconds) is shared equally among the suites; a case that would start after its suite's share
+    is a skipped row. The quick CPU run defaults to QUICK_CPU_BUDGET_S; time_budget=0 means no limit.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     device = torch.device(device or default_device())
@@ -153,14 +161,19 @@ def run(device: str | None = None, ops=OPS, mode: str = "quick", dtype: torch.dt
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     suites = [suite_for(op) for op in ops]
-    settings = Settings(device, dtype, mode, BUDGETS[(mode, device.type)],
-                        deadline=start + time_budget if time_budget else None, exclude=tuple(exclude))
+    if time_budget is None and (mode, device.type) == ("quick", "cpu"):
+        time_budget = QUICK_CPU_BUDGET_S
+    settings = Settings(device, dtype, mode, BUDGETS[(mode, device.type)], exclude=tuple(exclude))
     results = {"meta": metadata(device, dtype, mode), "ceilings": None, "suites": {}, "plots": [], "plot_note": ""}
     results["ceilings"] = ceilings_mod.measure(device, dtype, mode).as_dict()
     extra_peers = extra_peers or {}
     bar = Progress(sum(count_steps(s, settings, extra_peers.get(s.name, ())) for s in suites), progress)
     try:
-        for suite in suites:
+        for i, suite in enumerate(suites):
+            if time_budget:
+                # Each suite gets an equal share of what is left, so a slow one cannot starve the rest.
+                left = start + time_budget - time.monotonic()
+                settings.deadline = time.monotonic() + left / (len(suites) - i)
             def save(res, suite=suite):
                 ceiling = results["ceilings"]["copy_GBps" if suite.ceiling == "copy" else "matmul_TFLOPs"]
                 add_ceiling_pct(res.rows, ceiling, suite.ceiling_rate)

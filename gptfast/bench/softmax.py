@@ -10,7 +10,7 @@ from .suite import OpSuite, compiled, element_size, gptfast_peers, optional_modu
 # (M, N) per device and size mode. The GPU's full sizes end at issue 3's target, 32k x 32k in bf16.
 SHAPES = {
     ("tiny", "cpu"): [(64, 256)],
-    ("quick", "cpu"): [(256, 1024), (1024, 4096), (2048, 16384)],
+    ("quick", "cpu"): [(256, 1024), (1024, 4096), (2048, 8192)],
     ("full", "cpu"): [(256, 1024), (1024, 4096), (4096, 16384), (8192, 32768)],
     ("tiny", "cuda"): [(256, 1024)],
     ("quick", "cuda"): [(4096, 4096), (8192, 16384)],
