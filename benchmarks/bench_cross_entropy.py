@@ -1,4 +1,5 @@
-"""pytest-benchmark suite for cross_entropy: gptfast.bench's cases and checks (options in benchmarks/conftest.py)."""
+"""pytest-benchmark suite for cross_entropy: gptfast.bench's cases and checks (see benchmarks/conftest.py)."""
+
 OP = "cross_entropy"
 
 

@@ -1,4 +1,5 @@
-"""pytest-benchmark suite for linear_cross_entropy: gptfast.bench's cases and checks (options in benchmarks/conftest.py)."""
+"""pytest-benchmark suite for linear_cross_entropy: gptfast.bench's cases (see benchmarks/conftest.py)."""
+
 OP = "linear_cross_entropy"
 
 

@@ -1,4 +1,5 @@
-"""pytest-benchmark suite for softmax: gptfast.bench's cases and checks (options in benchmarks/conftest.py)."""
+"""pytest-benchmark suite for softmax: gptfast.bench's cases and checks (see benchmarks/conftest.py)."""
+
 OP = "softmax"
 
 

@@ -5,6 +5,7 @@ with the same check against the reference (a FAIL fails the test, after its timi
 --bench-size tiny|quick|full, --bench-device cpu|cuda, --bench-dtype fp32|bf16|fp16.
 `make test` runs tests/ only (pyproject's testpaths), so these run when asked for.
 """
+
 import re
 
 import pytest
@@ -19,14 +20,22 @@ from gptfast.bench.timing import synchronize, time_fn
 def pytest_addoption(parser):
     group = parser.getgroup("gptfast-bench")
     group.addoption("--bench-size", choices=runner.MODES, default="quick", help="gptfast.bench size mode")
-    group.addoption("--bench-device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    group.addoption("--bench-dtype", choices=sorted(runner.DTYPES), default=None, help="default: bf16 cuda, fp32 cpu")
+    group.addoption(
+        "--bench-device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"
+    )
+    group.addoption(
+        "--bench-dtype", choices=sorted(runner.DTYPES), default=None, help="default: bf16 cuda, fp32 cpu"
+    )
 
 
 def pytest_collect_file(file_path, parent):
     # bench_*.py are not test_*.py; collect them here so that `pytest benchmarks/` finds them. A file named on
     # the command line is collected by pytest itself.
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)
+    ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -45,7 +54,9 @@ def pytest_generate_tests(metafunc):
     settings = _settings(metafunc.config)
     suite = runner.suite_for(metafunc.module.OP)
     if suite.unavailable():
-        metafunc.parametrize("bench_case", [pytest.param(None, marks=pytest.mark.skip(reason=suite.unavailable()))])
+        metafunc.parametrize(
+            "bench_case", [pytest.param(None, marks=pytest.mark.skip(reason=suite.unavailable()))]
+        )
         return
     suite.setup(settings)
     peers, _ = select_peers(suite, settings)
@@ -102,18 +113,31 @@ def run_case(benchmark, bench_settings, bench_ceilings):
         work = suite.work(shape, settings.dtype, phase)
         rate = suite.rate(work, timing.median)
         ceiling = bench_ceilings["copy_GBps" if suite.ceiling == "copy" else "matmul_TFLOPs"]
-        benchmark.extra_info.update({
-            "op": suite.name, "shape": suite.label(shape), "peer": peer.name, "phase": phase,
-            "median_ms": timing.median, "p20_ms": timing.p20, "p80_ms": timing.p80, "metric": suite.metric,
-            "rate": rate, "pct_of_ceiling": 100 * rate / ceiling if suite.metric != "tokens/s" else None,
-            "check": verdict, "max_error": error, "check_detail": detail,
-        })
+        benchmark.extra_info.update(
+            {
+                "op": suite.name,
+                "shape": suite.label(shape),
+                "peer": peer.name,
+                "phase": phase,
+                "median_ms": timing.median,
+                "p20_ms": timing.p20,
+                "p80_ms": timing.p80,
+                "metric": suite.metric,
+                "rate": rate,
+                "pct_of_ceiling": 100 * rate / ceiling if suite.metric != "tokens/s" else None,
+                "check": verdict,
+                "max_error": error,
+                "check_detail": detail,
+            }
+        )
 
         def timed():
             call()
             synchronize(settings.device)
 
-        benchmark.pedantic(timed, rounds=max(3, min(len(timing.samples_ms), 20)), iterations=1, warmup_rounds=1)
+        benchmark.pedantic(
+            timed, rounds=max(3, min(len(timing.samples_ms), 20)), iterations=1, warmup_rounds=1
+        )
         assert verdict != "FAIL", f"{peer.name} {phase} {suite.label(shape)}: {detail}"
 
     return run

@@ -75,7 +75,7 @@ else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 fi
 export MAX_JOBS="${MAX_JOBS:-16}"
-run_step build "$(min "${BUILD_LIMIT:-180}" "$(( $(left) - 200 ))")" "$OUT/build.log" \
+run_step build "$(min "${BUILD_LIMIT:-180}" "$(( $(left) - 260 ))")" "$OUT/build.log" \
   "$PYTHON" -m pip install --no-deps --no-build-isolation --no-input -e .
 "$PYTHON" - >> "$OUT/build.log" 2>&1 <<'EOF'
 import gptfast, gptfast.backends as b
@@ -91,7 +91,7 @@ tail -n 2 "$OUT/build.log" | tee -a "$STEPS_LOG"
 # ------------------------------------------------------------------------------------------- 2. tests
 if [[ $DRY_RUN == 1 ]]; then TESTS="${GPU_CHECK_TESTS:-tests/test_bench.py}"; else TESTS="${GPU_CHECK_TESTS:-tests}"; fi
 # shellcheck disable=SC2086  # TESTS may hold several paths
-run_step tests "$(min "${TESTS_LIMIT:-170}" "$(( $(left) - 120 ))")" "$OUT/tests.log" \
+run_step tests "$(min "${TESTS_LIMIT:-170}" "$(( $(left) - 130 ))")" "$OUT/tests.log" \
   "$PYTHON" -m pytest $TESTS -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml"
 "$PYTHON" - "$OUT" >> "$STEPS_LOG" 2>&1 <<'EOF'
 """junit.xml -> tests_summary.md: passed / failed / skipped per test file, then each failure's first line."""

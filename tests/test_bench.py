@@ -3,6 +3,7 @@
 torch.compile peers are excluded here (compiling costs tens of seconds on a 2-core CPU); the dry run of
 scripts/gpu_check.sh and `gptfast bench --tiny` run them.
 """
+
 import contextlib
 import importlib.util
 import json
@@ -24,8 +25,13 @@ from gptfast.bench.softmax import SUITE as SOFTMAX
 from gptfast.bench.suite import run_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = Settings(torch.device("cpu"), torch.float32, "tiny", Budget(warmup=1, budget_ms=5, min_reps=3, max_reps=5),
-                exclude=("compile",))
+TINY = Settings(
+    torch.device("cpu"),
+    torch.float32,
+    "tiny",
+    Budget(warmup=1, budget_ms=5, min_reps=3, max_reps=5),
+    exclude=("compile",),
+)
 
 
 @contextlib.contextmanager
@@ -61,7 +67,7 @@ def test_timing_quantiles_on_known_samples():
 
 
 def test_byte_and_flop_formulas_on_a_hand_computed_case():
-    # softmax 3 x 5 in fp16 (2 bytes): forward reads and writes 30 bytes each; backward reads y, dy, writes dx.
+    # softmax 3 x 5 in fp16 (2 bytes): forward reads and writes 30 bytes each; backward reads y, dy, writes dx
     assert SOFTMAX.work({"M": 3, "N": 5}, torch.float16, "fwd") == 60
     assert SOFTMAX.work({"M": 3, "N": 5}, torch.float16, "fwd+bwd") == 150
     # cross-entropy 3 x 10 bf16: one read of the logits; fwd+bwd reads them twice and writes dlogits.
@@ -83,8 +89,16 @@ def test_byte_and_flop_formulas_on_a_hand_computed_case():
 def test_model_flops_on_a_hand_counted_config():
     # vocab 16, n_embd 8, 1 layer, learned positions (excluded): wte 128, ln_1 16, c_attn 8*24+24 = 216,
     # c_proj 72, ln_2 16, c_fc 8*32+32 = 288, mlp c_proj 32*8+8 = 264, ln_f 16 -> N = 1016 (head tied to wte).
-    cfg = types.SimpleNamespace(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True,
-                                pos_encoding="learned")
+    cfg = types.SimpleNamespace(
+        vocab_size=16,
+        block_size=8,
+        n_layer=1,
+        n_head=2,
+        n_embd=8,
+        dropout=0.0,
+        bias=True,
+        pos_encoding="learned",
+    )
     assert model_flops(cfg, batch=2, seq_len=8) == (6 * 1016 + 12 * 1 * 8 * 8) * 2 * 8
 
 
@@ -122,7 +136,9 @@ def test_a_wrong_kernel_is_reported_fail():
     assert check[("wrong-gradient", "fwd")] == "PASS"
     assert check[("wrong-gradient", "fwd+bwd")] == "FAIL"
     assert check[("torch", "fwd+bwd")] == check[("gptfast:reference", "fwd+bwd")] == "PASS"
-    text = report.markdown({"meta": _meta(), "ceilings": _ceilings(), "suites": {"softmax": report.suite_dict(res)}})
+    text = report.markdown(
+        {"meta": _meta(), "ceilings": _ceilings(), "suites": {"softmax": report.suite_dict(res)}}
+    )
     assert "**FAIL**" in text and "wrong-gradient" in text
 
 
@@ -145,7 +161,9 @@ def test_model_suite_skips_with_a_note_without_gptfast_model(monkeypatch):
     assert res.rows == [] and "gptfast.model is not in this install" in res.notes[0]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gptfast.model") is None, reason="gptfast.model is not in this tree")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gptfast.model") is None, reason="gptfast.model is not in this tree"
+)
 def test_model_step_rows_check_against_the_reference_gpt():
     with one_thread():
         res = run_suite(MODEL, TINY)
@@ -153,16 +171,30 @@ def test_model_step_rows_check_against_the_reference_gpt():
     assert rows["gptfast:reference"].check == "PASS", rows["gptfast:reference"].check_detail
     # The torch-ops baseline took the GPT's weights (same loss in fp64), so its check is a real one.
     assert rows["torch eager"].check == "PASS", rows["torch eager"].check_detail
-    assert all(r.rate > 0 and r.peak_bytes > r.extra["static_bytes"] for r in rows.values() if r.status == "ok")
+    assert all(
+        r.rate > 0 and r.peak_bytes > r.extra["static_bytes"] for r in rows.values() if r.status == "ok"
+    )
 
 
 def test_run_writes_report_results_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     with one_thread():
-        results = runner.run("cpu", ops=("softmax", "linear_cross_entropy"), mode="tiny", out=tmp_path,
-                             progress=False, exclude=("compile",))
+        results = runner.run(
+            "cpu",
+            ops=("softmax", "linear_cross_entropy"),
+            mode="tiny",
+            out=tmp_path,
+            progress=False,
+            exclude=("compile",),
+        )
     text = (tmp_path / "report.md").read_text()
-    for heading in ("## Ceilings", "## Headline", "## softmax", "## linear_cross_entropy", "| shape | backend |"):
+    for heading in (
+        "## Ceilings",
+        "## Headline",
+        "## softmax",
+        "## linear_cross_entropy",
+        "| shape | backend |",
+    ):
         assert heading in text
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["torch"] == torch.__version__ and data["ceilings"]["copy_GBps"] > 0
@@ -184,18 +216,45 @@ def test_cli_main_takes_argv(tmp_path):
     from gptfast.bench import cli
 
     with one_thread():
-        rc = cli.main(["--device", "cpu", "--tiny", "--ops", "softmax", "--exclude", "compile", "--out",
-                       str(tmp_path), "--no-plots", "--no-progress"])
+        rc = cli.main(
+            [
+                "--device",
+                "cpu",
+                "--tiny",
+                "--ops",
+                "softmax",
+                "--exclude",
+                "compile",
+                "--out",
+                str(tmp_path),
+                "--no-plots",
+                "--no-progress",
+            ]
+        )
     assert rc == 0 and (tmp_path / "report.md").exists()
     with pytest.raises(SystemExit):
         cli.main(["--ops", "softmax,bogus"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None, reason="pytest-benchmark not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pytest_benchmark") is None, reason="pytest-benchmark not installed"
+)
 def test_pytest_benchmark_suites_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "benchmarks" / "bench_softmax.py"),
-           "--bench-size", "tiny", "-k", "torch and not compile", f"--benchmark-json={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(ROOT / "benchmarks" / "bench_softmax.py"),
+        "--bench-size",
+        "tiny",
+        "-k",
+        "torch and not compile",
+        f"--benchmark-json={out}",
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -5,6 +5,7 @@ linear_cross_entropy, attention, model) against its peers, checks every timed re
 and writes report.md, results.json and PNG plots. timing.time_fn, memory.peak_bytes and ceilings.measure are
 the building blocks.
 """
+
 from .core import Inputs, Peer, Row, Settings, Skip
 from .runner import OPS, run
 from .timing import Budget, Timing, time_fn

@@ -3,6 +3,7 @@
 Peers: every gptfast backend, torch SDPA under each of its backends (sdpa_kernel), torch.compile of the
 reference (which materialises the scores), and flash-attn when importable.
 """
+
 import math
 
 import torch
@@ -23,15 +24,26 @@ SHAPES = {
     ("full", "cuda"): [(16, 16, 1024, 128), (4, 16, 4096, 128), (1, 16, 16384, 128)],
 }
 CHECK_SCORES = 1 << 27  # the check's reference holds at most this many fp32 scores per tensor
-SDPA_BACKENDS = {"cpu": ("MATH", "FLASH_ATTENTION"), "cuda": ("MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION",
-                                                             "CUDNN_ATTENTION")}
-SDPA_NAMES = {"MATH": "math", "EFFICIENT_ATTENTION": "efficient", "FLASH_ATTENTION": "flash", "CUDNN_ATTENTION": "cudnn"}
+SDPA_BACKENDS = {
+    "cpu": ("MATH", "FLASH_ATTENTION"),
+    "cuda": ("MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION"),
+}
+SDPA_NAMES = {
+    "MATH": "math",
+    "EFFICIENT_ATTENTION": "efficient",
+    "FLASH_ATTENTION": "flash",
+    "CUDNN_ATTENTION": "cudnn",
+}
 
 
 class AttentionSuite(OpSuite):
     name = "attention"
     metric = "TFLOP/s"
     ceiling = "matmul"
+    baselines = (
+        "torch eager is the fastest torch SDPA backend at each shape (each is also a row); "
+        "torch.compile compiles the reference attention, which materialises the scores"
+    )
     formulas = {
         "fwd": "4 * B * H * L * S * D FLOPs (QK^T and PV), halved for causal",
         "fwd+bwd": "3.5 x the forward (the backward's five matmuls are 2.5 x the forward's two)",
@@ -39,16 +51,22 @@ class AttentionSuite(OpSuite):
     eager_prefix = "torch sdpa"
 
     def shapes(self, device, mode):
-        return [{"B": b, "H": h, "L": n, "D": d, "causal": True} for b, h, n, d in SHAPES[(mode, device.type)]]
+        return [
+            {"B": b, "H": h, "L": n, "D": d, "causal": True} for b, h, n, d in SHAPES[(mode, device.type)]
+        ]
 
     def label(self, shape):
-        return f"B={shape['B']} H={shape['H']} L={shape['L']} D={shape['D']}" + (" causal" if shape["causal"] else "")
+        return f"B={shape['B']} H={shape['H']} L={shape['L']} D={shape['D']}" + (
+            " causal" if shape["causal"] else ""
+        )
 
     def size(self, shape):
         return shape["L"]
 
     def work(self, shape, dtype, phase):
-        return attention_flops(shape["B"], shape["H"], shape["L"], shape["L"], shape["D"], shape["causal"], phase)
+        return attention_flops(
+            shape["B"], shape["H"], shape["L"], shape["L"], shape["D"], shape["causal"], phase
+        )
 
     def inputs(self, shape, dtype, device):
         dims = (shape["B"], shape["H"], shape["L"], shape["D"])
@@ -56,21 +74,43 @@ class AttentionSuite(OpSuite):
         return Inputs((q, k, v), diff=(0, 1, 2), grad_out=torch.randn(dims, device=device, dtype=dtype))
 
     def peers(self, device, dtype):
-        peers, notes = gptfast_peers("attention", device, lambda b: _materialising(b == "reference", (
-            lambda shape, inp: lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=shape["causal"],
-                                                                                 backend=b))))
+        peers, notes = gptfast_peers(
+            "attention",
+            device,
+            lambda b: _materialising(
+                b == "reference",
+                (
+                    lambda shape, inp: (
+                        lambda q, k, v: ops.scaled_dot_product_attention(
+                            q, k, v, is_causal=shape["causal"], backend=b
+                        )
+                    )
+                ),
+            ),
+        )
         sdpa = _sdpa_backends()
         for name in SDPA_BACKENDS[device.type]:
             if name in sdpa:
-                peers.append(Peer(f"torch sdpa[{SDPA_NAMES[name]}]", "eager",
-                                  _materialising(name == "MATH", _sdpa_peer(sdpa[name]))))
+                peers.append(
+                    Peer(
+                        f"torch sdpa[{SDPA_NAMES[name]}]",
+                        "eager",
+                        _materialising(name == "MATH", _sdpa_peer(sdpa[name])),
+                    )
+                )
         peers.append(Peer("torch.compile(reference)", "compile", _materialising(True, _compiled_reference())))
         flash, why = optional_module("flash_attn")
         if flash is not None and device.type == "cuda":
             to_bthd = lambda t: t.transpose(1, 2).contiguous()
-            peers.append(Peer("flash-attn", "external",
-                              lambda shape, inp: lambda q, k, v: flash.flash_attn_func(q, k, v, causal=shape["causal"]),
-                              prepare=to_bthd, restore=lambda t: t.transpose(1, 2)))
+            peers.append(
+                Peer(
+                    "flash-attn",
+                    "external",
+                    lambda shape, inp: lambda q, k, v: flash.flash_attn_func(q, k, v, causal=shape["causal"]),
+                    prepare=to_bthd,
+                    restore=lambda t: t.transpose(1, 2),
+                )
+            )
         else:
             notes.append(f"flash-attn not run: {why or 'flash-attn runs on CUDA only'}")
         return peers, notes
@@ -117,7 +157,9 @@ def _sdpa_peer(backend):
                     if "No available kernel" in str(e):
                         raise Skip(f"torch has no {backend.name} SDPA kernel for this case") from None
                     raise
+
         return fn
+
     return make
 
 
@@ -133,18 +175,22 @@ def _compiled_reference():
     def make(shape, inp):
         fn = compiled(_reference_attention)
         return lambda q, k, v: fn(q, k, v, shape["causal"])
+
     return make
 
 
 def _materialising(materialises: bool, make):
-    """Peers that hold the (B, H, L, S) scores in fp32 (several copies in backward) skip shapes too big for that."""
+    """Peers that hold the (B, H, L, S) scores in fp32 (several copies in backward) skip shapes too big."""
     if not materialises:
         return make
 
     def guarded(shape, inp):
         device = inp.args[0].device
-        require_memory(6 * shape["B"] * shape["H"] * shape["L"] ** 2 * 4, device, "the materialised fp32 scores")
+        require_memory(
+            6 * shape["B"] * shape["H"] * shape["L"] ** 2 * 4, device, "the materialised fp32 scores"
+        )
         return make(shape, inp)
+
     return guarded
 
 

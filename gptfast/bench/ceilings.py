@@ -4,6 +4,7 @@
   (2 * nbytes), the same accounting the memory-bound ops use.
 - matmul: an n x n x n torch.matmul in the benchmark dtype; TFLOP/s = 2 * n^3 / time.
 """
+
 import dataclasses
 
 import torch

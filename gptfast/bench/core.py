@@ -10,6 +10,7 @@ model's "step"):
 Speedups against the torch eager and torch.compile rows of the same shape and phase come last.
 A peer that fails or cannot run gives a row that says why; the run goes on.
 """
+
 import dataclasses
 import time
 import traceback
@@ -30,13 +31,11 @@ class Skip(Exception):
 
 @dataclasses.dataclass
 class Inputs:
-    """One case's arguments. args[i] for i in diff get gradients; grad_out seeds the backward (None: scalar)."""
+    """A case's args: args[i] for i in diff get gradients; grad_out seeds the backward (None: scalar)."""
+
     args: tuple
     diff: tuple[int, ...] = ()
     grad_out: torch.Tensor | None = None
-
-    def diff_tensors(self) -> list[torch.Tensor]:
-        return [self.args[i] for i in self.diff]
 
 
 @dataclasses.dataclass
@@ -47,6 +46,7 @@ class Peer:
     (Liger-Kernel, flash-attn). prepare/restore convert a canonical tensor to the peer's layout and back
     (flash-attn wants (B, L, H, D)); they are applied to the differentiable args, grad_out, outputs and grads.
     """
+
     name: str
     kind: str
     make: Callable
@@ -144,7 +144,7 @@ def first_line(e: BaseException) -> str:
 
 
 def check(got, want, select: Callable) -> tuple[float, str, str]:
-    """(max error, PASS/FAIL, detail) of the peer's (out, grads) against want = [(name, ref, torch_same_dtype)]."""
+    """(max error, PASS/FAIL, detail) of the peer's (out, grads) vs want = [(name, ref, torch_same_dtype)]."""
     out, grads = got
     tensors = [out, *grads]
     if len(tensors) != len(want):
@@ -163,14 +163,22 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_peer(suite, settings: Settings, shape: dict, inputs: Inputs, peer: Peer, phases, expected) -> list[Row]:
+def run_peer(
+    suite, settings: Settings, shape: dict, inputs: Inputs, peer: Peer, phases, expected
+) -> list[Row]:
     """Every phase of one peer on one shape, as rows (skipped / error rows say why).
 
     expected: (want(phase) -> [(name, reference, torch_same_dtype)], select(name, tensor)), or the exception
     the reference raised (the rows are then timed but their check is n/a).
     """
-    base = dict(op=suite.name, shape=shape, label=suite.label(shape), size=suite.size(shape), peer=peer.name,
-                kind=peer.kind)
+    base = dict(
+        op=suite.name,
+        shape=shape,
+        label=suite.label(shape),
+        size=suite.size(shape),
+        peer=peer.name,
+        kind=peer.kind,
+    )
     rows = [Row(phase=p, **base) for p in phases]
     if settings.out_of_time():
         return [dataclasses.replace(r, status="skipped", note="time budget exhausted") for r in rows]
@@ -191,7 +199,9 @@ def run_peer(suite, settings: Settings, shape: dict, inputs: Inputs, peer: Peer,
         except Exception as e:  # noqa: BLE001
             row.status = "skipped" if peer.kind == "compile" and _is_compile_error(e) else "error"
             row.note = ("torch.compile failed: " if row.status == "skipped" else "") + first_line(e)
-            if not isinstance(e, (torch.OutOfMemoryError, NotImplementedError, RuntimeError, TypeError, ValueError)):
+            if not isinstance(
+                e, (torch.OutOfMemoryError, NotImplementedError, RuntimeError, TypeError, ValueError)
+            ):
                 row.check_detail = traceback.format_exc(limit=3)
         finally:
             _release(settings.device)
@@ -223,7 +233,7 @@ def _measure(suite, settings: Settings, shape, runnable, row: Row, expected) -> 
 
 
 def add_speedups(rows: list[Row], eager: Callable[[Row], bool], compiled: Callable[[Row], bool]) -> None:
-    """speedup = baseline median / row median, per (shape, phase); the eager baseline is the fastest eager row."""
+    """speedup = baseline median / row median per (shape, phase); eager baseline: the fastest eager row."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.label, r.phase), []).append(r)

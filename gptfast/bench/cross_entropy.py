@@ -1,4 +1,5 @@
-"""Cross-entropy (mean over M rows of V-class logits): memory-bound, GB/s of copy bandwidth, plus peak memory."""
+"""Cross-entropy (mean over M rows of V-class logits): memory-bound, GB/s of copy bandwidth; peak memory."""
+
 import torch
 import torch.nn.functional as F
 
@@ -22,9 +23,10 @@ class CrossEntropySuite(OpSuite):
     metric = "GB/s"
     ceiling = "copy"
     measure_memory = True
+    baselines = "torch eager is F.cross_entropy; torch.compile compiles the reference's math"
     formulas = {
         "fwd": "M * V * elt bytes (one read of the logits; the M targets and losses are negligible)",
-        "fwd+bwd": "3 * M * V * elt bytes (forward reads the logits; backward reads them again and writes dlogits)",
+        "fwd+bwd": "3 * M * V * elt bytes (forward reads the logits; backward reads again, writes dlogits)",
     }
 
     def shapes(self, device, mode):
@@ -46,10 +48,15 @@ class CrossEntropySuite(OpSuite):
         return Inputs((logits, target), diff=(0,))
 
     def peers(self, device, dtype):
-        peers, notes = gptfast_peers("cross_entropy", device, lambda b: lambda shape, inp: (
-            lambda x, t: ops.cross_entropy(x, t, backend=b)))
+        peers, notes = gptfast_peers(
+            "cross_entropy",
+            device,
+            lambda b: lambda shape, inp: lambda x, t: ops.cross_entropy(x, t, backend=b),
+        )
         peers.append(Peer("torch", "eager", lambda shape, inp: F.cross_entropy))
-        peers.append(Peer("torch.compile(reference)", "compile", lambda shape, inp: compiled(_reference_mean)))
+        peers.append(
+            Peer("torch.compile(reference)", "compile", lambda shape, inp: compiled(_reference_mean))
+        )
         liger, why = optional_module("liger_kernel.transformers.cross_entropy")
         if liger is not None and device.type == "cuda":
             peers.append(Peer("liger", "external", lambda shape, inp: liger.LigerCrossEntropyLoss()))

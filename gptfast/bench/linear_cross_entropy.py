@@ -4,6 +4,7 @@ Matmul-bound, so TFLOP/s of the matmul ceiling; the point of fusing is memory, s
 and plotted against tokens. The torch peers are the unfused composition (the full M x V logits exist),
 eager and compiled, which is what a user runs today and what issue 3's memory target compares against.
 """
+
 import math
 
 import torch
@@ -29,10 +30,14 @@ class LinearCrossEntropySuite(OpSuite):
     metric = "TFLOP/s"
     ceiling = "matmul"
     measure_memory = True
+    baselines = (
+        "torch eager is F.cross_entropy(F.linear(hidden, weight), target), which holds the M x V logits; "
+        "torch.compile compiles that"
+    )
     formulas = {
         "fwd": "2 * M * H * V FLOPs (the logits matmul; softmax work is negligible beside it)",
         "fwd+bwd": "6 * M * H * V FLOPs (logits, dhidden = dlogits @ W, dW = dlogits^T @ hidden); "
-                   "kernels that recompute the logits in backward do 8 * M * H * V but are credited 6",
+        "kernels that recompute the logits in backward do 8 * M * H * V but are credited 6",
     }
     eager_prefix = "torch (unfused)"
     compile_prefix = "torch.compile(unfused)"
@@ -59,15 +64,22 @@ class LinearCrossEntropySuite(OpSuite):
         return Inputs((hidden, weight, target), diff=(0, 1))
 
     def peers(self, device, dtype):
-        peers, notes = gptfast_peers("linear_cross_entropy", device, lambda b: lambda shape, inp: (
-            lambda h, w, t: ops.linear_cross_entropy(h, w, t, backend=b)))
+        peers, notes = gptfast_peers(
+            "linear_cross_entropy",
+            device,
+            lambda b: lambda shape, inp: lambda h, w, t: ops.linear_cross_entropy(h, w, t, backend=b),
+        )
         peers.append(Peer("torch (unfused)", "eager", _unfused_peer(device, lambda: _unfused)))
-        peers.append(Peer("torch.compile(unfused)", "compile", _unfused_peer(device, lambda: compiled(_unfused))))
+        peers.append(
+            Peer("torch.compile(unfused)", "compile", _unfused_peer(device, lambda: compiled(_unfused)))
+        )
         liger, why = optional_module("liger_kernel.transformers.fused_linear_cross_entropy")
         if liger is not None and device.type == "cuda":
+
             def make(shape, inp):
                 loss = liger.LigerFusedLinearCrossEntropyLoss()
                 return lambda h, w, t: loss(w, h, t)
+
             peers.append(Peer("liger", "external", make))
         else:
             notes.append(f"liger not run: {why or 'Liger-Kernel runs on CUDA only'}")
@@ -89,6 +101,7 @@ def _unfused_peer(device, build):
         # logits, their gradient and softmax's fp32 temporaries: about 4 x M x V x 4 bytes at once.
         require_memory(4 * shape["M"] * shape["V"] * 4, device, "the unfused M x V logits")
         return build()
+
     return make
 
 

@@ -6,6 +6,7 @@ allocator; the running sum of those events, in time order, peaks at the same num
 reports on a GPU. It counts tensors, not the Python heap or the allocator's cached pages, so it is fair
 between peers (RSS would charge one peer for pages another left mapped).
 """
+
 import contextlib
 import os
 import sys
@@ -21,7 +22,7 @@ def method(device) -> str:
 
 
 def peak_bytes(fn, device) -> int:
-    """Bytes allocated at the peak of fn(), above the allocation before it (what fn's results keep included)."""
+    """Bytes allocated at the peak of fn(), above what was allocated before (fn's results included)."""
     device = torch.device(device)
     if device.type == "cuda":
         return _peak_cuda(fn, device)
@@ -41,7 +42,7 @@ def _peak_cuda(fn, device: torch.device) -> int:
 
 @contextlib.contextmanager
 def _quiet_stderr():
-    """Silences file descriptor 2: kineto prints two lines per profile from C++, which would tear the progress bar."""
+    """Silences file descriptor 2: kineto prints two lines per profile from C++, tearing the progress bar."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:

@@ -6,6 +6,7 @@ eager and under torch.compile. All start from the same weights, in the benchmark
 the check compares each one's first loss and every parameter gradient with the GPT on the reference backend in
 higher precision (fp64 for fp32, fp32 for bf16/fp16).
 """
+
 import copy
 import importlib
 
@@ -38,11 +39,15 @@ class ModelSuite(OpSuite):
     ceiling = "matmul"
     measure_memory = True
     phases = ("step",)
+    baselines = (
+        "torch eager is the same GPT in torch's own ops (gptfast/bench/torch_gpt.py: F.scaled_dot_product_"
+        "attention, F.cross_entropy) with the same weights; torch.compile compiles it"
+    )
     formulas = {
         "step": "tokens/s = B * T / median step time (forward, backward, AdamW step, zero_grad). "
-                "Model FLOPs per step = (6 * N + 12 * n_layer * n_embd * T) * B * T (nanoGPT's estimate, N = "
-                "parameters without position embeddings); the % column is that rate over the matmul ceiling (MFU). "
-                "Peak memory = parameters + AdamW state + the step's peak allocation above them.",
+        "Model FLOPs per step = (6 * N + 12 * n_layer * n_embd * T) * B * T (nanoGPT's estimate, N = "
+        "parameters without position embeddings); the % column is that rate over the matmul ceiling (MFU). "
+        "Peak memory = parameters + AdamW state + the step's peak allocation above them.",
     }
     eager_prefix = "torch eager"
     compile_prefix = "torch.compile"
@@ -101,7 +106,9 @@ class ModelSuite(OpSuite):
         for name in backends_for(device):
             reason = next(filter(None, (backends.why_not(name, op, device) for op in MODEL_OPS)), None)
             if name == "triton" and device.type == "cpu":
-                reason = "triton runs CPU tensors only in its interpreter, a correctness tool, so it is not timed"
+                reason = (
+                    "triton runs CPU tensors only in its interpreter, a correctness tool, so it is not timed"
+                )
             if reason:
                 notes.append(f"gptfast:{name} not run: {reason}")
             else:
@@ -123,11 +130,17 @@ class ModelSuite(OpSuite):
             torch.manual_seed(0)
             gpt = _model_module().GPT(self.config(shape, backend="reference")).to(device)
             state = {k: v.detach().clone() for k, v in gpt.state_dict().items()}
-            idx, targets = (torch.randint(0, gpt.config.vocab_size, (1, min(16, shape["T"])), device=device)
-                            for _ in range(2))
+            idx, targets = (
+                torch.randint(0, gpt.config.vocab_size, (1, min(16, shape["T"])), device=device)
+                for _ in range(2)
+            )
             gelu, why = _matching_baseline(self.config(shape), state, gpt, idx, targets)
-            self._masters[key] = {"state": state, "gelu": gelu, "why": why,
-                                  "names": [n for n, _ in gpt.named_parameters()]}
+            self._masters[key] = {
+                "state": state,
+                "gelu": gelu,
+                "why": why,
+                "names": [n for n, _ in gpt.named_parameters()],
+            }
         return self._masters[key]
 
     def expected(self, shape, inputs):
@@ -135,8 +148,12 @@ class ModelSuite(OpSuite):
         device, dtype = idx.device, self._dtype
         m = self.master(shape, device)
         ref_dtype = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-        ref = _loss_and_grads(self._load(self._gpt(backend="reference")(shape, inputs), m, device, ref_dtype),
-                              idx, targets, m["names"])
+        ref = _loss_and_grads(
+            self._load(self._gpt(backend="reference")(shape, inputs), m, device, ref_dtype),
+            idx,
+            targets,
+            m["names"],
+        )
         if m["gelu"]:
             base = self._load(TorchGPT(self.config(shape), m["gelu"]), m, device, dtype)
         else:
@@ -189,12 +206,17 @@ class StepRunnable:
             loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+
         return step
 
     def static_bytes(self) -> int:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        state = sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in s.values()
-                    if isinstance(t, torch.Tensor))
+        state = sum(
+            t.numel() * t.element_size()
+            for s in self.opt.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
         return params + state
 
 
@@ -212,7 +234,7 @@ def _split(values):
 
 
 def _loss_and_grads(model, idx, targets, names) -> list[torch.Tensor]:
-    """[loss, d loss / d parameter for each name in names] of one forward and backward at the current weights."""
+    """[loss, d loss / d parameter for each name in names]: one forward and backward, current weights."""
     module = getattr(model, "_orig_mod", model)
     params = dict(module.named_parameters())
     missing = [n for n in names if n not in params]
@@ -224,7 +246,7 @@ def _loss_and_grads(model, idx, targets, names) -> list[torch.Tensor]:
 
 
 def _matching_baseline(config, state, gpt, idx, targets) -> tuple[str | None, str]:
-    """The GELU variant with which TorchGPT, given gptfast.GPT's weights, gives GPT's loss (fp64), or (None, why)."""
+    """The GELU with which TorchGPT, given gptfast.GPT's weights, gives GPT's loss (fp64), or (None, why)."""
     want = copy.deepcopy(gpt).double()(idx, targets)[1].item()
     for gelu in ("tanh", "none"):
         base = TorchGPT(config, gelu)

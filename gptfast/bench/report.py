@@ -1,4 +1,5 @@
-"""report.md, results.json and the PNG plots, all built from the results dict (so results.json can rebuild them)."""
+"""report.md, results.json and the PNG plots, built from the results dict, which results.json holds."""
+
 import json
 import math
 from pathlib import Path
@@ -9,8 +10,14 @@ UNITS = {"copy": "GB/s", "matmul": "TFLOP/s"}
 
 
 def suite_dict(res: SuiteResult) -> dict:
-    return {"formulas": res.formulas, "metric": res.metric, "ceiling": res.ceiling, "notes": res.notes,
-            "rows": [r.as_dict() for r in res.rows]}
+    return {
+        "formulas": res.formulas,
+        "metric": res.metric,
+        "ceiling": res.ceiling,
+        "baselines": res.baselines,
+        "notes": res.notes,
+        "rows": [r.as_dict() for r in res.rows],
+    }
 
 
 # ------------------------------------------------------------------------------------------------- numbers
@@ -66,29 +73,45 @@ def headline(results: dict) -> list[dict]:
             mem_ratio = None
             if best["peak_bytes"] and eager:
                 mem_ratio = best["peak_bytes"] / min(r["peak_bytes"] for r in eager)
-            lines.append({"op": op, "phase": phase, "label": best["label"], "row": best, "unit": suite["metric"],
-                          "mem_vs_eager": mem_ratio})
+            lines.append(
+                {
+                    "op": op,
+                    "phase": phase,
+                    "label": best["label"],
+                    "row": best,
+                    "unit": suite["metric"],
+                    "mem_vs_eager": mem_ratio,
+                }
+            )
     return lines
 
 
 def _headline_md(results: dict) -> list[str]:
-    out = ["## Headline", "",
-           "The fastest gptfast backend at each op's largest size (speedups > 1 mean gptfast is faster).", "",
-           "| op | phase | shape | backend | median ms | rate | % of ceiling | vs torch eager | vs torch.compile "
-           "| peak memory | check |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Headline",
+        "",
+        "The fastest gptfast backend at each op's largest size (speedups > 1 mean gptfast is faster).",
+        "",
+        "| op | phase | shape | backend | median ms | rate | % of ceiling | vs torch eager | vs torch.compile "
+        "| peak memory | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for h in headline(results):
         r = h["row"]
         if r is None:
-            out.append(f"| {h['op']} | {h['phase']} | {h['label']} | no gptfast backend measured "
-                       "| — | — | — | — | — | — | — |")
+            out.append(
+                f"| {h['op']} | {h['phase']} | {h['label']} | no gptfast backend measured "
+                "| — | — | — | — | — | — | — |"
+            )
             continue
         mem = fmt_bytes(r["peak_bytes"])
         if h["mem_vs_eager"] is not None:
             mem += f" ({100 * h['mem_vs_eager']:.0f}% of torch eager)"
-        out.append(f"| {h['op']} | {h['phase']} | {r['label']} | {r['peer']} | {sig(r['timing']['median_ms'])} "
-                   f"| {sig(r['rate'])} {h['unit']} | {fmt_pct(r['pct_ceiling'])} | {fmt_speedup(r['speedup_eager'])} "
-                   f"| {fmt_speedup(r['speedup_compile'])} | {mem} | {r['check']} |")
+        out.append(
+            f"| {h['op']} | {h['phase']} | {r['label']} | {r['peer']} | {sig(r['timing']['median_ms'])} "
+            f"| {sig(r['rate'])} {h['unit']} | {fmt_pct(r['pct_ceiling'])} | {fmt_speedup(r['speedup_eager'])} "
+            f"| {fmt_speedup(r['speedup_compile'])} | {mem} | {r['check']} |"
+        )
     return out + [""]
 
 
@@ -96,9 +119,12 @@ def _headline_md(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     meta, ceil = results["meta"], results["ceilings"]
     lines = [
-        "# gptfast benchmark report", "",
+        "# gptfast benchmark report",
+        "",
         f"- Device: **{meta['device_name']}** ({meta['device']}), dtype **{meta['dtype']}**, sizes **{meta['mode']}**",
-        f"- torch {meta['torch']}" + (f" (CUDA {meta['cuda']})" if meta["cuda"] else "") + f", triton {meta['triton']}, Python {meta['python']}, "
+        f"- torch {meta['torch']}"
+        + (f" (CUDA {meta['cuda']})" if meta["cuda"] else "")
+        + f", triton {meta['triton']}, Python {meta['python']}, "
         f"gptfast commit `{meta['gptfast_commit']}`, {meta['date']}",
         f"- Timing: {meta['timing_method']}; warm-up first (compilation and autotuning excluded), "
         "median of the repeats with p20–p80",
@@ -110,14 +136,22 @@ def markdown(results: dict) -> str:
         lines.append(f"- Run time: {meta['elapsed_s']:.0f} s")
     load = meta.get("load_average")
     if meta["device"] == "cpu" and load and meta["cpu_count"] and load > 0.75 * meta["cpu_count"]:
-        lines += ["", f"> **Warning:** the load average ({load:.1f}) was high for {meta['cpu_count']} cores when "
-                  "this run started: other processes competed for the CPU, so these timings are noisy. Rerun on "
-                  "an idle machine (or with `--threads 1`) before drawing conclusions."]
+        lines += [
+            "",
+            f"> **Warning:** the load average ({load:.1f}) was high for {meta['cpu_count']} cores when "
+            "this run started: other processes competed for the CPU, so these timings are noisy. Rerun on "
+            "an idle machine (or with `--threads 1`) before drawing conclusions.",
+        ]
     if meta["device"] == "cpu":
-        lines.append("- On a CPU, small cases run from cache and can beat the copy ceiling (a DRAM-sized copy)")
+        lines.append(
+            "- On a CPU, small cases run from cache and can beat the copy ceiling (a DRAM-sized copy)"
+        )
     lines += [
-        "", "## Ceilings (measured at the start of this run)", "",
-        "| ceiling | value | formula | median ms (p20–p80) |", "|---|---|---|---|",
+        "",
+        "## Ceilings (measured at the start of this run)",
+        "",
+        "| ceiling | value | formula | median ms (p20–p80) |",
+        "|---|---|---|---|",
         f"| copy bandwidth | {sig(ceil['copy_GBps'])} GB/s | {ceil['copy_formula']} | {_ms(ceil['copy_timing'])} |",
         f"| matmul | {sig(ceil['matmul_TFLOPs'])} TFLOP/s | {ceil['matmul_formula']} | {_ms(ceil['matmul_timing'])} |",
         "",
@@ -150,8 +184,13 @@ def _suite_md(op: str, suite: dict) -> list[str]:
         lines.append("- % of ceiling: the model TFLOP/s over the matmul ceiling")
     else:
         lines.append(f"- % of ceiling: {unit} over the {suite['ceiling']} ceiling ({ceiling})")
-    lines.append("- Forward is timed under torch.no_grad(); forward+backward times both passes together" if op != "model"
-                 else "- The first forward and backward of each peer (same weights) is what the check compares")
+    if suite.get("baselines"):
+        lines.append(f"- Speedups: {suite['baselines']}")
+    lines.append(
+        "- Forward is timed under torch.no_grad(); forward+backward times both passes together"
+        if op != "model"
+        else "- The first forward and backward of each peer (same weights) is what the check compares"
+    )
     lines.append("")
     if not suite["rows"]:
         lines += [f"- {n}" for n in suite["notes"]] + [""]
@@ -160,13 +199,17 @@ def _suite_md(op: str, suite: dict) -> list[str]:
     for phase in dict.fromkeys(r["phase"] for r in suite["rows"]):
         lines += [f"### {phase}", ""]
         if op == "model":
-            lines += ["| shape | backend | median ms (p20–p80) | tokens/s | TFLOP/s | % of matmul (MFU) | vs torch eager "
-                      "| vs torch.compile | peak memory | max error | check |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| shape | backend | median ms (p20–p80) | tokens/s | TFLOP/s | % of matmul (MFU) | vs torch eager "
+                "| vs torch.compile | peak memory | max error | check |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
         else:
-            lines += [f"| shape | backend | median ms (p20–p80) | {unit} | % of {suite['ceiling']} | vs torch eager "
-                      "| vs torch.compile | peak memory | max error | check |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"| shape | backend | median ms (p20–p80) | {unit} | % of {suite['ceiling']} | vs torch eager "
+                "| vs torch.compile | peak memory | max error | check |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
         for r in (r for r in suite["rows"] if r["phase"] == phase):
             lines.append(_row_md(r, op == "model"))
             if r["check"] == "FAIL" or (r["check"] == "n/a" and r["status"] == "ok" and r["check_detail"]):
@@ -187,8 +230,14 @@ def _row_md(r: dict, model: bool) -> str:
     cells = [r["label"], r["peer"], _ms(r["timing"]), sig(r["rate"])]
     if model:
         cells.append(sig(r["extra"].get("TFLOP/s")))
-    cells += [fmt_pct(r["pct_ceiling"]), fmt_speedup(r["speedup_eager"]), fmt_speedup(r["speedup_compile"]),
-              fmt_bytes(r["peak_bytes"]), fmt_error(r["max_error"]), check]
+    cells += [
+        fmt_pct(r["pct_ceiling"]),
+        fmt_speedup(r["speedup_eager"]),
+        fmt_speedup(r["speedup_compile"]),
+        fmt_bytes(r["peak_bytes"]),
+        fmt_error(r["max_error"]),
+        check,
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -206,9 +255,26 @@ def _finite(value):
 
 def write(results: dict, out: Path) -> None:
     out = Path(out)
-    results["headline"] = [{**h, "row": h["row"] and {k: h["row"][k] for k in (
-        "label", "peer", "rate", "pct_ceiling", "speedup_eager", "speedup_compile", "peak_bytes", "check")}}
-        for h in headline(results)]
+    results["headline"] = [
+        {
+            **h,
+            "row": h["row"]
+            and {
+                k: h["row"][k]
+                for k in (
+                    "label",
+                    "peer",
+                    "rate",
+                    "pct_ceiling",
+                    "speedup_eager",
+                    "speedup_compile",
+                    "peak_bytes",
+                    "check",
+                )
+            },
+        }
+        for h in headline(results)
+    ]
     (out / "results.json").write_text(json.dumps(_finite(results), indent=1, default=str) + "\n")
     (out / "report.md").write_text(markdown(results))
 
@@ -229,23 +295,44 @@ def plots(results: dict, out: Path) -> tuple[list[str], str]:
         rows = [r for r in suite["rows"] if r["phase"] == phase and r["speedup_eager"] is not None]
         if rows:
             path = Path(out) / f"speedup_{op}.png"
-            _line_plot(plt, rows, "speedup_eager", path, f"{op} {phase}: speedup vs torch eager (higher is faster)",
-                       "speedup vs torch eager (x)", _xlabel(op), baseline=1.0)
+            _line_plot(
+                plt,
+                rows,
+                "speedup_eager",
+                path,
+                f"{op} {phase}: speedup vs torch eager (higher is faster)",
+                "speedup vs torch eager (x)",
+                _xlabel(op),
+                baseline=1.0,
+            )
             written.append(str(path))
     lce = results["suites"].get("linear_cross_entropy")
     if lce:
         rows = [r for r in lce["rows"] if r["phase"] == "fwd+bwd" and r["peak_bytes"]]
         if rows:
             path = Path(out) / "memory_linear_cross_entropy.png"
-            _line_plot(plt, rows, "peak_bytes", path, "linear_cross_entropy fwd+bwd: peak memory vs tokens",
-                       "peak memory (MiB)", "tokens", scale=1 / 2**20)
+            _line_plot(
+                plt,
+                rows,
+                "peak_bytes",
+                path,
+                "linear_cross_entropy fwd+bwd: peak memory vs tokens",
+                "peak memory (MiB)",
+                "tokens",
+                scale=1 / 2**20,
+            )
             written.append(str(path))
     return written, ""
 
 
 def _xlabel(op: str) -> str:
-    return {"softmax": "elements (M x N)", "cross_entropy": "logits (M x V)", "linear_cross_entropy": "tokens",
-            "attention": "sequence length", "model": "tokens per step"}.get(op, "size")
+    return {
+        "softmax": "elements (M x N)",
+        "cross_entropy": "logits (M x V)",
+        "linear_cross_entropy": "tokens",
+        "attention": "sequence length",
+        "model": "tokens per step",
+    }.get(op, "size")
 
 
 def _line_plot(plt, rows, key, path, title, ylabel, xlabel, baseline=None, scale=1.0):

@@ -3,6 +3,7 @@
 The report and results.json are rewritten after every suite, so a run stopped early still leaves a report of
 what it measured. A time budget (--time-budget) turns the cases left when it runs out into skipped rows.
 """
+
 import datetime
 import importlib
 import os
@@ -22,8 +23,14 @@ from .timing import Budget
 
 OPS = ("softmax", "cross_entropy", "linear_cross_entropy", "attention", "model")
 MODES = ("tiny", "quick", "full")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 # Repeats per measurement by mode and device: GPUs are fast and precise, CPUs slow and noisy.
 BUDGETS = {
@@ -38,6 +45,10 @@ BUDGETS = {
 
 # `gptfast bench` on a CPU with no --time-budget: it must end within 5 minutes even on a slow 2-core machine.
 QUICK_CPU_BUDGET_S = 270.0
+
+
+# Relative time shares under a time budget: attention and the model (torch.compile of a whole GPT) cost most.
+SHARES = {"softmax": 1.0, "cross_entropy": 1.0, "linear_cross_entropy": 1.0, "attention": 1.5, "model": 2.0}
 
 
 def suite_for(op: str):
@@ -59,10 +70,20 @@ def git_commit() -> str | None:
         return os.environ["GPTFAST_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+uncommitted changes" if dirty else "")
@@ -97,8 +118,11 @@ def metadata(device: torch.device, dtype: torch.dtype, mode: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "memory_method": memory.method(device),
-        "timing_method": ("CUDA events around each call; L2 flushed before each repeat" if device.type == "cuda"
-                          else "time.perf_counter around each call; caches not flushed"),
+        "timing_method": (
+            "CUDA events around each call; L2 flushed before each repeat"
+            if device.type == "cuda"
+            else "time.perf_counter around each call; caches not flushed"
+        ),
         "command": " ".join(sys.argv),
     }
     for name in ("liger_kernel", "flash_attn", "matplotlib", "tqdm"):
@@ -124,7 +148,9 @@ class Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="case", desc="gptfast bench", file=sys.stderr, dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=total, unit="case", desc="gptfast bench", file=sys.stderr, dynamic_ncols=True
+                )
             except ImportError:
                 pass
 
@@ -141,9 +167,19 @@ class Progress:
             self.bar.close()
 
 
-def run(device: str | None = None, ops=OPS, mode: str = "quick", dtype: torch.dtype | None = None,
-        out: str | Path = "bench-out", time_budget: float | None = None, threads: int | None = None,
-        plots: bool = True, progress: bool = True, extra_peers: dict | None = None, exclude=()) -> dict:
+def run(
+    device: str | None = None,
+    ops=OPS,
+    mode: str = "quick",
+    dtype: torch.dtype | None = None,
+    out: str | Path = "bench-out",
+    time_budget: float | None = None,
+    threads: int | None = None,
+    plots: bool = True,
+    progress: bool = True,
+    extra_peers: dict | None = None,
+    exclude=(),
+) -> dict:
     """Runs the benchmark and writes report.md, results.json and the plots into `out`; returns the results.
 
     time_budget (seconds) is shared equally among the suites; a case that would start after its suite's share
@@ -164,16 +200,24 @@ def run(device: str | None = None, ops=OPS, mode: str = "quick", dtype: torch.dt
     if time_budget is None and (mode, device.type) == ("quick", "cpu"):
         time_budget = QUICK_CPU_BUDGET_S
     settings = Settings(device, dtype, mode, BUDGETS[(mode, device.type)], exclude=tuple(exclude))
-    results = {"meta": metadata(device, dtype, mode), "ceilings": None, "suites": {}, "plots": [], "plot_note": ""}
+    results = {
+        "meta": metadata(device, dtype, mode),
+        "ceilings": None,
+        "suites": {},
+        "plots": [],
+        "plot_note": "",
+    }
     results["ceilings"] = ceilings_mod.measure(device, dtype, mode).as_dict()
     extra_peers = extra_peers or {}
     bar = Progress(sum(count_steps(s, settings, extra_peers.get(s.name, ())) for s in suites), progress)
     try:
         for i, suite in enumerate(suites):
             if time_budget:
-                # Each suite gets an equal share of what is left, so a slow one cannot starve the rest.
+                # Each suite gets its weighted share of what is left, so a slow one cannot starve the rest.
                 left = start + time_budget - time.monotonic()
-                settings.deadline = time.monotonic() + left / (len(suites) - i)
+                weights = [SHARES.get(s.name, 1.0) for s in suites[i:]]
+                settings.deadline = time.monotonic() + left * weights[0] / sum(weights)
+
             def save(res, suite=suite):
                 ceiling = results["ceilings"]["copy_GBps" if suite.ceiling == "copy" else "matmul_TFLOPs"]
                 add_ceiling_pct(res.rows, ceiling, suite.ceiling_rate)

@@ -1,4 +1,5 @@
 """Softmax over the last dim of an (M, N) matrix: a memory-bound op, reported in GB/s of copy bandwidth."""
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +24,9 @@ class SoftmaxSuite(OpSuite):
     name = "softmax"
     metric = "GB/s"
     ceiling = "copy"
+    baselines = (
+        "torch eager is F.softmax; torch.compile compiles the reference softmax (gptfast/ops/reference.py)"
+    )
     formulas = {
         "fwd": "2 * M * N * elt bytes (read x, write y)",
         "fwd+bwd": "5 * M * N * elt bytes (forward 2; backward reads y and dy, writes dx: 3)",
@@ -46,16 +50,21 @@ class SoftmaxSuite(OpSuite):
         return Inputs((x,), diff=(0,), grad_out=torch.randn_like(x))
 
     def peers(self, device, dtype):
-        peers, notes = gptfast_peers("softmax", device, lambda b: lambda shape, inp: (
-            lambda x: ops.softmax(x, -1, backend=b)))
+        peers, notes = gptfast_peers(
+            "softmax", device, lambda b: lambda shape, inp: lambda x: ops.softmax(x, -1, backend=b)
+        )
         peers.append(Peer("torch", "eager", lambda shape, inp: lambda x: F.softmax(x, dim=-1)))
-        peers.append(Peer("torch.compile(reference)", "compile", lambda shape, inp: compiled(_reference_softmax)))
+        peers.append(
+            Peer("torch.compile(reference)", "compile", lambda shape, inp: compiled(_reference_softmax))
+        )
         liger, why = optional_module("liger_kernel.ops.softmax")
         fn = getattr(liger, "LigerSoftmaxFunction", None)
         if fn is not None and device.type == "cuda":
             peers.append(Peer("liger", "external", lambda shape, inp: fn.apply))
         else:
-            notes.append(f"liger not run: {why or 'needs CUDA and liger_kernel.ops.softmax.LigerSoftmaxFunction'}")
+            notes.append(
+                f"liger not run: {why or 'needs CUDA and liger_kernel.ops.softmax.LigerSoftmaxFunction'}"
+            )
         return peers, notes
 
     def reference(self, x):

@@ -2,6 +2,7 @@
 
 A suite subclasses OpSuite and fills in the marked hooks; run_suite drives it through core's engine.
 """
+
 import dataclasses
 import importlib
 from typing import Callable
@@ -23,6 +24,7 @@ class SuiteResult:
     formulas: dict[str, str]
     metric: str
     ceiling: str
+    baselines: str = ""
 
 
 class OpSuite:
@@ -32,6 +34,7 @@ class OpSuite:
     measure_memory = False
     phases = PHASES
     formulas: dict[str, str] = {}
+    baselines = ""  # what "vs torch eager" and "vs torch.compile" divide by
     eager_prefix = "torch"  # rows whose peer name starts with this are the eager baseline (fastest one wins)
     compile_prefix = "torch.compile"
 
@@ -103,7 +106,9 @@ class OpSuite:
     def expected(self, shape: dict, inputs: Inputs):
         """(want(phase) -> [(name, reference, torch_same_dtype)], select) for this shape, computed once."""
         sub, select = self.subset(shape, inputs)
-        ref = _evaluate(self.reference, sub, reference_dtype(sub.args[sub.diff[0]].dtype) if sub.diff else None)
+        ref = _evaluate(
+            self.reference, sub, reference_dtype(sub.args[sub.diff[0]].dtype) if sub.diff else None
+        )
         tor = _evaluate(self.torch_same_dtype, sub, None)
         names = ["out"] + [f"grad_{i}" for i in sub.diff]
         both = list(zip(names, ref, tor))
@@ -126,7 +131,9 @@ def _evaluate(fn, inputs: Inputs, dtype: torch.dtype | None) -> list[torch.Tenso
 
 
 # --------------------------------------------------------------------------------------- shared peer helpers
-def gptfast_peers(op: str, device: torch.device, make: Callable[[str], Callable]) -> tuple[list[Peer], list[str]]:
+def gptfast_peers(
+    op: str, device: torch.device, make: Callable[[str], Callable]
+) -> tuple[list[Peer], list[str]]:
     """A peer for every gptfast backend that can run `op` on `device`; notes say why the others cannot."""
     peers, notes = [], []
     for name in backends_for(device):
@@ -142,7 +149,7 @@ def gptfast_peers(op: str, device: torch.device, make: Callable[[str], Callable]
 
 
 def backends_for(device: torch.device) -> list[str]:
-    """The gptfast backends that could run on this device type (the C++ "cpu" backend is not a GPU contender)."""
+    """The gptfast backends that could run on this device type (the C++ "cpu" backend is no GPU contender)."""
     other = "cuda" if device.type == "cpu" else "cpu"
     return [n for n in backends.NAMES if n != other]
 
@@ -184,7 +191,9 @@ def require_memory(nbytes: float, device: torch.device, what: str) -> None:
 def select_peers(suite: OpSuite, settings: Settings, extra_peers=()) -> tuple[list[Peer], list[str]]:
     peers, notes = suite.peers(settings.device, settings.dtype)
     kept = [p for p in list(peers) + list(extra_peers) if p.kind not in settings.exclude]
-    notes += [f"{p.name} not run: excluded by --exclude {p.kind}" for p in peers if p.kind in settings.exclude]
+    notes += [
+        f"{p.name} not run: excluded by --exclude {p.kind}" for p in peers if p.kind in settings.exclude
+    ]
     return kept, notes
 
 
@@ -195,8 +204,7 @@ def run_suite(suite: OpSuite, settings: Settings, extra_peers=(), progress=None,
     """
     reason = suite.unavailable()
     if reason:
-        return SuiteResult(suite.name, [], [f"suite not run: {reason}"], dict(suite.formulas), suite.metric,
-                           suite.ceiling)
+        return _result(suite, [], [f"suite not run: {reason}"])
     suite.setup(settings)
     peers, notes = select_peers(suite, settings, extra_peers)
     rows: list[Row] = []
@@ -214,12 +222,18 @@ def run_suite(suite: OpSuite, settings: Settings, extra_peers=(), progress=None,
                 progress(len(got), f"{suite.name} {suite.label(shape)} {peer.name}")
             if partial:
                 add_speedups(rows, suite.is_eager, suite.is_compile)
-                partial(SuiteResult(suite.name, rows, notes, dict(suite.formulas), suite.metric, suite.ceiling))
+                partial(_result(suite, rows, notes))
         del inputs, want
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
     add_speedups(rows, suite.is_eager, suite.is_compile)
-    return SuiteResult(suite.name, rows, notes, dict(suite.formulas), suite.metric, suite.ceiling)
+    return _result(suite, rows, notes)
+
+
+def _result(suite: OpSuite, rows: list[Row], notes: list[str]) -> SuiteResult:
+    return SuiteResult(
+        suite.name, rows, notes, dict(suite.formulas), suite.metric, suite.ceiling, suite.baselines
+    )
 
 
 def _expected_or_error(suite: OpSuite, shape: dict, inputs: Inputs, device: torch.device):

@@ -5,6 +5,7 @@ repeat count from a time budget (as triton.testing.do_bench does). On GPUs the L
 each repeat (outside the timed region), so a kernel is never timed on inputs the previous repeat left in
 cache. CPUs are not flushed: the last-level cache of a server CPU is hundreds of MiB, and the report says so.
 """
+
 import dataclasses
 import statistics
 import time
@@ -16,6 +17,7 @@ import torch
 @dataclasses.dataclass
 class Timing:
     """Repeat times of one measurement, in milliseconds."""
+
     samples_ms: list[float]
 
     @property
@@ -41,12 +43,18 @@ class Timing:
         return self.quantile(0.8)
 
     def as_dict(self) -> dict:
-        return {"median_ms": self.median, "p20_ms": self.p20, "p80_ms": self.p80, "samples_ms": self.samples_ms}
+        return {
+            "median_ms": self.median,
+            "p20_ms": self.p20,
+            "p80_ms": self.p80,
+            "samples_ms": self.samples_ms,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """How long one measurement may run: warm-up calls, then repeats filling budget_ms (within the bounds)."""
+
     warmup: int = 2
     budget_ms: float = 200.0
     min_reps: int = 5

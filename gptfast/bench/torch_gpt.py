@@ -6,6 +6,7 @@ blocks.i.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_f, the
 GPT's state_dict loads into it; the model suite checks that both then give the same loss before it compares
 their numbers.
 """
+
 import math
 
 import torch
@@ -34,8 +35,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
@@ -75,7 +80,9 @@ class TorchGPT(nn.Module):
         if self.learned:
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         else:
-            self.register_buffer("pe", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+            self.register_buffer(
+                "pe", sinusoidal_positions(config.block_size, config.n_embd), persistent=False
+            )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, gelu) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
