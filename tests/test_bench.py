@@ -5,10 +5,12 @@ scripts/gpu_check.sh and `gptfast bench --tiny` run them.
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -150,6 +152,13 @@ def test_cross_entropy_rows_report_peak_memory_and_pass():
     assert all(r.check == "PASS" and r.peak_bytes > 0 and r.timing.median > 0 for r in ok)
     eager = {r.phase: r for r in ok if r.peer == "torch"}
     assert all(eager[r.phase].speedup_eager == 1.0 for r in ok if r.peer == "torch")
+
+
+def test_an_exhausted_time_budget_skips_whole_shapes():
+    # A suite's share ran out before it began: every case is a skipped row that says why, none is timed.
+    late = dataclasses.replace(TINY, deadline=time.monotonic() - 1.0)
+    res = run_suite(SOFTMAX, late)
+    assert res.rows and all(r.status == "skipped" and r.note == "time budget exhausted" for r in res.rows)
 
 
 def test_model_suite_skips_with_a_note_without_gptfast_model(monkeypatch):

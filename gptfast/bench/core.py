@@ -131,11 +131,13 @@ class Settings:
     dtype: torch.dtype
     mode: str  # tiny | quick | full
     budget: Budget
-    deadline: float | None = None  # time.monotonic() after which remaining cases are skipped
+    deadline: float | None = None  # time.monotonic() after which no new shape starts (this suite's share)
+    hard_deadline: float | None = None  # after which no new case starts at all (the whole run's budget)
     exclude: tuple[str, ...] = ()  # peer kinds not to run ("compile", "external", ...)
 
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+    def out_of_time(self, hard: bool = False) -> bool:
+        deadline = self.hard_deadline if hard else self.deadline
+        return deadline is not None and time.monotonic() > deadline
 
 
 def first_line(e: BaseException) -> str:
@@ -180,7 +182,7 @@ def run_peer(
         kind=peer.kind,
     )
     rows = [Row(phase=p, **base) for p in phases]
-    if settings.out_of_time():
+    if settings.out_of_time(hard=True):
         return [dataclasses.replace(r, status="skipped", note="time budget exhausted") for r in rows]
     try:
         runnable = suite.bind(peer, shape, inputs, settings)
@@ -189,7 +191,7 @@ def run_peer(
     except Exception as e:  # noqa: BLE001 - a peer that cannot even be built is reported, not fatal
         return [dataclasses.replace(r, status="error", note=first_line(e)) for r in rows]
     for row in rows:
-        if settings.out_of_time():
+        if settings.out_of_time(hard=True):
             row.status, row.note = "skipped", "time budget exhausted"
             continue
         try:
