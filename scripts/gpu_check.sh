@@ -74,9 +74,9 @@ if [[ $DRY_RUN == 1 ]]; then
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 fi
-export MAX_JOBS="${MAX_JOBS:-16}"
+export MAX_JOBS="${MAX_JOBS:-16}" PIP_DISABLE_PIP_VERSION_CHECK=1
 run_step build "$(min "${BUILD_LIMIT:-180}" "$(( $(left) - 260 ))")" "$OUT/build.log" \
-  "$PYTHON" -m pip install --no-deps --no-build-isolation --no-input -e .
+  "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index --no-input -e .
 "$PYTHON" - >> "$OUT/build.log" 2>&1 <<'EOF'
 import gptfast, gptfast.backends as b
 try:

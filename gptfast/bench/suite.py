@@ -209,7 +209,11 @@ def run_suite(suite: OpSuite, settings: Settings, extra_peers=(), progress=None,
     peers, notes = select_peers(suite, settings, extra_peers)
     rows: list[Row] = []
     torch._dynamo.reset()
-    for shape in suite.shapes(settings.device, settings.mode):
+    shapes = suite.shapes(settings.device, settings.mode)
+    if settings.mode == "full":
+        # Full runs measure the target (largest) shapes first, so a short time budget drops the small ones.
+        shapes = sorted(shapes, key=suite.size, reverse=True)
+    for shape in shapes:
         if settings.out_of_time():
             # A shape starts whole or not at all, so its rows always have their baselines to compare with.
             _skip_shape(suite, settings, shape, peers, rows, progress)
