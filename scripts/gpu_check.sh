@@ -90,6 +90,7 @@ tail -n 2 "$OUT/build.log" | tee -a "$STEPS_LOG"
 
 # ------------------------------------------------------------------------------------------- 2. tests
 if [[ $DRY_RUN == 1 ]]; then TESTS="${GPU_CHECK_TESTS:-tests/test_bench.py}"; else TESTS="${GPU_CHECK_TESTS:-tests}"; fi
+rm -f "$OUT/junit.xml" "$OUT/tests_summary.md"
 # shellcheck disable=SC2086  # TESTS may hold several paths
 run_step tests "$(min "${TESTS_LIMIT:-170}" "$(( $(left) - 130 ))")" "$OUT/tests.log" \
   "$PYTHON" -m pytest $TESTS -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml"
@@ -106,8 +107,11 @@ if not junit.exists():
               *tail, "```"]
 else:
     counts = collections.defaultdict(collections.Counter)
-    failures = []
+    failures, interrupted = [], False
     for case in ET.parse(junit).getroot().iter("testcase"):
+        if not case.get("classname"):
+            interrupted = True  # pytest's entry for the test a SIGINT (the step's time limit) stopped
+            continue
         parts = case.get("classname", "").split(".")
         mods = [i for i, p in enumerate(parts) if p.startswith("test_") or p.startswith("bench_")]
         path = "/".join(parts[: mods[-1] + 1]) + ".py" if mods else case.get("classname", "?")
@@ -127,8 +131,13 @@ else:
     for path in sorted(counts):
         c = counts[path]
         lines.append(f"| {path} | {c['passed']} | {c['failed']} | {c['error']} | {c['skipped']} |")
+    if interrupted:
+        lines += ["", "The step's time limit interrupted the run: the tests after the last one above did not run."]
     if failures:
         lines += ["", "## Failures", ""] + failures
+    if not counts:
+        tail = (out / "tests.log").read_text(errors="replace").splitlines()[-5:]
+        lines += ["", "No test ran. Last lines of tests.log:", "", "```", *tail, "```"]
 (out / "tests_summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:3]))
 EOF
