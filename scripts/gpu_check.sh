@@ -92,8 +92,12 @@ tail -n 2 "$OUT/build.log" | tee -a "$STEPS_LOG"
 if [[ $DRY_RUN == 1 ]]; then TESTS="${GPU_CHECK_TESTS:-tests/test_bench.py}"; else TESTS="${GPU_CHECK_TESTS:-tests}"; fi
 rm -f "$OUT/junit.xml" "$OUT/tests_summary.md"
 # shellcheck disable=SC2086  # TESTS may hold several paths
+# 16 cores: spread the suite over pytest-xdist workers when it is there (the GPU image has it); Triton's
+# compile cache on disk is shared between them.
+XDIST=()
+if [[ $DRY_RUN == 0 ]] && "$PYTHON" -c "import xdist" 2>/dev/null; then XDIST=(-n "${GPU_CHECK_WORKERS:-8}"); fi
 run_step tests "$(min "${TESTS_LIMIT:-170}" "$(( $(left) - 130 ))")" "$OUT/tests.log" \
-  "$PYTHON" -m pytest $TESTS -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml"
+  "$PYTHON" -m pytest $TESTS -q -rs -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/junit.xml"
 "$PYTHON" - "$OUT" >> "$STEPS_LOG" 2>&1 <<'EOF'
 """junit.xml -> tests_summary.md: passed / failed / skipped per test file, then each failure's first line."""
 import collections, pathlib, sys, xml.etree.ElementTree as ET
