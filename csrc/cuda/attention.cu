@@ -391,7 +391,8 @@ cudaError_t attention_fwd_launch(const AttentionParams& params, cudaStream_t str
 }
 
 cudaError_t attention_bwd_launch(const AttentionParams& params, cudaStream_t stream) {
-  if (params.batch == 0 || params.heads_q == 0) return cudaSuccess;
+  // With no query (L = 0 or Hq = 0) the backward kernel still runs: it writes dK = dV = 0.
+  if (params.batch == 0 || params.heads_kv == 0) return cudaSuccess;
   return GPTFAST_HALF_SWITCH(params.dtype, T, [&] {
     return GPTFAST_HEADDIM_SWITCH(params.head_dim, D, [&] { return launch_bwd<T, D>(params, stream); });
   });

@@ -1,5 +1,6 @@
 """What the C++ extension's kernels refuse. Both backends are reached through torch.ops.gptfast.<op>_fwd/_bwd;
 the dispatcher picks the CPU or CUDA kernel by the tensors' device."""
+import torch
 
 
 def unsupported_cpu(op: str, **features) -> str | None:
@@ -20,8 +21,6 @@ def unsupported_cuda(op: str, **features) -> str | None:
     """
     if op != "attention":
         return None
-    import torch
-
     if features.get("attn_mask"):
         return f"the cuda attention kernel takes no attn_mask (only is_causal); {_FIX}"
     if features.get("dropout"):

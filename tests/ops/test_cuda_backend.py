@@ -284,8 +284,8 @@ def test_linear_cross_entropy_matches_reference(dtype, bias, reduction):
 
 # ---------------------------------------------------------------------------------------------- attention
 def _torch_sdpa(q, k, v, causal, scale):
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
