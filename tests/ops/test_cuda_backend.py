@@ -69,7 +69,8 @@ def _check_softmax(x: torch.Tensor, scale: float, causal: bool, dim: int = -1) -
         (3, 7),  # odd columns: row stride not a multiple of 16 bytes, so the scalar warp kernel runs
         (64, 1000),  # aligned rows of a typical vocab-like width: 16-byte warp kernel
         (5, 2048),  # the widest row that stays in one warp's registers
-        (4, 2049),  # one column past it: block kernel, scalar (unaligned) path
+        (4, 2049),  # one column past it: block kernel, scalar (unaligned) path, row cached in shared memory
+        (2, 8000),  # block kernel, forward cached in shared memory, backward (y and dy) re-read
         (3, 40000),  # long aligned rows: block kernel with 16-byte accesses and a ragged tail
         (2, 3, 17, 17),  # a stack of causal (L, L) score matrices: causal_rows = 17 wraps over rows
         (1, 2, 33, 300),  # L < N causal score matrix (top-left aligned)
