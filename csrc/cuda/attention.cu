@@ -95,6 +95,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   load_tile<T, kBlockM, D>(qs, L::kQld, q, p.q_strides.row, m0, p.len_q);
   for (int idx = threadIdx.x; idx < kBlockM * L::kOld; idx += blockDim.x) os[idx] = 0.0f;
   float m_i = -INFINITY, l_i = 0.0f;
+  __syncthreads();
+  // The warp's 16 query rows stay in registers as A fragments for every key tile (4 registers each).
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(qf[kk], qs + 16 * warp * L::kQld + kk * 16, L::kQld);
 
   const int n_end = p.causal ? min(p.len_k, m0 + kBlockM) : p.len_k;
   for (int n0 = 0; n0 < n_end; n0 += kBlockN) {
@@ -110,11 +115,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(a, qs + 16 * warp * L::kQld + kk * 16, L::kQld);
         wmma::load_matrix_sync(bt, ks + nf * 16 * L::kQld + kk * 16, L::kQld);
-        wmma::mma_sync(acc, a, bt, acc);
+        wmma::mma_sync(acc, qf[kk], bt, acc);
       }
       wmma::store_matrix_sync(ss + 16 * warp * L::kSld + nf * 16, acc, L::kSld, wmma::mem_row_major);
     }

@@ -44,25 +44,26 @@ __global__ void __launch_bounds__(1024) cross_entropy_fwd_kernel(const CrossEntr
     // 2. Merge over the block.
     block_online_merge(m, s, scratch);
     total = block_sum(total, scratch);
-    // 3. lse = m + log(s) (log in double: --use_fast_math would make logf approximate), then the loss.
+    // 3. lse = m + log(s) and the loss, in double on one thread per row: the combination then adds no
+    //    rounding of its own (and --use_fast_math cannot swap in an approximate log).
     if (threadIdx.x == 0) {
-      const float lse = m + static_cast<float>(log(static_cast<double>(s)));
+      const double lse = static_cast<double>(m) + log(static_cast<double>(s));
       const int64_t t = read_target(p, row);
-      float loss = 0.0f;
+      double loss = 0.0;
       if (t != p.ignore_index) {
         if (out_of_range(t, p.cols)) {
           loss = NAN;  // the documented contract: a bad target poisons its row instead of a finite loss
         } else {
-          loss = lse - to_float(x[t]);
+          loss = lse - static_cast<double>(to_float(x[t]));
           if (p.label_smoothing != 0.0f) {
-            loss = (1.0f - p.label_smoothing) * loss +
-                   p.label_smoothing * (lse - total / static_cast<float>(p.cols));
+            loss = (1.0 - p.label_smoothing) * loss +
+                   p.label_smoothing * (lse - static_cast<double>(total) / static_cast<double>(p.cols));
           }
-          if (p.z_loss != 0.0f) loss += p.z_loss * lse * lse;
+          if (p.z_loss != 0.0f) loss += static_cast<double>(p.z_loss) * lse * lse;
         }
       }
-      p.loss[row] = loss;
-      p.lse[row] = lse;
+      p.loss[row] = static_cast<float>(loss);
+      p.lse[row] = static_cast<float>(lse);
     }
   }
 }

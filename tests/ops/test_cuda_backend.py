@@ -119,6 +119,11 @@ def test_softmax_empty():
 
 # -------------------------------------------------------------------------------------------- cross entropy
 def _torch_ce(x, target, ignore_index, reduction, label_smoothing, z_loss):
+    """torch's cross_entropy (+ z_loss) on x's values. For fp16/bf16 it runs in fp32 and rounds the result to
+    the dtype: torch's own half kernel sums the V log-probs of the smoothing term in the input dtype, which
+    overflows to inf in fp16 for V in the thousands, and an inf comparator would make the bound meaningless."""
+    if x.dtype in HALF:
+        return _torch_ce(x.float(), target, ignore_index, reduction, label_smoothing, z_loss).to(x.dtype)
     loss = F.cross_entropy(x, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     if z_loss:
         lse = torch.logsumexp(x, dim=-1)
@@ -436,3 +441,231 @@ def test_unsupported_cuda_attention(features, expected):
 @pytest.mark.parametrize("op", ["softmax", "cross_entropy", "linear_cross_entropy"])
 def test_unsupported_cuda_takes_every_option_of_the_row_ops(op):
     assert extension.unsupported_cuda(op, label_smoothing=0.1, z_loss=1e-4) is None
+
+
+# ------------------------------------------------------------------------------ CPU emulation (any machine)
+# The kernel files themselves, run on the CPU through tests/cuda_emulator/emu.h (threads for CUDA threads,
+# barriers, emulated shuffles and WMMA), called through their plain launchers. This checks what a GPU run
+# would: indexing, masks, strides, GQA, block skipping, synchronisation and the algebra, on machines
+# without a GPU. "torch in the same dtype" is stood in for by the reference run on the low-precision tensors
+# (fp32 math, output rounded to the dtype); the GPU tests above use torch's own kernels.
+import ctypes  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_EMU_DIR = os.path.join(_ROOT, "tests", "cuda_emulator")
+_CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _emulable(source: str) -> str:
+    """A kernel file rewritten for emu.h: launches through emu_launch, dynamic shared memory from emu_smem."""
+    s = source.replace("#include <mma.h>", "")
+    s = s.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"')
+    s = s.replace("extern __shared__ __align__(128) unsigned char smem[];", "unsigned char* smem = emu_smem();")
+    s = s.replace("extern __shared__ float cache[];", "float* cache = reinterpret_cast<float*>(emu_smem());")
+    s = re.sub(r"([A-Za-z_]\w*<[^<>;]*>)<<<(.*?)>>>\((\w+)\);", r"emu_launch(\1, \2, \3);", s)
+    assert "<<<" not in s and "extern __shared__" not in s, "a launch or shared declaration emu.h cannot run"
+    return s
+
+
+@pytest.fixture(scope="module")
+def emu():
+    cxx = shutil.which("g++")
+    if cxx is None or not os.path.exists(os.path.join(_CUDA_INCLUDE, "cuda_fp16.h")):
+        pytest.skip("the CPU emulation needs g++ and the CUDA headers (CUDA_HOME)")
+    build = os.path.join(_ROOT, "build", "cuda_emulator")
+    os.makedirs(build, exist_ok=True)
+    flags = [
+        "-std=c++20", "-O1", "-fPIC", "-Wno-unknown-pragmas", "-I", _CUDA_INCLUDE, "-I", _EMU_DIR,
+        "-I", os.path.join(_ROOT, "csrc", "cuda"), "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    ]
+    objects = []
+    for name in ("softmax", "cross_entropy", "attention"):
+        src = os.path.join(build, f"{name}.cpp")
+        with open(os.path.join(_ROOT, "csrc", "cuda", f"{name}.cu")) as f, open(src, "w") as out:
+            out.write(_emulable(f.read()))
+        objects.append(os.path.join(build, f"{name}.o"))
+        subprocess.run([cxx, *flags, "-c", src, "-o", objects[-1]], check=True, timeout=600)
+    objects.append(os.path.join(build, "harness.o"))
+    subprocess.run([cxx, *flags, "-c", os.path.join(_EMU_DIR, "harness.cpp"), "-o", objects[-1]], check=True, timeout=600)
+    lib = os.path.join(build, "libemu.so")
+    subprocess.run([cxx, "-shared", "-o", lib, *objects, "-lpthread"], check=True, timeout=600)
+    return ctypes.CDLL(lib)
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
+
+
+_I, _F = ctypes.c_int64, ctypes.c_float
+
+
+def _low_ref(fn, *args):
+    """The reference on the tested dtype's tensors (fp32 math), rounded like a same-dtype run."""
+    return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize(
+    "rows,cols,causal_rows",
+    [
+        (3, 7, 0),  # scalar warp kernel
+        (9, 1000, 0),  # 16-byte warp kernel
+        (5, 2048, 3),  # widest warp row, causal wrapping every 3 rows
+        (4, 2049, 0),  # block kernel, cached, scalar
+        (3, 8000, 2),  # block kernel: forward cached, backward re-reads
+        (2, 13000, 0),  # block kernel, nothing cached
+        (6, 300, 33),  # causal with L < N
+    ],
+)
+def test_emulated_softmax(emu, rows, cols, causal_rows, dtype):
+    x = torch.randn(rows, cols, dtype=dtype) * 3
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    dy = torch.randn(rows, cols, dtype=dtype)
+    args = (_I(rows), _I(cols))
+    assert emu.emu_softmax(1, _p(x), _p(None), _p(y), *args, _I(cols), _I(0), _I(cols), _F(0.7), _I(causal_rows), _DT[dtype]) == 0
+    assert emu.emu_softmax(0, _p(y), _p(dy), _p(dx), *args, _I(cols), _I(cols), _I(cols), _F(0.7), _I(causal_rows), _DT[dtype]) == 0
+    hd = reference_dtype(dtype)
+    ref = reference.softmax_fwd(x.to(hd), 0.7, causal_rows)
+    assert_close(y, ref, reference.softmax_fwd(x, 0.7, causal_rows), "softmax y")
+    ref_dx = reference.softmax_bwd(dy.to(hd), ref, 0.7, causal_rows)
+    assert_close(dx, ref_dx, reference.softmax_bwd(dy, y, 0.7, causal_rows), "softmax dx")
+
+
+def test_emulated_softmax_edge_rows(emu):
+    # All -inf rows give zeros in both kernels; an unaligned view takes the scalar path.
+    for cols in (50, 5000):
+        x = torch.full((2, cols), float("-inf"))
+        y = torch.empty_like(x)
+        emu.emu_softmax(1, _p(x), _p(None), _p(y), _I(2), _I(cols), _I(cols), _I(0), _I(cols), _F(1.0), _I(0), 0)
+        assert torch.equal(y, torch.zeros_like(y))
+    xv = torch.randn(4, 1001)[:, 1:]
+    y = torch.empty(4, 1000)
+    emu.emu_softmax(1, _p(xv), _p(None), _p(y), _I(4), _I(1000), _I(1001), _I(0), _I(1000), _F(1.0), _I(0), 0)
+    assert_close(y, reference.softmax_fwd(xv.double(), 1.0, 0), torch.softmax(xv, -1), "softmax unaligned")
+
+
+def _emu_ce(emu, fwd, x, t, ignore, ls, z, lse=None, dloss=None, out=None):
+    rows, cols = x.shape
+    loss, lse_out = torch.empty(rows), torch.empty(rows)
+    rc = emu.emu_ce(
+        fwd, _p(x), _I(x.stride(0)), _p(t), int(t.dtype == torch.int32), _p(loss), _p(lse_out), _p(lse), _p(dloss),
+        _p(out), _I(cols), _I(rows), _I(cols), _I(ignore), _F(ls), _F(z), _DT[x.dtype],
+    )
+    assert rc == 0
+    return (loss, lse_out) if fwd else out
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("rows,cols", [(8, 10), (7, 1000), (5, 3001), (3, 9000)])  # block sizes 128/256/256/512
+@pytest.mark.parametrize("ls,z,ignore", [(0.0, 0.0, -100), (0.1, 1e-3, 3)])
+def test_emulated_cross_entropy(emu, rows, cols, dtype, ls, z, ignore):
+    x = torch.randn(rows, cols, dtype=dtype) * 2
+    t = torch.randint(0, cols, (rows,))
+    t[1] = ignore
+    t_kernel = t.int() if rows % 2 else t  # both index types
+    loss, lse = _emu_ce(emu, 1, x, t_kernel, ignore, ls, z)
+    # loss and lse are fp32 whatever the input dtype, so the reference runs in fp64 here, against torch's
+    # own CPU cross_entropy and logsumexp in the input dtype.
+    ref_loss, ref_lse = reference.cross_entropy_fwd(x.double(), t, ignore, ls, z)
+    xt = _leaf(x)
+    tor_loss = _torch_ce(xt, t, ignore, "none", ls, z).float()
+    assert_close(loss, ref_loss, tor_loss, "ce loss")
+    assert_close(lse, ref_lse, torch.logsumexp(x, dim=-1), "ce lse")
+    dl = torch.randn(rows)
+    g = _emu_ce(emu, 0, x, t_kernel, ignore, ls, z, lse=lse, dloss=dl, out=torch.empty_like(x))
+    ref_g = reference.cross_entropy_bwd(dl.double(), x.double(), t, ref_lse, ignore, ls, z)
+    (tor_g,) = torch.autograd.grad(tor_loss, [xt], dl.to(tor_loss.dtype))
+    assert_close(g, ref_g, tor_g, "ce dlogits")
+
+
+def test_emulated_cross_entropy_in_place_and_bad_targets(emu):
+    # In place with dloss = 1 (linear_cross_entropy's use), and NaN rows for targets outside [0, V).
+    x = torch.randn(6, 515)
+    t = torch.randint(0, 515, (6,))
+    _, lse = _emu_ce(emu, 1, x, t, -100, 0.0, 0.0)
+    g = x.clone()
+    _emu_ce(emu, 0, g, t, -100, 0.0, 0.0, lse=lse, out=g)
+    ones = torch.ones(6)
+    ref = reference.cross_entropy_bwd(ones.double(), x.double(), t, lse.double(), -100, 0.0, 0.0)
+    assert_close(g, ref, reference.cross_entropy_bwd(ones, x, t, lse, -100, 0.0, 0.0), "ce in place")
+    x = torch.randn(3, 40)
+    t = torch.tensor([1, 40, -5])
+    loss, lse = _emu_ce(emu, 1, x, t, -100, 0.0, 0.0)
+    assert loss[0].isfinite() and loss[1].isnan() and loss[2].isnan()
+    g = _emu_ce(emu, 0, x, t, -100, 0.0, 0.0, lse=lse, dloss=torch.ones(3), out=torch.empty_like(x))
+    assert g[0].isfinite().all() and g[1].isnan().all() and g[2].isnan().all()
+
+
+def _emu_attention(emu, q, k, v, causal, scale, dout=None):
+    B, Hq, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    out, lse = torch.empty(B, Hq, L, D, dtype=q.dtype), torch.empty(B, Hq, L)
+    do = dout if dout is not None else out
+    strides = [s for t in (q, k, v, out, do) for s in t.stride()[:3]]
+    st = (_I * 15)(*strides)
+    common = (B, Hq, Hk, L, S, D, _F(scale), int(causal), _DT[q.dtype])
+    none = (_p(None),) * 5
+    assert emu.emu_attn(1, _p(q), _p(k), _p(v), _p(out), _p(lse), st, *common, *none) == 0
+    if dout is None:
+        return out, lse
+    delta, dq = torch.empty(B, Hq, L), torch.zeros(B, Hq, L, D)
+    dk, dv = torch.empty(B, Hk, S, D, dtype=q.dtype), torch.empty(B, Hk, S, D, dtype=q.dtype)
+    grads = (_p(dout), _p(delta), _p(dq), _p(dk), _p(dv))
+    assert emu.emu_attn(0, _p(q), _p(k), _p(v), _p(out), _p(lse), st, *common, *grads) == 0
+    return out, lse, dq.to(q.dtype), dk, dv
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(
+    "B,Hq,Hk,L,S,D,causal",
+    [
+        (1, 2, 2, 70, 70, 64, True),  # a ragged second tile on the diagonal
+        (1, 2, 1, 37, 100, 64, True),  # L < S causal, GQA 2:1
+        (1, 4, 2, 100, 33, 128, True),  # L > S causal: rows past S see every key
+        (1, 1, 1, 65, 129, 128, False),  # ragged query and key tiles
+        (1, 3, 1, 1, 1, 64, False),  # one query, one key
+    ],
+)
+def test_emulated_attention(emu, B, Hq, Hk, L, S, D, causal, dtype):
+    q, k, v = (torch.randn(B, h, n, D, dtype=dtype) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+    dout = torch.randn(B, Hq, L, D, dtype=dtype)
+    scale = 1 / math.sqrt(D)
+    out, lse, dq, dk, dv = _emu_attention(emu, q, k, v, causal, scale, dout)
+    rng = torch.zeros(2, dtype=torch.int64)
+    ro, rlse = reference.attention_fwd(q.float(), k.float(), v.float(), None, 0.0, causal, scale, rng)
+    ref_grads = reference.attention_bwd(dout.float(), q.float(), k.float(), v.float(), None, ro, rlse, 0.0, causal, scale, rng)
+    low = [_leaf(t) for t in (q, k, v)]
+    low_out = _attention_math(*low, causal, scale)
+    low_grads = torch.autograd.grad(low_out, low, dout)
+    assert_close(out, ro, low_out, "attention out")
+    assert_close(lse, rlse, rlse, "attention lse", floor=1e-5)
+    for name, g, r, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, low_grads):
+        assert_close(g, r, t, f"attention {name}")
+
+
+def _attention_math(q, k, v, causal, scale):
+    """torch's math attention in the inputs' dtype (the CPU stand-in for a same-dtype torch run)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def test_emulated_attention_strided_and_no_keys(emu):
+    # (B, L, H, D) storage read through strides; S = 0 gives out = 0 and lse = -inf.
+    q, k, v = (torch.randn(1, 80, 2, 64, dtype=torch.float16).transpose(1, 2) for _ in range(3))
+    out, _ = _emu_attention(emu, q, k, v, True, 0.125)
+    ro, _ = reference.attention_fwd(q.float(), k.float(), v.float(), None, 0.0, True, 0.125, torch.zeros(2, dtype=torch.int64))
+    assert_close(out, ro, ro.half(), "attention strided out")
+    q = torch.randn(1, 1, 5, 64, dtype=torch.float16)
+    empty = torch.randn(1, 1, 0, 64, dtype=torch.float16)
+    out, lse = _emu_attention(emu, q, empty, empty, False, 0.125)
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
