@@ -7,8 +7,9 @@
 //     1. S = Q K^T                 (WMMA m16n16k16, fp32 accumulators, stored to shared memory)
 //     2. s = scale * S, masked to -inf past the keys' end and above the diagonal;
 //        m_new = max(m, rowmax s), p = exp(s - m_new), l = l * exp(m - m_new) + rowsum p,
-//        O *= exp(m - m_new)       (O lives in shared memory in fp32, so rows can be rescaled)
-//     3. O += P V                  (WMMA, P rounded to the input dtype as FlashAttention does)
+//     3. O = exp(m - m_new) O + P V (WMMA for P V, P rounded to the input dtype as FlashAttention does;
+//        the tile's P V goes through shared memory so that each lane can rescale its half row of O,
+//        which it keeps in fp32 registers: WMMA does not say which accumulator element is which row)
 //   out = O / l, lse = m + log l   (out = 0 and lse = -inf for a row with no key)
 //
 // Backward, per block of kBwdBlockN = 32 keys of one (batch, kv head), looping over the query heads of its
@@ -42,7 +43,7 @@ struct FwdSmem {
   static constexpr int kQld = D + kPadHalf;        // Q, K, V tiles: T[rows][kQld]
   static constexpr int kSld = kBlockN + kPadFloat;  // scores: float[kBlockM][kSld]
   static constexpr int kPld = kBlockN + kPadHalf;   // probabilities: T[kBlockM][kPld]
-  static constexpr int kOld = D + kPadFloat;        // output accumulator: float[kBlockM][kOld]
+  static constexpr int kOld = D + kPadFloat;        // one tile's P V: float[kBlockM][kOld]
   static constexpr int64_t kQBytes = int64_t(kBlockM) * kQld * 2;
   static constexpr int64_t kKBytes = int64_t(kBlockN) * kQld * 2;
   static constexpr int64_t kSBytes = int64_t(kBlockM) * kSld * 4;
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   T* vs = reinterpret_cast<T*>(smem + L::kQBytes + L::kKBytes);
   float* ss = reinterpret_cast<float*>(smem + L::kQBytes + 2 * L::kKBytes);
   T* ps = reinterpret_cast<T*>(smem + L::kQBytes + 2 * L::kKBytes + L::kSBytes);
-  float* os = reinterpret_cast<float*>(smem + L::kQBytes + 2 * L::kKBytes + L::kSBytes + L::kPBytes);
+  float* pvs = reinterpret_cast<float*>(smem + L::kQBytes + 2 * L::kKBytes + L::kSBytes + L::kPBytes);
 
   // Heaviest causal query blocks (the last ones) start first.
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
@@ -93,8 +94,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const int qi = m0 + row;  // this lane's query index
 
   load_tile<T, kBlockM, D>(qs, L::kQld, q, p.q_strides.row, m0, p.len_q);
-  for (int idx = threadIdx.x; idx < kBlockM * L::kOld; idx += blockDim.x) os[idx] = 0.0f;
   float m_i = -INFINITY, l_i = 0.0f;
+  float o_acc[D / 2];  // this lane's half row of the fp32 output accumulator O
+#pragma unroll
+  for (int d = 0; d < D / 2; ++d) o_acc[d] = 0.0f;
   __syncthreads();
   // The warp's 16 query rows stay in registers as A fragments for every key tile (4 registers each).
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
@@ -149,40 +152,41 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     row_sum += __shfl_xor_sync(kFullMask, row_sum, 1);
     l_i = l_i * alpha + row_sum;
     m_i = m_new;
-    float* orow = os + row * L::kOld + half * (D / 2);
-#pragma unroll 8
-    for (int d = 0; d < D / 2; ++d) orow[d] *= alpha;
     __syncwarp();
 
-    // 3. O += P V for this warp's 16 rows, the accumulator round-tripping through shared memory.
+    // 3. This tile's P V for the warp's 16 rows (fresh accumulators, parked in the warp's slice of pvs),
+    //    then O = alpha * O + P V by each lane on its half row held in registers.
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf[kBlockN / 16];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) wmma::load_matrix_sync(pf[kk], ps + 16 * warp * L::kPld + kk * 16, L::kPld);
 #pragma unroll
     for (int df = 0; df < D / 16; ++df) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, os + 16 * warp * L::kOld + df * 16, L::kOld, wmma::mem_row_major);
+      wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, ps + 16 * warp * L::kPld + kk * 16, L::kPld);
         wmma::load_matrix_sync(bv, vs + kk * 16 * L::kQld + df * 16, L::kQld);
-        wmma::mma_sync(acc, a, bv, acc);
+        wmma::mma_sync(acc, pf[kk], bv, acc);
       }
-      wmma::store_matrix_sync(os + 16 * warp * L::kOld + df * 16, acc, L::kOld, wmma::mem_row_major);
+      wmma::store_matrix_sync(pvs + 16 * warp * L::kOld + df * 16, acc, L::kOld, wmma::mem_row_major);
     }
     __syncwarp();
+    const float* pvrow = pvs + row * L::kOld + half * (D / 2);
+#pragma unroll
+    for (int d = 0; d < D / 2; ++d) o_acc[d] = o_acc[d] * alpha + pvrow[d];
+    __syncwarp();  // the next tile's stores into pvs wait for these reads
   }
-  __syncthreads();  // the last O tile is visible to every lane
 
   // 4. out = O / l (16-byte stores), lse = m + log l; a row with no key gives 0 and -inf.
   if (qi < p.len_q) {
     const float inv_l = l_i > 0.0f ? 1.0f / l_i : 0.0f;
     T* out = static_cast<T*>(p.out) + offset(p.out_strides, b, h, qi);
-    const float* orow = os + row * L::kOld + half * (D / 2);
 #pragma unroll
     for (int d = 0; d < D / 2; d += 8) {
       Vec<T, 8> pack;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) pack.v[e] = from_float<T>(orow[d + e] * inv_l);
+      for (int e = 0; e < 8; ++e) pack.v[e] = from_float<T>(o_acc[d + e] * inv_l);
       *reinterpret_cast<Vec<T, 8>*>(out + half * (D / 2) + d) = pack;
     }
     if (half == 0) {
