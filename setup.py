@@ -34,7 +34,8 @@ def _extensions():
     cxx = ["-O3", "-fopenmp"]
     # No -std here: torch picks it (C++20 for extensions since 2.10). The ptxas register/spill report is
     # produced by tests/test_nvcc_compile.py, not on every build (it would flood the build log).
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    # --threads=2 compiles the two arch targets of a file side by side.
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "--threads=2"]
     define_macros = []
     use_cuda = (
         torch.version.cuda is not None
