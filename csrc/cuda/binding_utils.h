@@ -23,8 +23,9 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const ch
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dims, got shape ", t.sizes());
 }
 
-// The kernels' element type for a float tensor; float64 and other types are refused with the fix.
-inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
+// The kernels' element type for a float tensor; float64 (unless allowed) and other types are refused.
+inline DType dtype_of(const at::Tensor& t, const char* op, const char* name, bool allow_double = false) {
+  if (allow_double && t.scalar_type() == at::kDouble) return DType::kFloat64;
   switch (t.scalar_type()) {
     case at::kFloat:
       return DType::kFloat32;
@@ -33,8 +34,9 @@ inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, op, ": the cuda backend takes float32, float16 or bfloat16 ", name, ", got ",
-                  t.scalar_type(), "; use backend='reference' for other dtypes");
+      TORCH_CHECK(false, op, ": the cuda backend takes float32, float16 or bfloat16 ", name,
+                  allow_double ? " (or float64)" : "", ", got ", t.scalar_type(),
+                  "; use backend='reference' for other dtypes");
   }
 }
 

@@ -1,4 +1,5 @@
-// Cross-entropy forward and backward over the rows of (rows, cols) logits, fp32 math for every dtype.
+// Cross-entropy forward and backward over the rows of (rows, cols) logits: fp32 math for fp32/fp16/bf16
+// logits, fp64 math (and fp64 loss/lse) for fp64 logits.
 //
 // Forward: one block per row reads the row once, keeping per thread an online (max, sum of exp) pair and
 // the plain sum of the logits (for label smoothing); the block merges them and thread 0 reads the target
@@ -25,14 +26,15 @@ __device__ __forceinline__ bool out_of_range(int64_t t, int64_t cols) { return t
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) cross_entropy_fwd_kernel(const CrossEntropyParams p) {
-  __shared__ float scratch[2 * kWarpSize];
+  using Acc = typename AccOf<T>::type;
+  __shared__ Acc scratch[2 * kWarpSize];
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     // 1. One read of the row: online (max, sum exp) and sum of logits per thread.
-    float m = -INFINITY, s = 0.0f, total = 0.0f;
+    Acc m = -INFINITY, s = 0, total = 0;
     for (int64_t c = int64_t(threadIdx.x) * VEC; c < p.cols; c += int64_t(blockDim.x) * VEC) {
-      float v[VEC];
-      load_vec<T, VEC>(x, c, p.cols, v, 0.0f);
+      Acc v[VEC];
+      load_vec<T, VEC>(x, c, p.cols, v, Acc(0));
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         if (c + e < p.cols) {
@@ -54,22 +56,23 @@ __global__ void __launch_bounds__(1024) cross_entropy_fwd_kernel(const CrossEntr
         if (out_of_range(t, p.cols)) {
           loss = NAN;  // the documented contract: a bad target poisons its row instead of a finite loss
         } else {
-          loss = lse - static_cast<double>(to_float(x[t]));
-          if (p.label_smoothing != 0.0f) {
+          loss = lse - convert_in<double>(x[t]);
+          if (p.label_smoothing != 0.0) {
             loss = (1.0 - p.label_smoothing) * loss +
                    p.label_smoothing * (lse - static_cast<double>(total) / static_cast<double>(p.cols));
           }
-          if (p.z_loss != 0.0f) loss += static_cast<double>(p.z_loss) * lse * lse;
+          if (p.z_loss != 0.0) loss += p.z_loss * lse * lse;
         }
       }
-      p.loss[row] = static_cast<float>(loss);
-      p.lse[row] = static_cast<float>(lse);
+      static_cast<Acc*>(p.loss)[row] = static_cast<Acc>(loss);
+      static_cast<Acc*>(p.lse)[row] = static_cast<Acc>(lse);
     }
   }
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) cross_entropy_bwd_kernel(const CrossEntropyParams p) {
+  using Acc = typename AccOf<T>::type;
   const int64_t col_step = int64_t(gridDim.y) * blockDim.x * VEC;
   const int64_t col_start = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -78,21 +81,22 @@ __global__ void __launch_bounds__(1024) cross_entropy_bwd_kernel(const CrossEntr
     const int64_t t = read_target(p, row);
     // 1. Row constants: ignored rows get 0, bad targets NaN, the rest
     //    g_j = coef * exp(x_j - lse) - smooth - hit [j == t].
-    const float dl = p.dloss ? p.dloss[row] : 1.0f;
-    const float lse = p.lse_in[row];
+    const Acc dl = p.dloss ? static_cast<const Acc*>(p.dloss)[row] : Acc(1);
+    const Acc lse = static_cast<const Acc*>(p.lse_in)[row];
+    const Acc eps = static_cast<Acc>(p.label_smoothing), z = static_cast<Acc>(p.z_loss);
     const bool ignored = t == p.ignore_index;
-    const float poison = !ignored && out_of_range(t, p.cols) ? NAN : 0.0f;
-    const float coef = ignored ? 0.0f : dl * (1.0f + 2.0f * p.z_loss * lse);
-    const float smooth = ignored ? 0.0f : dl * p.label_smoothing / static_cast<float>(p.cols);
-    const float hit = ignored ? 0.0f : dl * (1.0f - p.label_smoothing);
+    const Acc poison = !ignored && out_of_range(t, p.cols) ? Acc(NAN) : Acc(0);
+    const Acc coef = ignored ? Acc(0) : dl * (Acc(1) + Acc(2) * z * lse);
+    const Acc smooth = ignored ? Acc(0) : dl * eps / static_cast<Acc>(p.cols);
+    const Acc hit = ignored ? Acc(0) : dl * (Acc(1) - eps);
     // 2. One pass over the row's columns (this block's share of them).
     for (int64_t c = col_start; c < p.cols; c += col_step) {
-      float v[VEC];
-      load_vec<T, VEC>(x, c, p.cols, v, 0.0f);
+      Acc v[VEC];
+      load_vec<T, VEC>(x, c, p.cols, v, Acc(0));
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float prob = ignored ? 0.0f : __expf(v[e] - lse);
-        v[e] = coef * prob - smooth - (c + e == t ? hit : 0.0f) + poison;
+        const Acc prob = ignored ? Acc(0) : acc_exp(v[e] - lse);
+        v[e] = coef * prob - smooth - (c + e == t ? hit : Acc(0)) + poison;
       }
       store_vec<T, VEC>(g, c, p.cols, v);
     }
@@ -135,11 +139,11 @@ cudaError_t launch_bwd(const CrossEntropyParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t cross_entropy_fwd_launch(const CrossEntropyParams& params, cudaStream_t stream) {
-  return GPTFAST_DTYPE_SWITCH(params.dtype, T, [&] { return launch_fwd<T>(params, stream); });
+  return GPTFAST_DTYPE_WITH_DOUBLE_SWITCH(params.dtype, T, [&] { return launch_fwd<T>(params, stream); });
 }
 
 cudaError_t cross_entropy_bwd_launch(const CrossEntropyParams& params, cudaStream_t stream) {
-  return GPTFAST_DTYPE_SWITCH(params.dtype, T, [&] { return launch_bwd<T>(params, stream); });
+  return GPTFAST_DTYPE_WITH_DOUBLE_SWITCH(params.dtype, T, [&] { return launch_bwd<T>(params, stream); });
 }
 
 }  // namespace gptfast::cuda

@@ -23,29 +23,34 @@ void check_target(const at::Tensor& logits, const at::Tensor& target, const char
               ": target must be int64 or int32, got ", target.scalar_type());
 }
 
-// logits (M, V), target (M,) -> (loss (M,) fp32, lse (M,) fp32).
+// loss, lse and the kernels' math: fp64 for fp64 logits, fp32 otherwise.
+at::ScalarType math_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// logits (M, V), target (M,) -> (loss (M,), lse (M,)) in math_type.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
                                                      int64_t ignore_index, double label_smoothing, double z_loss) {
   check_cuda(logits, kFwd, "logits");
   check_dim(logits, 2, kFwd, "logits");
   check_target(logits, target, kFwd);
   CrossEntropyParams p;
-  p.dtype = dtype_of(logits, kFwd, "logits");
+  p.dtype = dtype_of(logits, kFwd, "logits", /*allow_double=*/true);
   const at::Tensor x = logits.contiguous(), t = target.contiguous();
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({x.size(0)}, f32), lse = at::empty({x.size(0)}, f32);
+  const auto acc = x.options().dtype(math_type(x));
+  at::Tensor loss = at::empty({x.size(0)}, acc), lse = at::empty({x.size(0)}, acc);
   c10::cuda::CUDAGuard guard(logits.device());
   p.logits = x.data_ptr();
   p.logits_row_stride = x.stride(0);
   p.target = t.data_ptr();
   p.target_int32 = t.scalar_type() == at::kInt;
-  p.loss = loss.data_ptr<float>();
-  p.lse = lse.data_ptr<float>();
+  p.loss = loss.data_ptr();
+  p.lse = lse.data_ptr();
   p.rows = x.size(0);
   p.cols = x.size(1);
   p.ignore_index = ignore_index;
-  p.label_smoothing = static_cast<float>(label_smoothing);
-  p.z_loss = static_cast<float>(z_loss);
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
   check_launch(cross_entropy_fwd_launch(p, at::cuda::getCurrentCUDAStream().stream()), kFwd);
   return {loss, lse};
 }
@@ -61,24 +66,24 @@ at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits, 
   TORCH_CHECK(dloss.numel() == logits.size(0) && lse.numel() == logits.size(0), kBwd,
               ": dloss and lse must have ", logits.size(0), " elements, got ", dloss.numel(), " and ", lse.numel());
   CrossEntropyParams p;
-  p.dtype = dtype_of(logits, kBwd, "logits");
+  p.dtype = dtype_of(logits, kBwd, "logits", /*allow_double=*/true);
   const at::Tensor x = logits.contiguous(), t = target.contiguous();
-  const at::Tensor dl = dloss.to(at::kFloat).contiguous(), l = lse.to(at::kFloat).contiguous();
+  const at::Tensor dl = dloss.to(math_type(x)).contiguous(), l = lse.to(math_type(x)).contiguous();
   at::Tensor dlogits = at::empty(x.sizes(), x.options());
   c10::cuda::CUDAGuard guard(logits.device());
   p.logits = x.data_ptr();
   p.logits_row_stride = x.stride(0);
   p.target = t.data_ptr();
   p.target_int32 = t.scalar_type() == at::kInt;
-  p.dloss = dl.data_ptr<float>();
-  p.lse_in = l.data_ptr<float>();
+  p.dloss = dl.data_ptr();
+  p.lse_in = l.data_ptr();
   p.dlogits = dlogits.data_ptr();
   p.dlogits_row_stride = dlogits.stride(0);
   p.rows = x.size(0);
   p.cols = x.size(1);
   p.ignore_index = ignore_index;
-  p.label_smoothing = static_cast<float>(label_smoothing);
-  p.z_loss = static_cast<float>(z_loss);
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
   check_launch(cross_entropy_bwd_launch(p, at::cuda::getCurrentCUDAStream().stream()), kBwd);
   return dlogits;
 }

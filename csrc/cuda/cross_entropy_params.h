@@ -16,22 +16,23 @@ namespace gptfast::cuda {
 //   backward: dlogits[r, j] = dloss[r] (p_j (1 + 2 z_loss lse) - eps / cols - (1 - eps) [j == t]),
 //             p_j = exp(x_j - lse); ignored rows get 0. dlogits may alias logits (in place).
 // A target outside [0, cols) that is not ignore_index gives a NaN loss and a NaN gradient row.
+// loss, lse, lse_in and dloss are fp32, or fp64 when dtype is kFloat64 (then all the math is fp64).
 struct CrossEntropyParams {
   const void* logits = nullptr;  // (rows, cols) of `dtype`, unit column stride
   int64_t logits_row_stride = 0;
   const void* target = nullptr;  // (rows,) int64, or int32 when target_int32
   bool target_int32 = false;
-  float* loss = nullptr;           // forward output (rows,)
-  float* lse = nullptr;            // forward output (rows,)
-  const float* lse_in = nullptr;   // backward input (rows,)
-  const float* dloss = nullptr;    // backward input (rows,); nullptr means 1 for every row
+  void* loss = nullptr;           // forward output (rows,)
+  void* lse = nullptr;            // forward output (rows,)
+  const void* lse_in = nullptr;   // backward input (rows,)
+  const void* dloss = nullptr;    // backward input (rows,); nullptr means 1 for every row
   void* dlogits = nullptr;         // backward output (rows, cols) of `dtype`
   int64_t dlogits_row_stride = 0;
   int64_t rows = 0;
   int64_t cols = 0;
   int64_t ignore_index = -100;
-  float label_smoothing = 0.0f;
-  float z_loss = 0.0f;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
   DType dtype = DType::kFloat32;
 };
 

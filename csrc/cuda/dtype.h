@@ -4,6 +4,6 @@
 
 namespace gptfast::cuda {
 
-enum class DType { kFloat32, kFloat16, kBFloat16 };
+enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
 }  // namespace gptfast::cuda

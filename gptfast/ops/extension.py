@@ -15,9 +15,10 @@ _FIX = "use backend='triton' or 'reference'"
 def unsupported_cuda(op: str, **features) -> str | None:
     """None when the "cuda" backend's kernel for `op` handles these features, else the reason.
 
-    softmax, cross_entropy and linear_cross_entropy take every option on fp32/fp16/bf16 (their public ops pass
-    no dtype here; the kernels reject float64 with a clear error). attention runs fp16/bf16 with head dim
-    64 or 128, value dim equal to the head dim, no attn_mask and no dropout.
+    softmax, cross_entropy and linear_cross_entropy take every option on fp32/fp16/bf16, and the two
+    cross-entropies fp64 too (the public ops pass no dtype here; the softmax kernel refuses float64 with a
+    clear error). attention runs fp16/bf16 with head dim 64 or 128, value dim equal to the head dim, no
+    attn_mask and no dropout.
     """
     if op != "attention":
         return None

@@ -39,7 +39,7 @@ using std::min;
 struct EmuBlock {
   std::barrier<>* block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>>* warp_barriers;
-  std::vector<float>* shfl_buf;  // 32 per warp
+  std::vector<double>* shfl_buf;  // 32 per warp, wide enough for float and double
   unsigned char* smem;
 };
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -48,13 +48,14 @@ inline thread_local EmuBlock* emu_block;
 inline unsigned char* emu_smem() { return emu_block->smem; }
 inline void __syncthreads() { emu_block->block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { (*emu_block->warp_barriers)[threadIdx.x / 32]->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int off) {
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int off) {
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* buf = emu_block->shfl_buf->data() + 32 * w;
+  V* buf = reinterpret_cast<V*>(emu_block->shfl_buf->data()) + 32 * w;
   __syncwarp();
   buf[lane] = v;
   __syncwarp();
-  const float r = buf[lane ^ off];
+  const V r = buf[lane ^ off];
   __syncwarp();
   return r;
 }
@@ -75,7 +76,7 @@ void emu_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStr
         std::barrier<> bar(n);
         std::vector<std::unique_ptr<std::barrier<>>> warps;
         for (unsigned w = 0; w < (n + 31) / 32; ++w) warps.emplace_back(new std::barrier<>(32));
-        std::vector<float> shfl(32 * warps.size());
+        std::vector<double> shfl(32 * warps.size());
         // Garbage in shared memory, as on a GPU: catches reads of never-written tiles.
         for (size_t i = 0; i < smem_bytes; ++i) smem[i] = 0xFF;
         EmuBlock eb{&bar, &warps, &shfl, smem};

@@ -185,6 +185,13 @@ def test_cross_entropy_matches_reference(rows, vocab, dtype, options):
 
 
 @pytest.mark.gpu
+def test_cross_entropy_float64():
+    # fp64 logits run in fp64 (loss and lse fp64 too), as the reference: checked against fp64 torch.
+    x = torch.randn(9, 1001, device="cuda", dtype=torch.float64)
+    _check_ce(x, _targets(9, 1001, -100), label_smoothing=0.25, z_loss=0.125)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF)
 def test_cross_entropy_3d_int32_targets(dtype):
     # (B, T, C) logits with int32 targets: the int32 read path and the public op's flattening.
@@ -259,7 +266,7 @@ def test_cross_entropy_past_2_31_elements():
 
 # ------------------------------------------------------------------------------------ linear cross entropy
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_matches_reference(dtype, bias, reduction):
@@ -411,7 +418,7 @@ def test_attention_shape_and_dtype_refusals(dtype, D, Dv, why):
 
 @pytest.mark.gpu
 def test_float64_is_refused_with_a_clear_error():
-    # softmax/cross_entropy get no dtype feature, so the kernels' TORCH_CHECK is the refusal.
+    # softmax gets no dtype feature, so its kernel's TORCH_CHECK is the refusal (cross-entropy takes fp64).
     _require_cuda_backend("softmax")
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         ops.softmax(torch.randn(2, 3, device="cuda", dtype=torch.float64), backend="cuda")
@@ -458,7 +465,7 @@ import subprocess  # noqa: E402
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _EMU_DIR = os.path.join(_ROOT, "tests", "cuda_emulator")
 _CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
-_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 def _emulable(source: str) -> str:
@@ -552,7 +559,8 @@ def test_emulated_softmax_edge_rows(emu):
 
 def _emu_ce(emu, fwd, x, t, ignore, ls, z, lse=None, dloss=None, out=None):
     rows, cols = x.shape
-    loss, lse_out = torch.empty(rows), torch.empty(rows)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss, lse_out = torch.empty(rows, dtype=acc), torch.empty(rows, dtype=acc)
     rc = emu.emu_ce(
         fwd, _p(x), _I(x.stride(0)), _p(t), int(t.dtype == torch.int32), _p(loss), _p(lse_out), _p(lse), _p(dloss),
         _p(out), _I(cols), _I(rows), _I(cols), _I(ignore), _F(ls), _F(z), _DT[x.dtype],
@@ -561,7 +569,7 @@ def _emu_ce(emu, fwd, x, t, ignore, ls, z, lse=None, dloss=None, out=None):
     return (loss, lse_out) if fwd else out
 
 
-@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("dtype", ALL + [torch.float64])
 @pytest.mark.parametrize("rows,cols", [(8, 10), (7, 1000), (5, 3001), (3, 9000)])  # block sizes 128/256/256/512
 @pytest.mark.parametrize("ls,z,ignore", [(0.0, 0.0, -100), (0.1, 1e-3, 3)])
 def test_emulated_cross_entropy(emu, rows, cols, dtype, ls, z, ignore):
@@ -572,12 +580,13 @@ def test_emulated_cross_entropy(emu, rows, cols, dtype, ls, z, ignore):
     loss, lse = _emu_ce(emu, 1, x, t_kernel, ignore, ls, z)
     # loss and lse are fp32 whatever the input dtype, so the reference runs in fp64 here, against torch's
     # own CPU cross_entropy and logsumexp in the input dtype.
+    # (fp64 logits: the fp64 reference is also the same-dtype torch run, so their bound is the floor.)
     ref_loss, ref_lse = reference.cross_entropy_fwd(x.double(), t, ignore, ls, z)
     xt = _leaf(x)
-    tor_loss = _torch_ce(xt, t, ignore, "none", ls, z).float()
+    tor_loss = _torch_ce(xt, t, ignore, "none", ls, z).to(loss.dtype)
     assert_close(loss, ref_loss, tor_loss, "ce loss")
     assert_close(lse, ref_lse, torch.logsumexp(x, dim=-1), "ce lse")
-    dl = torch.randn(rows)
+    dl = torch.randn(rows, dtype=lse.dtype)
     g = _emu_ce(emu, 0, x, t_kernel, ignore, ls, z, lse=lse, dloss=dl, out=torch.empty_like(x))
     ref_g = reference.cross_entropy_bwd(dl.double(), x.double(), t, ref_lse, ignore, ls, z)
     (tor_g,) = torch.autograd.grad(tor_loss, [xt], dl.to(tor_loss.dtype))
