@@ -17,7 +17,7 @@ int emu_softmax(int fwd, const void* a, const void* b, void* out, int64_t rows, 
 }
 int emu_ce(int fwd, const void* logits, int64_t ls, const void* target, int t32, float* loss, float* lse,
            const float* lse_in, const float* dloss, void* dlogits, int64_t ds, int64_t rows, int64_t cols,
-           int64_t ignore, float smooth, float z, int dtype) {
+           int64_t ignore, double smooth, double z, int dtype) {
   CrossEntropyParams p;
   p.dtype = DType(dtype);
   p.logits = logits; p.logits_row_stride = ls; p.target = target; p.target_int32 = t32; p.loss = loss; p.lse = lse;

@@ -563,7 +563,7 @@ def _emu_ce(emu, fwd, x, t, ignore, ls, z, lse=None, dloss=None, out=None):
     loss, lse_out = torch.empty(rows, dtype=acc), torch.empty(rows, dtype=acc)
     rc = emu.emu_ce(
         fwd, _p(x), _I(x.stride(0)), _p(t), int(t.dtype == torch.int32), _p(loss), _p(lse_out), _p(lse), _p(dloss),
-        _p(out), _I(cols), _I(rows), _I(cols), _I(ignore), _F(ls), _F(z), _DT[x.dtype],
+        _p(out), _I(cols), _I(rows), _I(cols), _I(ignore), ctypes.c_double(ls), ctypes.c_double(z), _DT[x.dtype],
     )
     assert rc == 0
     return (loss, lse_out) if fwd else out
