@@ -15,6 +15,7 @@
 namespace gptfast::cuda {
 namespace {
 
+constexpr int kMaxThreads = 512;           // threads_for() never asks for more; lets ptxas use 128 registers
 constexpr int kBwdColChunksPerThread = 4;  // vectors per thread per backward block: enough work per block
 
 __device__ __forceinline__ int64_t read_target(const CrossEntropyParams& p, int64_t row) {
@@ -25,7 +26,7 @@ __device__ __forceinline__ int64_t read_target(const CrossEntropyParams& p, int6
 __device__ __forceinline__ bool out_of_range(int64_t t, int64_t cols) { return t < 0 || t >= cols; }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(1024) cross_entropy_fwd_kernel(const CrossEntropyParams p) {
+__global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(const CrossEntropyParams p) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc scratch[2 * kWarpSize];
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(1024) cross_entropy_fwd_kernel(const CrossEntr
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(1024) cross_entropy_bwd_kernel(const CrossEntropyParams p) {
+__global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const CrossEntropyParams p) {
   using Acc = typename AccOf<T>::type;
   const int64_t col_step = int64_t(gridDim.y) * blockDim.x * VEC;
   const int64_t col_start = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
