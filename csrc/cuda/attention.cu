@@ -6,7 +6,7 @@
 //   for each tile of kBlockN = 64 keys (up to the diagonal when causal):
 //     1. S = Q K^T                 (WMMA m16n16k16, fp32 accumulators, stored to shared memory)
 //     2. s = scale * S, masked to -inf past the keys' end and above the diagonal;
-//        m_new = max(m, rowmax s), p = exp(s - m_new), l = l * exp(m - m_new) + rowsum p,
+//        m_new = max(m, rowmax s), p = exp(s - m_new), l = l * exp(m - m_new) + rowsum p
 //     3. O = exp(m - m_new) O + P V (WMMA for P V, P rounded to the input dtype as FlashAttention does;
 //        the tile's P V goes through shared memory so that each lane can rescale its half row of O,
 //        which it keeps in fp32 registers: WMMA does not say which accumulator element is which row)
