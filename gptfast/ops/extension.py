@@ -1,5 +1,6 @@
 """What the C++ extension's kernels refuse. Both backends are reached through torch.ops.gptfast.<op>_fwd/_bwd;
 the dispatcher picks the CPU or CUDA kernel by the tensors' device."""
+import torch
 
 
 def unsupported_cpu(op: str, **features) -> str | None:
@@ -7,6 +8,30 @@ def unsupported_cpu(op: str, **features) -> str | None:
     return None
 
 
+_CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+_FIX = "use backend='triton' or 'reference'"
+
+
 def unsupported_cuda(op: str, **features) -> str | None:
-    """None when the "cuda" backend's kernel for `op` handles these features, else the reason."""
+    """None when the "cuda" backend's kernel for `op` handles these features, else the reason.
+
+    softmax, cross_entropy and linear_cross_entropy take every option on fp32/fp16/bf16, and the two
+    cross-entropies fp64 too (the public ops pass no dtype here; the softmax kernel refuses float64 with a
+    clear error). attention runs fp16/bf16 with head dim 64 or 128, value dim equal to the head dim, no
+    attn_mask and no dropout.
+    """
+    if op != "attention":
+        return None
+    if features.get("attn_mask"):
+        return f"the cuda attention kernel takes no attn_mask (only is_causal); {_FIX}"
+    if features.get("dropout"):
+        return f"the cuda attention kernel has no dropout; {_FIX}"
+    dtype = features.get("dtype")
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda attention kernel takes float16 or bfloat16, got {str(dtype).replace('torch.', '')}; {_FIX}"
+    head_dim, value_dim = features.get("head_dim"), features.get("value_dim")
+    if head_dim is not None and head_dim not in _CUDA_ATTENTION_HEAD_DIMS:
+        return f"the cuda attention kernel takes head dim 64 or 128, got {head_dim}; {_FIX}"
+    if value_dim is not None and head_dim is not None and value_dim != head_dim:
+        return f"the cuda attention kernel needs value dim == head dim, got {value_dim} and {head_dim}; {_FIX}"
     return None
