@@ -39,7 +39,9 @@ def closeness(out: Tensor, ref: Tensor, torch_out: Tensor, floor: float | None =
     torch_err = (t - r)[torch_finite].abs().max().item() if torch_finite.any() else 0.0
     # No result in out's dtype can beat rounding the reference to it. Where torch itself overflowed (fp16 sums
     # past 65504) its error is unbounded, so that rounding error, not a zero, is the honest baseline.
-    rounding = (r.to(out.dtype).double() - r)[finite].abs().max().item() if finite.any() else 0.0
+    rr = r.to(out.dtype).double()
+    representable = finite & rr.isfinite()
+    rounding = (rr - r)[representable].abs().max().item() if representable.any() else 0.0
     bound = 2.0 * max(torch_err, rounding) + (FLOOR.get(out.dtype, 1e-6) if floor is None else floor)
     return Closeness(err <= bound, err, bound)
 
