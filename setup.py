@@ -22,6 +22,12 @@ def _cap_max_jobs():
     os.environ["MAX_JOBS"] = str(max(1, min(cores, int(mem_gb // 1.5))))
 
 
+def _x86_64():
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _extensions():
     if os.environ.get("GPTFAST_SKIP_EXT") == "1":
         return [], {}
@@ -31,7 +37,15 @@ def _extensions():
     _cap_max_jobs()
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    # at::vec::Vectorized picks its SIMD width from CPU_CAPABILITY at compile time; without it the kernels get
+    # the scalar-array fallback. Every x86-64 host this project targets (CI, the dev machines, the GPU host)
+    # has AVX2 + FMA, so the extension is compiled for exactly that (torch's own AVX2 kernel flags) and
+    # gptfast/ops/extension.py refuses the "cpu" backend on a CPU without AVX2 (cpuinfo, through
+    # torch.cpu._is_avx2_supported()), so no kernel runs an illegal instruction. Sleef's exp is resolved from
+    # libtorch_cpu. Other architectures build the portable fallback.
     cxx = ["-O3", "-fopenmp"]
+    if _x86_64():
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     # No -std here: torch picks it (C++20 for extensions since 2.10). The ptxas register/spill report is
     # produced by tests/test_nvcc_compile.py, not on every build (it would flood the build log).
     # --threads=2 compiles the two arch targets of a file side by side.
