@@ -1,0 +1,350 @@
+// attention_fwd / attention_bwd on CPU: FlashAttention-2's tiled algorithm. Scores live only as one
+// (query block x key block) tile per task; nothing of size L x S is ever held.
+//
+// Forward, per (batch, query head, query block), over the key blocks it can see:
+//   1. S = scale * Q_blk K_blk^T + mask            (causal keeps key j for query i when j <= i, top-left)
+//   2. m' = max(m, rowmax S),  P = exp(S - m'),  l = l * exp(m - m') + rowsum P,  O = O * exp(m - m') + P V_blk
+//   3. O /= l,  lse = m + log l                    (a row with no key left: O = 0, lse = -inf)
+// Backward recomputes P = exp(S - lse) and uses delta = rowsum(dO * O):
+//   dV = sum P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * sum dS^T Q
+// in two race-free passes: dK/dV per (batch, kv head, key block), summing over the query heads of its group;
+// dQ per (batch, query head, query block). GQA: query head h reads kv head h / (Hq / Hk).
+// Inputs of any float dtype are copied once to fp32 (and to the transposed layouts the tile products stream);
+// these copies are the size of the inputs.
+#include "gemm.h"
+
+namespace gptfast::cpu {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+int64_t blocks(int64_t n, int64_t block) {
+  return (n + block - 1) / block;
+}
+
+// The additive fp32 mask as a strided (B, Hq, L, S) view: broadcast dims keep stride 0, so only the mask's
+// own elements are converted (bool True -> 0, False -> -inf).
+struct Mask {
+  at::Tensor data;
+  const float* ptr = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, ss = 0;
+
+  explicit Mask(const std::optional<at::Tensor>& mask) {
+    if (!mask.has_value() || !mask->defined()) return;
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4, "attention: attn_mask must be a (B, Hq, L, S) view, got ", m.sizes());
+    std::vector<int64_t> sizes(m.sizes().begin(), m.sizes().end());
+    for (int64_t d = 0; d < 4; ++d) {
+      if (m.stride(d) == 0) sizes[d] = 1;
+    }
+    at::Tensor base = m.as_strided(sizes, m.strides());
+    at::Tensor f = m.scalar_type() == at::kBool
+                       ? at::where(base, 0.0f, -std::numeric_limits<float>::infinity()).to(at::kFloat)
+                       : base.to(at::kFloat);
+    data = f.expand(m.sizes());
+    ptr = data.const_data_ptr<float>();
+    sb = data.stride(0), sh = data.stride(1), sl = data.stride(2), ss = data.stride(3);
+  }
+
+  float at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return ptr[b * sb + h * sh + i * sl + j * ss];
+  }
+};
+
+struct Shapes {
+  int64_t B, Hq, Hk, L, S, D, Dv, group;
+};
+
+Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-d, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  Shapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), 1};
+  TORCH_CHECK(s.Hk > 0 && s.Hq % s.Hk == 0, "attention: query heads (", s.Hq, ") must be a multiple of kv heads (",
+              s.Hk, ")");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attention: the cpu backend takes float32, float16 or bfloat16, got ", q.scalar_type());
+  s.group = s.Hq / s.Hk;
+  return s;
+}
+
+void check_no_dropout(double dropout_p) {
+  TORCH_CHECK(dropout_p == 0.0, "attention: the cpu backend does not implement dropout (got dropout_p=", dropout_p,
+              "); use backend='reference' or dropout_p=0");
+}
+
+at::Tensor fp32(const at::Tensor& t) {
+  return t.to(at::kFloat).contiguous();
+}
+
+at::Tensor fp32_transposed(const at::Tensor& t) {
+  return t.to(at::kFloat).transpose(-1, -2).contiguous();
+}
+
+// Keys a query block [i0, i0 + nq) can see: all of them, or under causal up to its last query.
+int64_t visible_keys(bool causal, int64_t i0, int64_t nq, int64_t S) {
+  return causal ? std::min(S, i0 + nq) : S;
+}
+
+// Score tile row for query i over keys [j0, j0 + nk): scale, add the mask, -inf past the causal edge.
+inline void finish_scores(float* row, int64_t nk, float scale, bool causal, int64_t i, int64_t j0, const Mask& mask,
+                          int64_t b, int64_t h) {
+  const int64_t kept = causal ? std::clamp<int64_t>(i - j0 + 1, 0, nk) : nk;
+  if (mask.ptr) {
+    for (int64_t j = 0; j < kept; ++j) row[j] = row[j] * scale + mask.at(b, h, i, j0 + j);
+  } else {
+    at::vec::map([scale](Vectorized<float> x) { return x * Vectorized<float>(scale); }, row, row, kept);
+  }
+  std::fill(row + kept, row + nk, -std::numeric_limits<float>::infinity());
+}
+
+// row = exp(row - base) in place; returns the row sum.
+inline float exp_row(float* row, int64_t n, float base) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec vb(base);
+  Vec vs(0.f);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec e = vexp_fast(Vec::loadu(row + j) - vb);
+    e.store(row + j);
+    vs = vs + e;
+  }
+  if (j < n) {
+    // Masked lanes would load 0 and add exp(-base) to the sum; pad them with -inf instead.
+    float tail[W];
+    std::fill(tail, tail + W, -std::numeric_limits<float>::infinity());
+    std::copy(row + j, row + n, tail);
+    const Vec e = vexp_fast(Vec::loadu(tail) - vb);
+    e.store(row + j, n - j);
+    vs = vs + e;
+  }
+  return hsum(vs);
+}
+
+inline float row_max(const float* row, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
+  return m;
+}
+
+// ------------------------------------------------------------------------------------------------ forward
+struct FwdTask {
+  const Shapes& s;
+  const float *q, *kt, *v;
+  const Mask& mask;
+  bool causal;
+  float scale;
+  float *out, *lse;
+
+  void run(int64_t task, float* tile, float* acc, float* m, float* l) const {
+    const int64_t nqb = blocks(s.L, kBlockQ);
+    const int64_t bh = task / nqb, i0 = (task % nqb) * kBlockQ;
+    const int64_t b = bh / s.Hq, h = bh % s.Hq, kvh = b * s.Hk + h / s.group;
+    const int64_t nq = std::min(kBlockQ, s.L - i0);
+    const float* qb = q + (bh * s.L + i0) * s.D;
+    const float* ktb = kt + kvh * s.D * s.S;
+    const float* vb = v + kvh * s.S * s.Dv;
+    std::fill(acc, acc + nq * s.Dv, 0.f);
+    std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + nq, 0.f);
+    const int64_t n_keys = visible_keys(causal, i0, nq, s.S);
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, n_keys - j0);
+      // 1. S = scale * Q K^T + mask
+      gemm(qb, s.D, ktb + j0, s.S, tile, kBlockK, nq, nk, s.D, false);
+      for (int64_t r = 0; r < nq; ++r) {
+        float* row = tile + r * kBlockK;
+        finish_scores(row, nk, scale, causal, i0 + r, j0, mask, b, h);
+        // 2. online softmax: rescale what O and l hold so far to the new running max
+        const float m_new = std::max(m[r], row_max(row, nk));
+        const float base = safe_base(m_new);
+        const float alpha = std::exp(m[r] - base);
+        l[r] = l[r] * alpha + exp_row(row, nk, base);
+        m[r] = m_new;
+        if (alpha != 1.f) {
+          at::vec::map([alpha](Vectorized<float> x) { return x * Vectorized<float>(alpha); }, acc + r * s.Dv,
+                       acc + r * s.Dv, s.Dv);
+        }
+      }
+      gemm(tile, kBlockK, vb + j0 * s.Dv, s.Dv, acc, s.Dv, nq, s.Dv, nk, true);
+    }
+    // 3. normalise
+    for (int64_t r = 0; r < nq; ++r) {
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      float* o = out + (bh * s.L + i0 + r) * s.Dv;
+      at::vec::map([inv](Vectorized<float> x) { return x * Vectorized<float>(inv); }, o, acc + r * s.Dv, s.Dv);
+      lse[bh * s.L + i0 + r] = l[r] > 0.f ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                                 bool is_causal, double scale, const at::Tensor& rng) {
+  check_no_dropout(dropout_p);
+  const Shapes s = shapes_of(q, k, v);
+  const at::Tensor qf = fp32(q), ktf = fp32_transposed(k), vf = fp32(v);
+  const Mask mask(attn_mask);
+  at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Dv}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(at::kFloat));
+  const FwdTask t{s, qf.const_data_ptr<float>(), ktf.const_data_ptr<float>(), vf.const_data_ptr<float>(), mask,
+                  is_causal, static_cast<float>(scale), out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>()};
+  at::parallel_for(0, s.B * s.Hq * blocks(s.L, kBlockQ), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kBlockQ * kBlockK), acc(kBlockQ * s.Dv), m(kBlockQ), l(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) t.run(task, tile.data(), acc.data(), m.data(), l.data());
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+// ----------------------------------------------------------------------------------------------- backward
+struct BwdInputs {
+  const Shapes& s;
+  at::Tensor q, qt, k, kt, v, vt, dout, doutt, lse, delta;  // fp32; lse = +inf on rows with no key left
+  const Mask& mask;
+  bool causal;
+  float scale;
+};
+
+// P (or P^T) = exp(S - lse) for a tile, in place over the raw products Q K^T (or K Q^T).
+inline void probs_row(float* row, int64_t n, const float* lse_of_col, float lse_of_row) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  int64_t j = 0;
+  if (lse_of_col) {
+    for (; j + W <= n; j += W) vexp_fast(Vec::loadu(row + j) - Vec::loadu(lse_of_col + j)).store(row + j);
+    for (; j < n; ++j) row[j] = std::exp(row[j] - lse_of_col[j]);
+  } else {
+    const Vec vl(lse_of_row);
+    for (; j + W <= n; j += W) vexp_fast(Vec::loadu(row + j) - vl).store(row + j);
+    for (; j < n; ++j) row[j] = std::exp(row[j] - lse_of_row);
+  }
+}
+
+// dS = P * (dP - delta), in place over dP.
+inline void dscores_row(float* dp, const float* p, int64_t n, const float* delta_of_col, float delta_of_row) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - (delta_of_col ? delta_of_col[j] : delta_of_row));
+}
+
+// dK, dV for keys [j0, j0 + nk) of kv head (b, kvh), summed over its query heads and every query block.
+void dkdv_task(const BwdInputs& in, int64_t task, float* pt, float* dpt, float* dk, float* dv) {
+  const Shapes& s = in.s;
+  const int64_t nkb = blocks(s.S, kBlockK);
+  const int64_t bkv = task / nkb, j0 = (task % nkb) * kBlockK, b = bkv / s.Hk;
+  const int64_t nk = std::min(kBlockK, s.S - j0);
+  const float* kb = in.k.const_data_ptr<float>() + (bkv * s.S + j0) * s.D;
+  const float* vb = in.v.const_data_ptr<float>() + (bkv * s.S + j0) * s.Dv;
+  std::fill(dk, dk + nk * s.D, 0.f);
+  std::fill(dv, dv + nk * s.Dv, 0.f);
+  // Under causal, query i sees key j only when i >= j: start at the block holding query j0.
+  const int64_t first_q = in.causal ? j0 / kBlockQ * kBlockQ : 0;
+  for (int64_t g = 0; g < s.group; ++g) {
+    const int64_t h = bkv % s.Hk * s.group + g, bh = b * s.Hq + h;
+    const float* lse = in.lse.const_data_ptr<float>() + bh * s.L;
+    const float* delta = in.delta.const_data_ptr<float>() + bh * s.L;
+    for (int64_t i0 = first_q; i0 < s.L; i0 += kBlockQ) {
+      const int64_t nq = std::min(kBlockQ, s.L - i0);
+      // P^T = exp(scale * K Q^T + mask^T - lse)
+      gemm(kb, s.D, in.qt.const_data_ptr<float>() + bh * s.D * s.L + i0, s.L, pt, kBlockQ, nk, nq, s.D, false);
+      for (int64_t c = 0; c < nk; ++c) {
+        float* row = pt + c * kBlockQ;
+        const int64_t j = j0 + c;
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t i = i0 + r;
+          const bool kept = !in.causal || j <= i;
+          row[r] = kept ? row[r] * in.scale + (in.mask.ptr ? in.mask.at(b, h, i, j) : 0.f)
+                        : -std::numeric_limits<float>::infinity();
+        }
+        probs_row(row, nq, lse + i0, 0.f);
+      }
+      // dV += P^T dO
+      const float* dob = in.dout.const_data_ptr<float>() + (bh * s.L + i0) * s.Dv;
+      gemm(pt, kBlockQ, dob, s.Dv, dv, s.Dv, nk, s.Dv, nq, true);
+      // dP^T = V dO^T;  dS^T = P^T * (dP^T - delta)
+      gemm(vb, s.Dv, in.doutt.const_data_ptr<float>() + bh * s.Dv * s.L + i0, s.L, dpt, kBlockQ, nk, nq, s.Dv,
+           false);
+      for (int64_t c = 0; c < nk; ++c) dscores_row(dpt + c * kBlockQ, pt + c * kBlockQ, nq, delta + i0, 0.f);
+      // dK += dS^T Q   (scaled at the end)
+      gemm(dpt, kBlockQ, in.q.const_data_ptr<float>() + (bh * s.L + i0) * s.D, s.D, dk, s.D, nk, s.D, nq, true);
+    }
+  }
+}
+
+// dQ for queries [i0, i0 + nq) of query head (b, h).
+void dq_task(const BwdInputs& in, int64_t task, float* p, float* dp, float* dq) {
+  const Shapes& s = in.s;
+  const int64_t nqb = blocks(s.L, kBlockQ);
+  const int64_t bh = task / nqb, i0 = (task % nqb) * kBlockQ;
+  const int64_t b = bh / s.Hq, h = bh % s.Hq, bkv = b * s.Hk + h / s.group;
+  const int64_t nq = std::min(kBlockQ, s.L - i0);
+  const float* qb = in.q.const_data_ptr<float>() + (bh * s.L + i0) * s.D;
+  const float* dob = in.dout.const_data_ptr<float>() + (bh * s.L + i0) * s.Dv;
+  const float* lse = in.lse.const_data_ptr<float>() + bh * s.L + i0;
+  const float* delta = in.delta.const_data_ptr<float>() + bh * s.L + i0;
+  std::fill(dq, dq + nq * s.D, 0.f);
+  const int64_t n_keys = visible_keys(in.causal, i0, nq, s.S);
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
+    const int64_t nk = std::min(kBlockK, n_keys - j0);
+    // P = exp(scale * Q K^T + mask - lse)
+    gemm(qb, s.D, in.kt.const_data_ptr<float>() + bkv * s.D * s.S + j0, s.S, p, kBlockK, nq, nk, s.D, false);
+    for (int64_t r = 0; r < nq; ++r) {
+      float* row = p + r * kBlockK;
+      finish_scores(row, nk, in.scale, in.causal, i0 + r, j0, in.mask, b, h);
+      probs_row(row, nk, nullptr, lse[r]);
+    }
+    // dP = dO V^T;  dS = P * (dP - delta);  dQ += dS K
+    gemm(dob, s.Dv, in.vt.const_data_ptr<float>() + bkv * s.Dv * s.S + j0, s.S, dp, kBlockK, nq, nk, s.Dv, false);
+    for (int64_t r = 0; r < nq; ++r) dscores_row(dp + r * kBlockK, p + r * kBlockK, nk, nullptr, delta[r]);
+    gemm(dp, kBlockK, in.k.const_data_ptr<float>() + (bkv * s.S + j0) * s.D, s.D, dq, s.D, nq, s.D, nk, true);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
+    bool is_causal, double scale, const at::Tensor& rng) {
+  check_no_dropout(dropout_p);
+  const Shapes s = shapes_of(q, k, v);
+  const Mask mask(attn_mask);
+  const at::Tensor dof = fp32(dout);
+  // delta = rowsum(dO * O); a row with no key left gets lse = +inf so that every exp(S - lse) is 0.
+  const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
+  const at::Tensor lse_f = lse.to(at::kFloat).masked_fill(lse == -std::numeric_limits<float>::infinity(),
+                                                          std::numeric_limits<float>::infinity()).contiguous();
+  const BwdInputs in{s, fp32(q), fp32_transposed(q), fp32(k), fp32_transposed(k), fp32(v), fp32_transposed(v), dof,
+                     fp32_transposed(dout), lse_f, delta, mask, is_causal, static_cast<float>(scale)};
+  at::Tensor dq = at::empty({s.B, s.Hq, s.L, s.D}, q.options().dtype(at::kFloat));
+  at::Tensor dk = at::empty({s.B, s.Hk, s.S, s.D}, q.options().dtype(at::kFloat));
+  at::Tensor dv = at::empty({s.B, s.Hk, s.S, s.Dv}, q.options().dtype(at::kFloat));
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, s.B * s.Hk * blocks(s.S, kBlockK), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pt(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bkv = task / blocks(s.S, kBlockK), j0 = task % blocks(s.S, kBlockK) * kBlockK;
+      const int64_t nk = std::min(kBlockK, s.S - j0);
+      float* dkb = dk.mutable_data_ptr<float>() + (bkv * s.S + j0) * s.D;
+      float* dvb = dv.mutable_data_ptr<float>() + (bkv * s.S + j0) * s.Dv;
+      dkdv_task(in, task, pt.data(), dpt.data(), dkb, dvb);
+      at::vec::map([sc](Vectorized<float> x) { return x * Vectorized<float>(sc); }, dkb, dkb, nk * s.D);
+    }
+  });
+  at::parallel_for(0, s.B * s.Hq * blocks(s.L, kBlockQ), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks(s.L, kBlockQ), i0 = task % blocks(s.L, kBlockQ) * kBlockQ;
+      const int64_t nq = std::min(kBlockQ, s.L - i0);
+      float* dqb = dq.mutable_data_ptr<float>() + (bh * s.L + i0) * s.D;
+      dq_task(in, task, p.data(), dp.data(), dqb);
+      at::vec::map([sc](Vectorized<float> x) { return x * Vectorized<float>(sc); }, dqb, dqb, nq * s.D);
+    }
+  });
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace
+}  // namespace gptfast::cpu
+
+TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
+  m.impl("attention_fwd", &gptfast::cpu::attention_fwd);
+  m.impl("attention_bwd", &gptfast::cpu::attention_bwd);
+}
