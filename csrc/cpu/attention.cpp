@@ -77,8 +77,15 @@ at::Tensor fp32(const at::Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
-at::Tensor fp32_transposed(const at::Tensor& t) {
-  return t.to(at::kFloat).transpose(-1, -2).contiguous();
+// t (B, H, N, D) -> (B, H, ceil(N / block), D, block) fp32: block b holds t[..., b*block : (b+1)*block, :]^T as
+// one contiguous D x block tile (zero padded past N). The tile products stream these tiles row by row; reading
+// them straight out of a (D, N) transpose would stride every row by N floats, and at N = 1024 (4 KB) all the
+// rows of a tile alias to the same L1 sets.
+at::Tensor fp32_transposed_blocks(const at::Tensor& t, int64_t block) {
+  const int64_t N = t.size(2), nb = (N + block - 1) / block;
+  at::Tensor f = t.to(at::kFloat);
+  if (nb * block != N) f = at::constant_pad_nd(f, {0, 0, 0, nb * block - N});
+  return f.reshape({t.size(0), t.size(1), nb, block, t.size(3)}).transpose(-1, -2).contiguous();
 }
 
 // Keys a query block [i0, i0 + nq) can see: all of them, or under causal up to its last query.
@@ -123,8 +130,13 @@ inline float exp_row(float* row, int64_t n, float base) {
 }
 
 inline float row_max(const float* row, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec vm(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec::loadu(row + j));
+  float m = hmax(vm);
+  for (; j < n; ++j) m = std::max(m, row[j]);
   return m;
 }
 
@@ -143,7 +155,7 @@ struct FwdTask {
     const int64_t b = bh / s.Hq, h = bh % s.Hq, kvh = b * s.Hk + h / s.group;
     const int64_t nq = std::min(kBlockQ, s.L - i0);
     const float* qb = q + (bh * s.L + i0) * s.D;
-    const float* ktb = kt + kvh * s.D * s.S;
+    const float* ktb = kt + kvh * blocks(s.S, kBlockK) * s.D * kBlockK;
     const float* vb = v + kvh * s.S * s.Dv;
     std::fill(acc, acc + nq * s.Dv, 0.f);
     std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
@@ -152,7 +164,7 @@ struct FwdTask {
     for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, n_keys - j0);
       // 1. S = scale * Q K^T + mask
-      gemm(qb, s.D, ktb + j0, s.S, tile, kBlockK, nq, nk, s.D, false);
+      gemm(qb, s.D, ktb + j0 * s.D, kBlockK, tile, kBlockK, nq, nk, s.D, false);
       for (int64_t r = 0; r < nq; ++r) {
         float* row = tile + r * kBlockK;
         finish_scores(row, nk, scale, causal, i0 + r, j0, mask, b, h);
@@ -184,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  bool is_causal, double scale, const at::Tensor& rng) {
   check_no_dropout(dropout_p);
   const Shapes s = shapes_of(q, k, v);
-  const at::Tensor qf = fp32(q), ktf = fp32_transposed(k), vf = fp32(v);
+  const at::Tensor qf = fp32(q), ktf = fp32_transposed_blocks(k, kBlockK), vf = fp32(v);
   const Mask mask(attn_mask);
   at::Tensor out = at::empty({s.B, s.Hq, s.L, s.Dv}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(at::kFloat));
@@ -200,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 // ----------------------------------------------------------------------------------------------- backward
 struct BwdInputs {
   const Shapes& s;
-  at::Tensor q, qt, k, kt, v, vt, dout, doutt, lse, delta;  // fp32; lse = +inf on rows with no key left
+  at::Tensor q, qt, k, kt, v, vt, dout, doutt, lse, delta;  // fp32, *t in transposed blocks; lse +inf: no key left
   const Mask& mask;
   bool causal;
   float scale;
@@ -229,7 +241,7 @@ inline void dscores_row(float* dp, const float* p, int64_t n, const float* delta
 // dK, dV for keys [j0, j0 + nk) of kv head (b, kvh), summed over its query heads and every query block.
 void dkdv_task(const BwdInputs& in, int64_t task, float* pt, float* dpt, float* dk, float* dv) {
   const Shapes& s = in.s;
-  const int64_t nkb = blocks(s.S, kBlockK);
+  const int64_t nkb = blocks(s.S, kBlockK), nqb = blocks(s.L, kBlockQ);
   const int64_t bkv = task / nkb, j0 = (task % nkb) * kBlockK, b = bkv / s.Hk;
   const int64_t nk = std::min(kBlockK, s.S - j0);
   const float* kb = in.k.const_data_ptr<float>() + (bkv * s.S + j0) * s.D;
@@ -245,7 +257,8 @@ void dkdv_task(const BwdInputs& in, int64_t task, float* pt, float* dpt, float* 
     for (int64_t i0 = first_q; i0 < s.L; i0 += kBlockQ) {
       const int64_t nq = std::min(kBlockQ, s.L - i0);
       // P^T = exp(scale * K Q^T + mask^T - lse)
-      gemm(kb, s.D, in.qt.const_data_ptr<float>() + bh * s.D * s.L + i0, s.L, pt, kBlockQ, nk, nq, s.D, false);
+      gemm(kb, s.D, in.qt.const_data_ptr<float>() + (bh * nqb * kBlockQ + i0) * s.D, kBlockQ, pt, kBlockQ, nk, nq,
+           s.D, false);
       for (int64_t c = 0; c < nk; ++c) {
         float* row = pt + c * kBlockQ;
         const int64_t j = j0 + c;
@@ -261,8 +274,8 @@ void dkdv_task(const BwdInputs& in, int64_t task, float* pt, float* dpt, float* 
       const float* dob = in.dout.const_data_ptr<float>() + (bh * s.L + i0) * s.Dv;
       gemm(pt, kBlockQ, dob, s.Dv, dv, s.Dv, nk, s.Dv, nq, true);
       // dP^T = V dO^T;  dS^T = P^T * (dP^T - delta)
-      gemm(vb, s.Dv, in.doutt.const_data_ptr<float>() + bh * s.Dv * s.L + i0, s.L, dpt, kBlockQ, nk, nq, s.Dv,
-           false);
+      gemm(vb, s.Dv, in.doutt.const_data_ptr<float>() + (bh * nqb * kBlockQ + i0) * s.Dv, kBlockQ, dpt, kBlockQ, nk,
+           nq, s.Dv, false);
       for (int64_t c = 0; c < nk; ++c) dscores_row(dpt + c * kBlockQ, pt + c * kBlockQ, nq, delta + i0, 0.f);
       // dK += dS^T Q   (scaled at the end)
       gemm(dpt, kBlockQ, in.q.const_data_ptr<float>() + (bh * s.L + i0) * s.D, s.D, dk, s.D, nk, s.D, nq, true);
@@ -286,14 +299,17 @@ void dq_task(const BwdInputs& in, int64_t task, float* p, float* dp, float* dq) 
   for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, n_keys - j0);
     // P = exp(scale * Q K^T + mask - lse)
-    gemm(qb, s.D, in.kt.const_data_ptr<float>() + bkv * s.D * s.S + j0, s.S, p, kBlockK, nq, nk, s.D, false);
+    const int64_t nkb = blocks(s.S, kBlockK);
+    gemm(qb, s.D, in.kt.const_data_ptr<float>() + (bkv * nkb * kBlockK + j0) * s.D, kBlockK, p, kBlockK, nq, nk, s.D,
+         false);
     for (int64_t r = 0; r < nq; ++r) {
       float* row = p + r * kBlockK;
       finish_scores(row, nk, in.scale, in.causal, i0 + r, j0, in.mask, b, h);
       probs_row(row, nk, nullptr, lse[r]);
     }
     // dP = dO V^T;  dS = P * (dP - delta);  dQ += dS K
-    gemm(dob, s.Dv, in.vt.const_data_ptr<float>() + bkv * s.Dv * s.S + j0, s.S, dp, kBlockK, nq, nk, s.Dv, false);
+    gemm(dob, s.Dv, in.vt.const_data_ptr<float>() + (bkv * nkb * kBlockK + j0) * s.Dv, kBlockK, dp, kBlockK, nq, nk,
+         s.Dv, false);
     for (int64_t r = 0; r < nq; ++r) dscores_row(dp + r * kBlockK, p + r * kBlockK, nk, nullptr, delta[r]);
     gemm(dp, kBlockK, in.k.const_data_ptr<float>() + (bkv * s.S + j0) * s.D, s.D, dq, s.D, nq, s.D, nk, true);
   }
@@ -311,8 +327,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse_f = lse.to(at::kFloat).masked_fill(lse == -std::numeric_limits<float>::infinity(),
                                                           std::numeric_limits<float>::infinity()).contiguous();
-  const BwdInputs in{s, fp32(q), fp32_transposed(q), fp32(k), fp32_transposed(k), fp32(v), fp32_transposed(v), dof,
-                     fp32_transposed(dout), lse_f, delta, mask, is_causal, static_cast<float>(scale)};
+  const BwdInputs in{s,
+                     fp32(q),
+                     fp32_transposed_blocks(q, kBlockQ),
+                     fp32(k),
+                     fp32_transposed_blocks(k, kBlockK),
+                     fp32(v),
+                     fp32_transposed_blocks(v, kBlockK),
+                     dof,
+                     fp32_transposed_blocks(dout, kBlockQ),
+                     lse_f,
+                     delta,
+                     mask,
+                     is_causal,
+                     static_cast<float>(scale)};
   at::Tensor dq = at::empty({s.B, s.Hq, s.L, s.D}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty({s.B, s.Hk, s.S, s.D}, q.options().dtype(at::kFloat));
   at::Tensor dv = at::empty({s.B, s.Hk, s.S, s.Dv}, q.options().dtype(at::kFloat));

@@ -1,10 +1,29 @@
 """What the C++ extension's kernels refuse. Both backends are reached through torch.ops.gptfast.<op>_fwd/_bwd;
 the dispatcher picks the CPU or CUDA kernel by the tensors' device."""
+import platform
+
 import torch
+
+_CPU_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def unsupported_cpu(op: str, **features) -> str | None:
-    """None when the "cpu" backend's kernel for `op` handles these features, else the reason."""
+    """None when the "cpu" backend's kernel for `op` handles these features, else the reason.
+
+    The kernels are compiled for AVX2 + FMA on x86-64 (see setup.py), so a CPU without AVX2 is refused here
+    rather than meeting an illegal instruction. Attention has no dropout and no fp64 path.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64") and not torch.cpu._is_avx2_supported():
+        return "gptfast._C's cpu kernels are compiled for AVX2 and this CPU has no AVX2; use backend='reference'"
+    if op == "attention":
+        if features.get("dropout"):
+            return "the cpu attention kernel does not implement dropout (dropout_p > 0); use backend='reference'"
+        dtype = features.get("dtype")
+        if dtype is not None and dtype not in _CPU_ATTENTION_DTYPES:
+            return (
+                f"the cpu attention kernel takes float32, float16 or bfloat16, got {str(dtype).replace('torch.', '')};"
+                " use backend='reference'"
+            )
     return None
 
 
