@@ -113,7 +113,7 @@ inline float exp_row(float* row, int64_t n, float base) {
   Vec vs(0.f);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const Vec e = vexp_fast(Vec::loadu(row + j) - vb);
+    const Vec e = vexp(Vec::loadu(row + j) - vb);
     e.store(row + j);
     vs = vs + e;
   }
@@ -122,7 +122,7 @@ inline float exp_row(float* row, int64_t n, float base) {
     float tail[W];
     std::fill(tail, tail + W, -std::numeric_limits<float>::infinity());
     std::copy(row + j, row + n, tail);
-    const Vec e = vexp_fast(Vec::loadu(tail) - vb);
+    const Vec e = vexp(Vec::loadu(tail) - vb);
     e.store(row + j, n - j);
     vs = vs + e;
   }
@@ -224,11 +224,11 @@ inline void probs_row(float* row, int64_t n, const float* lse_of_col, float lse_
   constexpr int64_t W = Vec::size();
   int64_t j = 0;
   if (lse_of_col) {
-    for (; j + W <= n; j += W) vexp_fast(Vec::loadu(row + j) - Vec::loadu(lse_of_col + j)).store(row + j);
+    for (; j + W <= n; j += W) vexp(Vec::loadu(row + j) - Vec::loadu(lse_of_col + j)).store(row + j);
     for (; j < n; ++j) row[j] = std::exp(row[j] - lse_of_col[j]);
   } else {
     const Vec vl(lse_of_row);
-    for (; j + W <= n; j += W) vexp_fast(Vec::loadu(row + j) - vl).store(row + j);
+    for (; j + W <= n; j += W) vexp(Vec::loadu(row + j) - vl).store(row + j);
     for (; j < n; ++j) row[j] = std::exp(row[j] - lse_of_row);
   }
 }

@@ -31,10 +31,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits_in
     at::parallel_for(0, M, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* x = xp + i * V;
-        A row_lse, row_sum;
+        double row_lse;
+        A row_sum;
         ce_row_lse(x, V, row_lse, row_sum);
         const int64_t ti = row_target(tp, i, ignore_index);
-        lsep[i] = row_lse;
+        lsep[i] = A(row_lse);
         lossp[i] = ti < 0 ? A(0) : ce_row_loss(row_lse, A(x[ti]), row_sum, V, o);
       }
     });

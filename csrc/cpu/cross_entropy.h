@@ -19,7 +19,7 @@ constexpr int64_t kLseBlock = 2048;
 // One read of the row: lse (online over blocks: the running sum is rescaled when a block raises the max)
 // and sum(x) for label smoothing.
 template <typename T>
-void ce_row_lse(const T* x, int64_t V, acc_t<T>& lse, acc_t<T>& row_sum) {
+void ce_row_lse(const T* x, int64_t V, double& lse, acc_t<T>& row_sum) {
   using A = acc_t<T>;
   using Vec = AVec<T>;
   constexpr int64_t W = Vec::size();
@@ -46,23 +46,24 @@ void ce_row_lse(const T* x, int64_t V, acc_t<T>& lse, acc_t<T>& row_sum) {
     const A base = safe_base(m);
     const Vec vbase(base);
     Vec vs(A(0));
-    for (j = b0; j + W <= b1; j += W) vs = vs + vexp_fast(load_vec(x + j) - vbase);
+    for (j = b0; j + W <= b1; j += W) vs = vs + vexp(load_vec(x + j) - vbase);
     s += hsum(vs);
     for (; j < b1; ++j) s += std::exp(A(x[j]) - base);
   }
-  lse = safe_base(m) + std::log(s);
+  // lse and the loss are combined in fp64 and rounded once: z_loss * lse^2 would otherwise amplify lse's own
+  // rounding and put a loss near 20 a few fp32 ulps off.
+  lse = double(safe_base(m)) + std::log(double(s));
   row_sum = total;
 }
 
 template <typename A>
-A ce_row_loss(A lse, A x_target, A row_sum, int64_t V, const CrossEntropyOptions& o) {
-  A loss = lse - x_target;
+A ce_row_loss(double lse, A x_target, A row_sum, int64_t V, const CrossEntropyOptions& o) {
+  double loss = lse - double(x_target);
   if (o.label_smoothing != 0.0) {
-    const A eps = A(o.label_smoothing);
-    loss = (A(1) - eps) * loss + eps * (lse - row_sum / A(V));
+    loss = (1.0 - o.label_smoothing) * loss + o.label_smoothing * (lse - double(row_sum) / double(V));
   }
-  if (o.z_loss != 0.0) loss += A(o.z_loss) * lse * lse;
-  return loss;
+  if (o.z_loss != 0.0) loss += o.z_loss * lse * lse;
+  return A(loss);
 }
 
 // dx for one row in one pass (dx may alias x). t < 0 marks an ignored row: dx = 0.

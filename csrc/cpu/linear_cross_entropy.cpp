@@ -68,11 +68,12 @@ void run_chunks(const Chunked& c, const A* dloss, A* loss, const A* lse_in, A* l
         const int64_t i = s + r;
         A* row = lp + r * V;
         const int64_t t = row_target(tp, i, c.options.ignore_index);
-        A row_lse = lse_in ? lse_in[i] : A(0), row_sum = A(0);
+        double row_lse = lse_in ? double(lse_in[i]) : 0.0;
+        A row_sum = A(0);
         if (!lse_in) ce_row_lse(row, V, row_lse, row_sum);
-        if (lse_out) lse_out[i] = row_lse;
+        if (lse_out) lse_out[i] = A(row_lse);
         if (loss) loss[i] = t < 0 ? A(0) : ce_row_loss(row_lse, row[t], row_sum, V, c.options);
-        if (grads) ce_row_grad(row, row, V, t, dloss ? dloss[i] : A(1), row_lse, c.options);
+        if (grads) ce_row_grad(row, row, V, t, dloss ? dloss[i] : A(1), A(row_lse), c.options);
       }
     });
     if (!grads) continue;

@@ -50,15 +50,15 @@ inline void store_vec(T* p, const AVec<T>& v) {
   }
 }
 
-// exp to 1 ulp (Sleef, resolved from libtorch_cpu): softmax keeps torch's own accuracy.
+// exp to 1 ulp (Sleef, resolved from libtorch_cpu): softmax and attention keep torch's own accuracy.
 template <typename A>
 inline Vectorized<A> vexp(const Vectorized<A>& v) {
   return v.exp();
 }
 
-// ATen's polynomial exp (about 1e-6 relative, no table lookups), about twice as fast as Sleef's. Used where
-// the result is a sum over many exps (cross-entropy's LSE and gradient, attention's P), whose error torch's
-// own fp32 kernels exceed; torch's CPU flash attention uses the same function. fp64 keeps the exact exp.
+// ATen's polynomial exp (about 1e-6 relative, no table lookups), about twice as fast as Sleef's. Used only for
+// cross-entropy's gradient, an exp per element of a 50k-wide row, where torch's own fp32 error (it
+// exponentiates a rounded log-softmax) is larger. The LSE keeps the exact exp. fp64 keeps the exact exp.
 template <typename A>
 inline Vectorized<A> vexp_fast(const Vectorized<A>& v) {
   if constexpr (std::is_same_v<A, float>) {
