@@ -5,13 +5,13 @@
 
 Time: torch and gptfast run alternately, `--repeats` times after a warm-up, and each reports its median, so
 load from other processes hits both alike. Ratio = torch median / gptfast median (> 1: gptfast faster).
-Peak memory: each (case, implementation) runs in a fresh subprocess that builds its inputs, reads
-ru_maxrss, runs forward+backward once and reads ru_maxrss again; the delta is the extra resident memory at the
-peak (pages touched, from the kernel's own accounting; CPU torch has no allocator statistics).
+Peak memory: each (case, implementation) runs in a fresh subprocess that builds its inputs, resets the
+kernel's resident-set high-water mark (/proc/self/clear_refs), runs forward+backward once and reads VmHWM; the
+peak minus the RSS before the step is the extra memory the step needed (pages touched, by the kernel's own
+accounting; CPU torch keeps no allocator statistics). Linux only.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,26 +80,31 @@ def time_case(case: str, repeats: int) -> tuple[float, float]:
     return statistics.median(times["torch"]), statistics.median(times["gptfast"])
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _peak_child(case: str, impl: str) -> None:
     leaves, torch_step, ours_step = make(case)
-    (ours_step if impl == "gptfast" else torch_step)  # build closures before the baseline
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    (ours_step if impl == "gptfast" else torch_step)()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (after - before) / 1024}))
+    step = ours_step if impl == "gptfast" else torch_step
+    # ru_maxrss is inherited across fork/exec (the parent's peak would hide the child's), so the child resets
+    # its high-water mark to the current RSS (clear_refs "5") and reads VmHWM after the step.
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
 
 
-def peak_mib(case: str, impl: str, attempts: int = 3) -> float:
-    # Under memory pressure from other processes the kernel can keep the resident set from growing (a delta
-    # of 0); such a reading is retried rather than reported.
-    for _ in range(attempts):
-        out = subprocess.run(
-            [sys.executable, __file__, "--peak-child", case, impl], check=True, capture_output=True, text=True
-        ).stdout
-        mib = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-        if mib > 0:
-            return mib
-    return float("nan")
+def peak_mib(case: str, impl: str) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-child", case, impl], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
 def main() -> None:
