@@ -93,6 +93,10 @@ int64_t visible_keys(bool causal, int64_t i0, int64_t nq, int64_t S) {
   return causal ? std::min(S, i0 + nq) : S;
 }
 
+inline void scale_row(float* row, int64_t n, float scale) {
+  at::vec::map([scale](Vectorized<float> x) { return x * Vectorized<float>(scale); }, row, row, n);
+}
+
 // Score tile row for query i over keys [j0, j0 + nk): scale, add the mask, -inf past the causal edge.
 inline void finish_scores(float* row, int64_t nk, float scale, bool causal, int64_t i, int64_t j0, const Mask& mask,
                           int64_t b, int64_t h) {
@@ -100,7 +104,7 @@ inline void finish_scores(float* row, int64_t nk, float scale, bool causal, int6
   if (mask.ptr) {
     for (int64_t j = 0; j < kept; ++j) row[j] = row[j] * scale + mask.at(b, h, i, j0 + j);
   } else {
-    at::vec::map([scale](Vectorized<float> x) { return x * Vectorized<float>(scale); }, row, row, kept);
+    scale_row(row, kept, scale);
   }
   std::fill(row + kept, row + nk, -std::numeric_limits<float>::infinity());
 }
@@ -233,9 +237,15 @@ inline void probs_row(float* row, int64_t n, const float* lse_of_col, float lse_
   }
 }
 
-// dS = P * (dP - delta), in place over dP.
+// dS = P * (dP - delta), in place over dP; delta per column (dK/dV pass) or one per row (dQ pass).
 inline void dscores_row(float* dp, const float* p, int64_t n, const float* delta_of_col, float delta_of_row) {
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - (delta_of_col ? delta_of_col[j] : delta_of_row));
+  using Vec = Vectorized<float>;
+  if (delta_of_col) {
+    at::vec::map3([](Vec d, Vec pv, Vec dl) { return pv * (d - dl); }, dp, dp, p, delta_of_col, n);
+  } else {
+    const Vec dl(delta_of_row);
+    at::vec::map2([dl](Vec d, Vec pv) { return pv * (d - dl); }, dp, dp, p, n);
+  }
 }
 
 // dK, dV for keys [j0, j0 + nk) of kv head (b, kvh), summed over its query heads and every query block.
@@ -262,11 +272,12 @@ void dkdv_task(const BwdInputs& in, int64_t task, float* pt, float* dpt, float* 
       for (int64_t c = 0; c < nk; ++c) {
         float* row = pt + c * kBlockQ;
         const int64_t j = j0 + c;
-        for (int64_t r = 0; r < nq; ++r) {
-          const int64_t i = i0 + r;
-          const bool kept = !in.causal || j <= i;
-          row[r] = kept ? row[r] * in.scale + (in.mask.ptr ? in.mask.at(b, h, i, j) : 0.f)
-                        : -std::numeric_limits<float>::infinity();
+        scale_row(row, nq, in.scale);
+        if (in.mask.ptr) {
+          for (int64_t r = 0; r < nq; ++r) row[r] += in.mask.at(b, h, i0 + r, j);
+        }
+        if (in.causal) {  // queries i < j do not see key j
+          std::fill(row, row + std::clamp<int64_t>(j - i0, 0, nq), -std::numeric_limits<float>::infinity());
         }
         probs_row(row, nq, lse + i0, 0.f);
       }
