@@ -104,9 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     run_chunks<scalar_t>(c, nullptr, loss.mutable_data_ptr<scalar_t>(), nullptr, lse.mutable_data_ptr<scalar_t>(),
                          with_grad ? &g : nullptr);
   });
-  if (!with_grad) {
-    const at::Tensor none = at::empty({0}, c.weight.options());
-    return {loss, lse, none, none, none};
+  if (!with_grad) {  // three distinct empties: a custom op's outputs may not alias each other
+    const auto opts = c.weight.options();
+    return {loss, lse, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
   }
   auto [dh, dw, db] = cast_grads(g, hidden, weight, bias);
   return {loss, lse, dh, dw, db};
