@@ -60,9 +60,8 @@ class TrainConfig:
     progress: bool = True
     model_overrides: dict = dataclasses.field(default_factory=dict)  # GPTConfig fields over the preset's
 
-    # Settings that do not change the numbers, so a resume may change them freely.
-    RUNTIME_FIELDS = ("out", "device", "backend", "resume", "progress", "max_steps", "stop_after", "eval_every",
-                      "eval_iters", "save_every", "log_every")
+    # What a resume does not take from the checkpoint: where and how this process runs, not what it computes.
+    NOT_RESUMED = ("out", "device", "backend", "resume", "progress", "stop_after")
 
     @property
     def peak_lr(self) -> float:
@@ -259,16 +258,16 @@ def load_corpus(cfg: TrainConfig) -> tuple[bytes, str]:
 def resolve_config(explicit: dict) -> TrainConfig:
     """The run's TrainConfig: explicit settings, then (on resume) the checkpoint's, then the defaults.
 
-    On resume every setting that changes the numbers is taken from the checkpoint unless given explicitly,
-    so `--resume` alone continues the same run.
+    On resume every setting except those in TrainConfig.NOT_RESUMED comes from the checkpoint unless given
+    explicitly, so `--resume` alone continues the same run with the same schedule, data and batches.
     """
     cfg = TrainConfig(**explicit)
     if not cfg.resume:
         return cfg
     saved = _load_for_resume(cfg.checkpoint_path())["train_config"]
     merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    for runtime in TrainConfig.RUNTIME_FIELDS:
-        merged.pop(runtime, None)
+    for name in TrainConfig.NOT_RESUMED:
+        merged.pop(name, None)
     merged.update(explicit)
     if "preset" in explicit and explicit["preset"] != saved.get("preset"):
         raise UsageError(f"--preset {explicit['preset']}: the checkpoint was trained with {saved.get('preset')!r}")
