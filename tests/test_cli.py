@@ -22,7 +22,8 @@ def trained(tmp_path_factory, text_file):
     """A tiny-preset run of 3 steps (of a 5-step schedule), saved: what the other CLI tests start from."""
     out = str(tmp_path_factory.mktemp("run"))
     argv = ["train", "--preset", "tiny", "--data", text_file, "--max-steps", "5", "--stop-after", "3",
-            "--batch-size", "2", "--eval-every", "3", "--out", out, "--seed", "3", "--no-progress"]
+            "--batch-size", "2", "--eval-every", "3", "--eval-iters", "1", "--out", out, "--seed", "3",
+            "--no-progress"]
     assert main(argv) == 0
     return out
 
@@ -50,15 +51,16 @@ def test_generate_prints_text(trained, capsys):
     assert capsys.readouterr().out == first  # same seed, same text
 
 
-def test_console_script_end_to_end(tmp_path, text_file):
-    # The real entry point in a fresh process: train 2 steps, then sample.
+def test_console_script_end_to_end(tmp_path):
+    # The real entry point in a fresh process, on the embedded stdlib corpus: train 2 steps, then sample.
     run = lambda *args: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "gptfast.cli", *args], capture_output=True, text=True, timeout=300,
     )
     out = str(tmp_path / "run")
-    r = run("train", "--data", text_file, "--max-steps", "2", "--batch-size", "2", "--out", out, "--no-progress")
+    r = run("train", "--max-steps", "2", "--batch-size", "2", "--eval-iters", "1", "--out", out, "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "saved" in r.stdout and os.path.exists(os.path.join(out, "ckpt.pt"))
+    assert "standard library" in r.stdout and "val loss" in r.stdout and "saved" in r.stdout
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
     r = run("generate", "--checkpoint", os.path.join(out, "ckpt.pt"), "--max-new-tokens", "10")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 

@@ -6,7 +6,7 @@ import torch
 
 import gptfast
 from gptfast import GPT, GPTConfig, backends, ops
-from gptfast.model import sinusoidal_positions
+from gptfast.model import SINUSOIDAL_SCALE, sinusoidal_positions
 
 # Small enough to run in milliseconds, large enough to have several heads and layers.
 SMALL = dict(vocab_size=61, block_size=24, n_layer=2, n_head=2, n_embd=32)
@@ -99,7 +99,9 @@ def test_sinusoidal_model_adds_the_fixed_buffer():
     model = small().eval()
     idx = tokens(2, 10)
     x = model._embed(idx, None, start=0)
-    torch.testing.assert_close(x, model.wte(idx) + sinusoidal_positions(24, 32)[:10], rtol=0, atol=0)
+    torch.testing.assert_close(model.pe, sinusoidal_positions(24, 32), rtol=0, atol=0)
+    expected = model.wte(idx) + SINUSOIDAL_SCALE * sinusoidal_positions(24, 32)[:10]  # (B, T, C) + (T, C)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
     names = dict(model.named_parameters())
     assert "wpe.weight" not in names and "pe" not in model.state_dict()  # fixed: rebuilt, never trained or saved
 
