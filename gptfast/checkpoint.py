@@ -1,9 +1,10 @@
-"""Atomic checkpoint files: a crash mid-save leaves the previous checkpoint whole, and a damaged file is refused.
+"""Atomic checkpoint files: a crash mid-save leaves the previous checkpoint whole; a damaged file is refused.
 
 save() writes to a temporary file in the target's directory, fsyncs it, and os.replace()s it over the target
 (atomic on POSIX within one filesystem), then fsyncs the directory so the rename itself is durable. load()
-reads with weights_only=True (tensors and plain containers only, no arbitrary pickles) and checks the format tag.
+reads with weights_only=True (tensors and plain containers, no arbitrary pickles) and checks the format tag.
 """
+
 import os
 import tempfile
 
@@ -56,7 +57,9 @@ def load(path: str, map_location="cpu") -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a directory; pass the file, e.g. {os.path.join(path, 'ckpt.pt')}")
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; pass the file, e.g. {os.path.join(path, 'ckpt.pt')}"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
@@ -66,6 +69,7 @@ def load(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a gptfast checkpoint (no '{FORMAT}' tag)")
     if state.get("version") != VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format version {state.get('version')!r}; this gptfast reads version {VERSION}"
+            f"{path} has checkpoint format version {state.get('version')!r}; "
+            f"this gptfast reads version {VERSION}"
         )
     return state

@@ -3,8 +3,9 @@
 Each subcommand is a registrar in SUBCOMMANDS: a function that adds its parser to the subparsers and sets
 `func` (called with the parsed namespace, returns the exit status). A subcommand that parses its own argv (the
 benchmark harness does) also sets `passthrough=True`; main then calls its func with the raw argv after the
-name. Bad arguments, missing or damaged files print one line on stderr and exit with status 2, never a traceback.
+name. Bad arguments, missing or damaged files print one line on stderr and exit with status 2, no traceback.
 """
+
 import argparse
 import dataclasses
 import sys
@@ -32,6 +33,7 @@ def _int(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
+
     return parse
 
 
@@ -47,6 +49,7 @@ def _float(low: float, high: float | None = None, high_open: bool = False):
             bound = f"in [{low}, {high}{bracket}" if high is not None else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
+
     return parse
 
 
@@ -60,35 +63,66 @@ def _default(field: str) -> str:
 # ---------------------------------------------------------------------------------------------- train
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a GPT on text (the embedded stdlib corpus, or --data FILE)",
+        "train",
+        help="train a GPT on text (the embedded stdlib corpus, or --data FILE)",
         description="Train a byte-level GPT. Without --data it trains on the Python standard library's own "
-                    "sources (no download). Writes OUT/ckpt.pt atomically; --resume continues it exactly.",
+        "sources (no download). Writes OUT/ckpt.pt atomically; --resume continues it exactly.",
     )
     from .model import GPTConfig
 
     # Defaults are None so that on --resume only the settings given explicitly override the checkpoint's.
     p.add_argument("--preset", choices=list(GPTConfig.PRESETS), help=f"model size {_default('preset')}")
-    p.add_argument("--data", metavar="PATH", help="a text file to train on (default: the embedded stdlib corpus)")
-    p.add_argument("--max-steps", type=_int(1), help=f"optimizer steps; the schedule's length {_default('max_steps')}")
-    p.add_argument("--stop-after", type=_int(1), metavar="N",
-                   help="stop and save after N steps, keeping the --max-steps schedule (continue with --resume)")
+    p.add_argument(
+        "--data", metavar="PATH", help="a text file to train on (default: the embedded stdlib corpus)"
+    )
+    p.add_argument(
+        "--max-steps", type=_int(1), help=f"optimizer steps; the schedule's length {_default('max_steps')}"
+    )
+    p.add_argument(
+        "--stop-after",
+        type=_int(1),
+        metavar="N",
+        help="stop and save after N steps, keeping the --max-steps schedule (continue with --resume)",
+    )
     p.add_argument("--batch-size", type=_int(1), help=f"sequences per step {_default('batch_size')}")
-    p.add_argument("--lr", type=_float(0.0), help="peak learning rate (default: 2e-3 for tiny, 6e-4 for gpt2)")
-    p.add_argument("--warmup-steps", type=_int(0), help="linear warmup steps (default: 10%% of --max-steps, <= 100)")
-    p.add_argument("--weight-decay", type=_float(0.0), help=f"AdamW decay on 2-d weights {_default('weight_decay')}")
-    p.add_argument("--grad-clip", type=_float(0.0), help=f"max gradient norm, 0 = off {_default('grad_clip')}")
-    p.add_argument("--dropout", type=_float(0.0, 1.0, high_open=True), help="dropout (default: the preset's, 0)")
-    p.add_argument("--fused-loss", action="store_true", default=None,
-                   help="compute the loss with linear_cross_entropy (no full logits)")
-    p.add_argument("--eval-every", type=_int(0), help=f"steps between held-out evals, 0 = off {_default('eval_every')}")
+    p.add_argument(
+        "--lr", type=_float(0.0), help="peak learning rate (default: 2e-3 for tiny, 6e-4 for gpt2)"
+    )
+    p.add_argument(
+        "--warmup-steps", type=_int(0), help="linear warmup steps (default: 10%% of --max-steps, <= 100)"
+    )
+    p.add_argument(
+        "--weight-decay", type=_float(0.0), help=f"AdamW decay on 2-d weights {_default('weight_decay')}"
+    )
+    p.add_argument(
+        "--grad-clip", type=_float(0.0), help=f"max gradient norm, 0 = off {_default('grad_clip')}"
+    )
+    p.add_argument(
+        "--dropout", type=_float(0.0, 1.0, high_open=True), help="dropout (default: the preset's, 0)"
+    )
+    p.add_argument(
+        "--fused-loss",
+        action="store_true",
+        default=None,
+        help="compute the loss with linear_cross_entropy (no full logits)",
+    )
+    p.add_argument(
+        "--eval-every", type=_int(0), help=f"steps between held-out evals, 0 = off {_default('eval_every')}"
+    )
     p.add_argument("--eval-iters", type=_int(1), help=f"batches per eval {_default('eval_iters')}")
-    p.add_argument("--save-every", type=_int(0), help=f"steps between checkpoints, 0 = end only {_default('save_every')}")
+    p.add_argument(
+        "--save-every", type=_int(0), help=f"steps between checkpoints, 0 = end only {_default('save_every')}"
+    )
     p.add_argument("--out", metavar="DIR", help=f"output directory for ckpt.pt {_default('out')}")
     p.add_argument("--seed", type=_int(0), help=f"seed for init, data order and dropout {_default('seed')}")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--backend", choices=backends.NAMES, help="gptfast ops backend (default: the fastest here)")
+    p.add_argument(
+        "--backend", choices=backends.NAMES, help="gptfast ops backend (default: the fastest here)"
+    )
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/ckpt.pt")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
+    )
     p.set_defaults(func=run_train)
 
 
@@ -96,7 +130,8 @@ def run_train(args) -> int:
     from . import train
 
     explicit = {
-        k: v for k, v in vars(args).items()
+        k: v
+        for k, v in vars(args).items()
         if v is not None and k in {f.name for f in dataclasses.fields(train.TrainConfig)}
     }
     cfg = train.resolve_config(explicit)
@@ -108,17 +143,25 @@ def run_train(args) -> int:
 
 # ------------------------------------------------------------------------------------------- generate
 def add_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="sample text from a checkpoint",
-                              description="Sample text from a checkpoint written by `gptfast train`.")
+    p = subparsers.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Sample text from a checkpoint written by `gptfast train`.",
+    )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="e.g. runs/demo/ckpt.pt")
     p.add_argument("--prompt", default="", help="text to continue (default: start from a newline)")
     p.add_argument("--max-new-tokens", type=_int(0), default=200, help="bytes to generate (default: 200)")
-    p.add_argument("--temperature", type=_float(0.0), default=0.8,
-                   help="softmax temperature, 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=_int(1), default=None, help="sample among the k likeliest bytes (default: all)")
+    p.add_argument(
+        "--temperature", type=_float(0.0), default=0.8, help="softmax temperature, 0 = greedy (default: 0.8)"
+    )
+    p.add_argument(
+        "--top-k", type=_int(1), default=None, help="sample among the k likeliest bytes (default: all)"
+    )
     p.add_argument("--seed", type=_int(0), default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--backend", choices=backends.NAMES, help="gptfast ops backend (default: the fastest here)")
+    p.add_argument(
+        "--backend", choices=backends.NAMES, help="gptfast ops backend (default: the fastest here)"
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -135,7 +178,9 @@ def run_generate(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- bench
 def add_bench(subparsers) -> None:
-    p = subparsers.add_parser("bench", add_help=False, help="benchmark the kernels and the model (gptfast.bench)")
+    p = subparsers.add_parser(
+        "bench", add_help=False, help="benchmark the kernels and the model (gptfast.bench)"
+    )
     p.set_defaults(func=run_bench, passthrough=True)
 
 
@@ -145,8 +190,10 @@ def run_bench(argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name not in ("gptfast.bench", "gptfast.bench.cli"):
             raise
-        print("gptfast bench: error: the benchmark harness (gptfast.bench.cli) is not in this install of gptfast",
-              file=sys.stderr)
+        print(
+            "gptfast bench: error: the benchmark harness (gptfast.bench.cli) is not in this install",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return bench_cli.main(argv) or 0
 
@@ -156,7 +203,9 @@ SUBCOMMANDS: dict[str, Callable] = {"train": add_train, "generate": add_generate
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gptfast", description="Fused GPT kernels for PyTorch: train, sample, benchmark.")
-    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True
+    )
     for register in SUBCOMMANDS.values():
         register(subparsers)
     return parser

@@ -1,9 +1,10 @@
-"""Text data for training: the embedded default corpus, byte-level tokens, a train/val split and a seeded sampler.
+"""Text data for training: the embedded default corpus, byte tokens, a train/val split and a seeded sampler.
 
 The default corpus needs no download: it is the Python standard library's own source code, read from the
-running interpreter's installation in a fixed file order and capped in size, so every run on a machine sees the
-same bytes. Tokens are bytes (vocab 256), so any text file works with no tokenizer to train or ship.
+running interpreter's installation in a fixed file order and capped in size, so every run on a machine
+sees the same bytes. Tokens are bytes (vocab 256), so any text file works with no tokenizer to train or ship.
 """
+
 import hashlib
 import os
 import sysconfig
@@ -29,16 +30,18 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids) -> str:
-    """Byte ids -> text; bytes that do not form valid UTF-8 (a sample may end mid-character) show as U+FFFD."""
+    """Byte ids -> text; bytes that are not valid UTF-8 (a sample may end mid-character) show as U+FFFD."""
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> bytes:
-    """The standard library's .py sources, each under a '# file: <path>' line, in sorted path order, capped."""
+    """The stdlib's .py sources, each under a '# file: <path>' line, in sorted path order, capped."""
     root = sysconfig.get_paths()["stdlib"]
     parts, size = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)  # sorted in place: a fixed walk order
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in _SKIP_DIRS
+        )  # sorted in place: a fixed walk order
         for name in sorted(filenames):
             if not name.endswith(".py"):
                 continue
@@ -54,7 +57,9 @@ def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> bytes:
             if size >= max_bytes:
                 return b"".join(parts)[:max_bytes]
     if not parts:
-        raise DataError(f"no Python sources found under the standard library at {root}; pass --data PATH instead")
+        raise DataError(
+            f"no Python sources found under the standard library at {root}; pass --data PATH instead"
+        )
     return b"".join(parts)
 
 
@@ -85,19 +90,21 @@ def split(data: bytes, block_size: int, val_fraction: float = VAL_FRACTION) -> t
             f"block_size + 1 = {need} bytes each need at least {2 * need}"
         )
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return tokens[: len(data) - n_val], tokens[len(data) - n_val:]
+    return tokens[: len(data) - n_val], tokens[len(data) - n_val :]
 
 
 class BatchSampler:
     """Random (x, y) windows of a token stream, drawn from its own seeded generator.
 
     next() -> x, y int64 (batch_size, block_size), y = x shifted by one token. The generator's state is the
-    sampler's whole state (state_dict/load_state_dict), so a resumed run draws the batches it would have drawn.
+    sampler's whole state (state_dict/load_state_dict): a resumed run draws the batches it would have drawn.
     """
 
     def __init__(self, tokens: Tensor, block_size: int, batch_size: int, seed: int):
         if tokens.numel() < block_size + 1:
-            raise DataError(f"BatchSampler: {tokens.numel()} tokens are fewer than block_size + 1 = {block_size + 1}")
+            raise DataError(
+                f"BatchSampler: {tokens.numel()} tokens are fewer than block_size + 1 = {block_size + 1}"
+            )
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = torch.arange(block_size + 1)

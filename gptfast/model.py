@@ -11,6 +11,7 @@ An optional prefix of embeddings (B, P, n_embd), e.g. image patches (Fuyu-style)
 gets positions 0..P-1, the tokens P..P+T-1, attention is causal over the whole sequence, and logits and loss
 cover the token positions only.
 """
+
 import dataclasses
 import math
 
@@ -23,10 +24,10 @@ from .nn import CausalSelfAttention, KVCache
 
 POS_ENCODINGS = ("sinusoidal", "learned")
 INIT_STD = 0.02  # GPT-2's init std for every weight matrix and embedding
-# The sinusoidal encoding has entries of size ~1, the token embeddings start at INIT_STD: added as is, position
-# would drown the token 50 to 1 and training crawls (tiny preset: val loss 3.06 vs 2.34 after 150 steps).
-# Vaswani et al. balance the two by scaling the embeddings up by sqrt(d_model); with GPT-2's init (and the tied
-# head, whose logits must keep their scale) the fixed encoding is scaled down to the embeddings' size instead.
+# The sinusoidal encoding has entries of size ~1 and the token embeddings start at INIT_STD: added as is,
+# position drowns the token 50 to 1 and training crawls (tiny preset: val loss 3.06 instead of 2.34 after
+# 150 steps). Vaswani et al. balance the two by scaling the embeddings up by sqrt(d_model); with GPT-2's
+# init and a tied head (whose logits must keep their scale) the fixed encoding is scaled down instead.
 SINUSOIDAL_SCALE = INIT_STD
 
 
@@ -40,12 +41,14 @@ class GPTConfig:
     dropout: float = 0.0  # embedding, attention and residual dropout
     bias: bool = True  # biases in the Linear and LayerNorm layers
     pos_encoding: str = "sinusoidal"
-    fused_loss: bool = False  # loss via ops.linear_cross_entropy; forward then returns logits=None with targets
+    fused_loss: bool = False  # loss via ops.linear_cross_entropy; forward then gives logits=None
     backend: str | None = None
 
     PRESETS = {
         # GPT-2 (124M) and GPT-2 medium (350M), learned positions as in the originals.
-        "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, pos_encoding="learned"),
+        "gpt2": dict(
+            vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, pos_encoding="learned"
+        ),
         "gpt2-medium": dict(
             vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024, pos_encoding="learned"
         ),
@@ -59,11 +62,15 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise ValueError(
+                f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
         if self.pos_encoding not in POS_ENCODINGS:
-            raise ValueError(f"GPTConfig: pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+            raise ValueError(
+                f"GPTConfig: pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}"
+            )
         if self.backend is not None:
             backends._check_name(self.backend)
 
@@ -71,7 +78,9 @@ class GPTConfig:
     def preset(cls, name: str, **overrides) -> "GPTConfig":
         """A named configuration ("gpt2", "gpt2-medium", "tiny") with any field overridden."""
         if name not in cls.PRESETS:
-            raise ValueError(f"GPTConfig.preset: unknown preset {name!r}; known presets: {', '.join(cls.PRESETS)}")
+            raise ValueError(
+                f"GPTConfig.preset: unknown preset {name!r}; known presets: {', '.join(cls.PRESETS)}"
+            )
         return cls(**{**cls.PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
@@ -81,7 +90,8 @@ class GPTConfig:
 def sinusoidal_positions(length: int, dim: int) -> Tensor:
     """(length, dim): PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim))."""
     pos = torch.arange(length, dtype=torch.float64)[:, None]  # (L, 1)
-    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),) = 1/10000^(2i/d)
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64)  # (ceil(dim/2),): 2i
+    inv_freq = 10000.0 ** (-two_i / dim)  # 1 / 10000^(2i/d)
     angles = pos * inv_freq  # (L, ceil(dim/2))
     pe = torch.empty(length, dim, dtype=torch.float64)
     pe[:, 0::2] = torch.sin(angles)
@@ -125,7 +135,9 @@ class GPT(_nn.Module):
             self.wpe = _nn.Embedding(config.block_size, config.n_embd)
         else:
             # The formula's values (see SINUSOIDAL_SCALE); fixed, so not saved in checkpoints but rebuilt.
-            self.register_buffer("pe", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+            self.register_buffer(
+                "pe", sinusoidal_positions(config.block_size, config.n_embd), persistent=False
+            )
         self.drop = _nn.Dropout(config.dropout)
         self.blocks = _nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = _nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -146,15 +158,16 @@ class GPT(_nn.Module):
             _nn.init.zeros_(module.bias)
 
     def num_parameters(self, non_embedding: bool = True) -> int:
-        """Parameter count (the tied head counted once); without the position embedding by default, as nanoGPT."""
+        """Parameter count (the tied head once); by default without the position embedding, as nanoGPT."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos_encoding == "learned":
             n -= self.wpe.weight.numel()
         return n
 
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
-                prefix_embeds: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, *, prefix_embeds: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss) ; loss is None without targets.
 
         targets (B, T): the token each position should predict (ignore_index -100 skips a position); the loss
@@ -172,7 +185,7 @@ class GPT(_nn.Module):
         if self.config.fused_loss:
             weight = self.wte.weight  # (V, C), the tied head
             if torch.is_autocast_enabled(h.device.type):
-                # Custom ops are outside autocast's casting lists: cast as autocast would for the lm_head matmul.
+                # Custom ops are outside autocast's lists: cast as autocast would for the lm_head matmul.
                 dtype = torch.get_autocast_dtype(h.device.type)
                 h, weight = h.to(dtype), weight.to(dtype)
             loss = ops.linear_cross_entropy(h, weight, targets, backend=self.config.backend)
@@ -181,7 +194,7 @@ class GPT(_nn.Module):
         return logits, ops.cross_entropy(logits, targets, backend=self.config.backend)
 
     def _embed(self, idx: Tensor, prefix_embeds: Tensor | None, start: int) -> Tensor:
-        """Token embeddings after the prefix, plus positions start..start+P+T-1, then dropout: (B, P + T, C)."""
+        """Prefix, then token embeddings, plus positions start..start+P+T-1, then dropout: (B, P + T, C)."""
         x = self.wte(idx)  # (B, T, C)
         if prefix_embeds is not None:
             x = torch.cat([prefix_embeds.to(x.dtype), x], dim=1)  # (B, P + T, C)
@@ -200,8 +213,11 @@ class GPT(_nn.Module):
         if prefix_embeds is not None:
             if not isinstance(prefix_embeds, Tensor) or not prefix_embeds.is_floating_point():
                 raise TypeError("GPT: prefix_embeds must be a floating-point tensor (B, P, n_embd)")
-            if prefix_embeds.dim() != 3 or prefix_embeds.shape[0] != idx.shape[0] \
-                    or prefix_embeds.shape[2] != self.config.n_embd:
+            if (
+                prefix_embeds.dim() != 3
+                or prefix_embeds.shape[0] != idx.shape[0]
+                or prefix_embeds.shape[2] != self.config.n_embd
+            ):
                 raise ValueError(
                     f"GPT: prefix_embeds must be (B, P, n_embd) = ({idx.shape[0]}, P, {self.config.n_embd}), "
                     f"got {tuple(prefix_embeds.shape)}"
@@ -217,7 +233,9 @@ class GPT(_nn.Module):
             if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
                 raise TypeError("GPT: targets must be an int64 or int32 tensor of token ids")
             if targets.shape != idx.shape:
-                raise ValueError(f"GPT: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+                raise ValueError(
+                    f"GPT: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}"
+                )
         # Out-of-range ids: checked on CPU, where it costs no device sync (CUDA asserts inside the embedding).
         if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
@@ -229,8 +247,16 @@ class GPT(_nn.Module):
 
     # --------------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, *,
-                 prefix_embeds: Tensor | None = None, use_cache: bool = True) -> Tensor:
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        *,
+        prefix_embeds: Tensor | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
         """Appends max_new_tokens sampled tokens to idx (B, T >= 1) and returns (B, T + max_new_tokens).
 
         Each token is drawn with torch.multinomial from softmax(logits / temperature) restricted to the top_k
@@ -255,7 +281,7 @@ class GPT(_nn.Module):
     def _next_logits(self, idx: Tensor, prefix_embeds: Tensor | None, caches: list[KVCache] | None) -> Tensor:
         """Logits (B, V) of the token after idx, encoding only what the caches do not hold yet."""
         P = 0 if prefix_embeds is None else prefix_embeds.shape[1]
-        window = idx[:, -(self.config.block_size - P):]  # the tokens that fit after the prefix
+        window = idx[:, -(self.config.block_size - P) :]  # the tokens that fit after the prefix
         if caches is None:
             logits, _ = self(window, prefix_embeds=prefix_embeds)
             return logits[:, -1]
@@ -266,7 +292,7 @@ class GPT(_nn.Module):
                 cache.reset()
             x = self._embed(window, prefix_embeds, start=0)  # (B, P + T, C)
         else:
-            x = self._embed(idx[:, cached - P:], None, start=cached)  # (B, new, C): normally one token
+            x = self._embed(idx[:, cached - P :], None, start=cached)  # (B, new, C): normally one token
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache)
         return self.lm_head(self.ln_f(x[:, -1]))  # (B, V)

@@ -2,6 +2,7 @@
 
 Each module takes an optional `backend=` (see gptfast.backends); None selects per call as the ops do.
 """
+
 import torch
 from torch import Tensor
 from torch import nn as _nn
@@ -24,8 +25,14 @@ class Softmax(_nn.Module):
     rule (dim 0 for 0-, 1- and 3-d inputs, else dim 1), so the module can replace torch's one for one.
     """
 
-    def __init__(self, dim: int | None = None, *, scale: float | None = None, causal: bool = False,
-                 backend: str | None = None):
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        scale: float | None = None,
+        causal: bool = False,
+        backend: str | None = None,
+    ):
         super().__init__()
         self.dim, self.scale, self.causal, self.backend = dim, scale, causal, backend
 
@@ -46,21 +53,35 @@ class CrossEntropyLoss(_nn.Module):
     supported.
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 z_loss: float = 0.0, backend: str | None = None):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        backend: str | None = None,
+    ):
         super().__init__()
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.backend = z_loss, backend
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return ops.cross_entropy(
-            input, target, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, backend=self.backend,
+            input,
+            target,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, backend={self.backend!r}")
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, backend={self.backend!r}"
+        )
 
 
 class LinearCrossEntropyLoss(_nn.Module):
@@ -71,23 +92,40 @@ class LinearCrossEntropyLoss(_nn.Module):
     logits exist at once (None: gptfast's default, about N * H / V rows).
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 z_loss: float = 0.0, chunk_size: int | None = None, backend: str | None = None):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+        backend: str | None = None,
+    ):
         super().__init__()
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.chunk_size, self.backend = z_loss, chunk_size, backend
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
         return ops.linear_cross_entropy(
-            hidden, weight, target, bias, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, chunk_size=self.chunk_size,
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, chunk_size={self.chunk_size}, "
-                f"backend={self.backend!r}")
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, chunk_size={self.chunk_size}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class KVCache:
@@ -107,18 +145,18 @@ class KVCache:
         self.v: Tensor | None = None
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H, T, D) at positions [length, length + T); return all keys/values (B, H, length + T, D)."""
+        """Stores k, v (B, H, T, D) at [length, length + T); returns all keys/values (B, H, length + T, D)."""
         B, H, T, D = k.shape
         end = self.length + T
         if end > self.capacity:
             raise ValueError(
-                f"KVCache: {T} new positions after {self.length} exceed the capacity {self.capacity}; reset() it"
+                f"KVCache: {T} new positions after {self.length} exceed the capacity {self.capacity}"
             )
         if self.k is None:
             self.k = k.new_empty(B, H, self.capacity, D)
             self.v = v.new_empty(B, H, self.capacity, v.shape[-1])
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -129,16 +167,19 @@ class KVCache:
 class CausalSelfAttention(_nn.Module):
     """GPT-2's causal multi-head self-attention on ops.scaled_dot_product_attention.
 
-    forward(x, kv_cache=None): x (B, T, n_embd) -> (B, T, n_embd). A fused qkv projection (c_attn), causal SDPA
-    with attention dropout in training, an output projection (c_proj) and residual dropout. With a KVCache the
-    T new positions follow the cache's `length` earlier ones and attend to all of them.
+    forward(x, kv_cache=None): x (B, T, n_embd) -> (B, T, n_embd). A fused qkv projection (c_attn), causal
+    SDPA with attention dropout in training, an output projection (c_proj) and residual dropout. With a
+    KVCache the T new positions follow the cache's `length` earlier ones and attend to all of them.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *,
-                 backend: str | None = None):
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, backend: str | None = None
+    ):
         super().__init__()
         if n_head < 1 or n_embd % n_head:
-            raise ValueError(f"CausalSelfAttention: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+            raise ValueError(
+                f"CausalSelfAttention: n_embd ({n_embd}) must be a multiple of n_head ({n_head})"
+            )
         self.n_embd, self.n_head, self.dropout, self.backend = n_embd, n_head, dropout, backend
         self.c_attn = _nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = _nn.Linear(n_embd, n_embd, bias=bias)
@@ -148,7 +189,9 @@ class CausalSelfAttention(_nn.Module):
         B, T, C = x.shape
         H = self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))  # each (B, H, T, D)
+        # Contiguous (B, H, T, D): what the kernels read best, and what the ops' fake (meta) gradients assume,
+        # so torch.compile's traced strides match the real ones.
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, T, D)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length
@@ -160,7 +203,12 @@ class CausalSelfAttention(_nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         # With past > 0 and T == 1 the single query sees every cached key: no mask at all.
         y = ops.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
             backend=self.backend,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -168,4 +216,3 @@ class CausalSelfAttention(_nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}, dropout={self.dropout}, backend={self.backend!r}"
-

@@ -9,6 +9,7 @@ Resume is exact: the checkpoint holds the model, the optimizer, the step (the sc
 it), torch's CPU (and CUDA) RNG state, which drives dropout, and the data sampler's generator. Eval draws from
 its own fixed-seed sampler and touches no shared RNG, so evaluating or saving never perturbs training.
 """
+
 import dataclasses
 import math
 import os
@@ -76,7 +77,7 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to the peak over cfg.warmup steps, then a cosine down to peak * min_lr_ratio at max_steps."""
+    """Linear warmup to the peak over cfg.warmup steps, then a cosine to peak * min_lr_ratio at max_steps."""
     peak, warmup = cfg.peak_lr, cfg.warmup
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -110,13 +111,15 @@ def check_backend(name: str | None, device: torch.device) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-d parameters (matrices, embeddings) only, not on biases or LayerNorms."""
+    """AdamW with weight decay on the 2-d parameters (matrices, embeddings), not on biases or LayerNorms."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied head is one parameter, listed once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
 
 
 def rng_state(device: torch.device) -> dict:
@@ -138,8 +141,15 @@ class Trainer:
     batches). extra: what else the checkpoint records (model config, data fingerprint, ...).
     """
 
-    def __init__(self, model: torch.nn.Module, sampler, eval_sampler: Callable, cfg: TrainConfig,
-                 device: torch.device, extra: dict):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sampler,
+        eval_sampler: Callable,
+        cfg: TrainConfig,
+        device: torch.device,
+        extra: dict,
+    ):
         self.model, self.sampler, self.eval_sampler = model, sampler, eval_sampler
         self.cfg, self.device, self.extra = cfg, device, extra
         self.optimizer = make_optimizer(model, cfg, device)
@@ -177,7 +187,7 @@ class Trainer:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     def train_step(self, batch) -> torch.Tensor:
-        """One optimizer step at the current step's learning rate; returns the loss (a device tensor, no sync)."""
+        """One optimizer step at the current step's learning rate; returns the loss (on device, no sync)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         with self.autocast:
@@ -210,8 +220,14 @@ class Trainer:
         self.model.train()
         if self.step == 0 and cfg.eval_every:
             self._log_eval(self.evaluate())
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
-                   desc="train", unit="step")
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            desc="train",
+            unit="step",
+        )
         tokens_per_step = None
         running, count, tick, tok_s = None, 0, time.perf_counter(), None
         while self.step < end:
@@ -234,8 +250,13 @@ class Trainer:
                 self.save()
                 tick = time.perf_counter()
         bar.close()
-        return {"step": self.step, "train_loss": self.metrics["train_loss"], "val_loss": self.metrics["val_loss"],
-                "tokens_per_s": tok_s, "checkpoint": cfg.checkpoint_path()}
+        return {
+            "step": self.step,
+            "train_loss": self.metrics["train_loss"],
+            "val_loss": self.metrics["val_loss"],
+            "tokens_per_s": tok_s,
+            "checkpoint": cfg.checkpoint_path(),
+        }
 
     def _log_eval(self, val_loss: float) -> None:
         self.metrics["val_loss"] = val_loss
@@ -270,7 +291,9 @@ def resolve_config(explicit: dict) -> TrainConfig:
         merged.pop(name, None)
     merged.update(explicit)
     if "preset" in explicit and explicit["preset"] != saved.get("preset"):
-        raise UsageError(f"--preset {explicit['preset']}: the checkpoint was trained with {saved.get('preset')!r}")
+        raise UsageError(
+            f"--preset {explicit['preset']}: the checkpoint was trained with {saved.get('preset')!r}"
+        )
     return TrainConfig(**merged)
 
 
@@ -292,7 +315,7 @@ def build_model(cfg: TrainConfig) -> GPT:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Trains (or, with cfg.resume, continues) a GPT on text; returns the final step, losses and checkpoint path."""
+    """Trains (or with cfg.resume continues) a GPT on text; returns the last step, losses, checkpoint."""
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
     state = _load_for_resume(cfg.checkpoint_path()) if cfg.resume else None
@@ -326,14 +349,22 @@ def train(cfg: TrainConfig) -> dict:
     trainer = Trainer(model, sampler, eval_sampler, cfg, device, extra)
     if state is not None:
         if state["data"]["fingerprint"] != fp:
-            print(f"warning: the training text differs from the checkpoint's ({cfg.checkpoint_path()}); "
-                  "the resumed run will not match an uninterrupted one", file=sys.stderr)
+            print(
+                f"warning: the training text differs from the checkpoint's ({cfg.checkpoint_path()}); "
+                "the resumed run will not match an uninterrupted one",
+                file=sys.stderr,
+            )
         trainer.load_state_dict(state)
 
     backend_name = backends.select("attention", device, cfg.backend)
-    print(f"gptfast train: preset {cfg.preset}, {model.num_parameters() / 1e6:.2f}M parameters, "
-          f"backend {backend_name}, device {device}", flush=True)
-    print(f"data: {description}: {train_tokens.numel():,} train / {val_tokens.numel():,} val tokens", flush=True)
+    print(
+        f"gptfast train: preset {cfg.preset}, {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"backend {backend_name}, device {device}",
+        flush=True,
+    )
+    print(
+        f"data: {description}: {train_tokens.numel():,} train / {val_tokens.numel():,} val tokens", flush=True
+    )
     if state is not None:
         print(f"resuming {cfg.checkpoint_path()} at step {trainer.step} of {cfg.max_steps}", flush=True)
     result = trainer.run()

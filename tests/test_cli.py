@@ -1,4 +1,5 @@
 """The gptfast command: train / resume / generate end to end, and one-line errors with exit status 2."""
+
 import os
 import subprocess
 import sys
@@ -21,16 +22,37 @@ def text_file(tmp_path_factory):
 def trained(tmp_path_factory, text_file):
     """A tiny-preset run of 3 steps (of a 5-step schedule), saved: what the other CLI tests start from."""
     out = str(tmp_path_factory.mktemp("run"))
-    argv = ["train", "--preset", "tiny", "--data", text_file, "--max-steps", "5", "--stop-after", "3",
-            "--batch-size", "2", "--eval-every", "3", "--eval-iters", "1", "--out", out, "--seed", "3",
-            "--no-progress"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        text_file,
+        "--max-steps",
+        "5",
+        "--stop-after",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "3",
+        "--eval-iters",
+        "1",
+        "--out",
+        out,
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     return out
 
 
 def test_train_saves_a_checkpoint(trained, capsys):
     state = checkpoint.load(os.path.join(trained, "ckpt.pt"))
-    assert state["step"] == 3 and state["train_config"]["max_steps"] == 5 and state["train_config"]["seed"] == 3
+    assert (
+        state["step"] == 3 and state["train_config"]["max_steps"] == 5 and state["train_config"]["seed"] == 3
+    )
 
 
 def test_resume_continues_with_the_saved_settings(trained, capsys):
@@ -39,25 +61,38 @@ def test_resume_continues_with_the_saved_settings(trained, capsys):
     out = capsys.readouterr().out
     assert "resuming" in out and "at step 3 of 5" in out
     state = checkpoint.load(os.path.join(trained, "ckpt.pt"))
-    assert state["step"] == 5 and state["train_config"]["batch_size"] == 2 and state["train_config"]["seed"] == 3
+    assert (
+        state["step"] == 5 and state["train_config"]["batch_size"] == 2 and state["train_config"]["seed"] == 3
+    )
 
 
 def test_generate_prints_text(trained, capsys):
     ckpt = os.path.join(trained, "ckpt.pt")
-    assert main(["generate", "--checkpoint", ckpt, "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert (
+        main(["generate", "--checkpoint", ckpt, "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1"])
+        == 0
+    )
     first = capsys.readouterr().out
     assert first.startswith("def ") and len(first.encode()) >= 4 + 1  # the prompt, sampled bytes, a newline
-    assert main(["generate", "--checkpoint", ckpt, "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert (
+        main(["generate", "--checkpoint", ckpt, "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1"])
+        == 0
+    )
     assert capsys.readouterr().out == first  # same seed, same text
 
 
 def test_console_script_end_to_end(tmp_path):
     # The real entry point in a fresh process, on the embedded stdlib corpus: train 2 steps, then sample.
     run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "gptfast.cli", *args], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "gptfast.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = str(tmp_path / "run")
-    r = run("train", "--max-steps", "2", "--batch-size", "2", "--eval-iters", "1", "--out", out, "--no-progress")
+    r = run(
+        "train", "--max-steps", "2", "--batch-size", "2", "--eval-iters", "1", "--out", out, "--no-progress"
+    )
     assert r.returncode == 0, r.stderr
     assert "standard library" in r.stdout and "val loss" in r.stdout and "saved" in r.stdout
     assert os.path.exists(os.path.join(out, "ckpt.pt"))
@@ -76,19 +111,22 @@ def _one_line_error(capsys, argv, match: str):
     assert "Traceback" not in err and match in err, err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["train", "--max-steps", "-1"], "--max-steps: must be >= 1, got -1"),
-    (["train", "--max-steps", "ten"], "expected an integer, got 'ten'"),
-    (["train", "--lr", "fast"], "expected a number"),
-    (["train", "--dropout", "1.5"], "--dropout: must be in [0.0, 1.0)"),
-    (["train", "--preset", "huge"], "invalid choice: 'huge'"),
-    (["train", "--backend", "metal"], "invalid choice: 'metal'"),
-    (["train", "--bogus"], "unrecognized arguments: --bogus"),
-    (["generate"], "the following arguments are required: --checkpoint"),
-    (["generate", "--checkpoint", "x.pt", "--top-k", "0"], "--top-k: must be >= 1"),
-    ([], "the following arguments are required"),
-    (["fly"], "invalid choice: 'fly'"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--max-steps", "-1"], "--max-steps: must be >= 1, got -1"),
+        (["train", "--max-steps", "ten"], "expected an integer, got 'ten'"),
+        (["train", "--lr", "fast"], "expected a number"),
+        (["train", "--dropout", "1.5"], "--dropout: must be in [0.0, 1.0)"),
+        (["train", "--preset", "huge"], "invalid choice: 'huge'"),
+        (["train", "--backend", "metal"], "invalid choice: 'metal'"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate"], "the following arguments are required: --checkpoint"),
+        (["generate", "--checkpoint", "x.pt", "--top-k", "0"], "--top-k: must be >= 1"),
+        ([], "the following arguments are required"),
+        (["fly"], "invalid choice: 'fly'"),
+    ],
+)
 def test_bad_arguments(capsys, argv, match):
     _one_line_error(capsys, argv, match)
 

@@ -1,4 +1,5 @@
-"""The GPT: shapes, learning, positional encodings, tied head, fused loss, init, KV-cache generation, errors."""
+"""The GPT: shapes, learning, positional encodings, tied head, fused loss, init, KV-cache decoding, errors."""
+
 import math
 
 import pytest
@@ -38,13 +39,16 @@ def test_gpt2_preset_has_124m_parameters():
     assert model.num_parameters(non_embedding=False) == 124_439_808  # GPT-2 small with its tied head
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(n_embd=30, n_head=4), "multiple of n_head"),
-    (dict(n_layer=0), "n_layer must be a positive int"),
-    (dict(pos_encoding="rotary"), "pos_encoding must be one of"),
-    (dict(dropout=1.0), "dropout must be in"),
-    (dict(backend="fastest"), "unknown gptfast backend 'fastest'"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(n_embd=30, n_head=4), "multiple of n_head"),
+        (dict(n_layer=0), "n_layer must be a positive int"),
+        (dict(pos_encoding="rotary"), "pos_encoding must be one of"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(backend="fastest"), "unknown gptfast backend 'fastest'"),
+    ],
+)
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         GPTConfig(**{**SMALL, **bad})
@@ -103,7 +107,9 @@ def test_sinusoidal_model_adds_the_fixed_buffer():
     expected = model.wte(idx) + SINUSOIDAL_SCALE * sinusoidal_positions(24, 32)[:10]  # (B, T, C) + (T, C)
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
     names = dict(model.named_parameters())
-    assert "wpe.weight" not in names and "pe" not in model.state_dict()  # fixed: rebuilt, never trained or saved
+    assert (
+        "wpe.weight" not in names and "pe" not in model.state_dict()
+    )  # fixed: rebuilt, never trained or saved
 
 
 def test_learned_positions_are_trained():
@@ -184,6 +190,7 @@ def test_config_backend_reaches_every_op(monkeypatch):
         def wrapped(*args, **kwargs):
             seen.append((name, kwargs.get("backend")))
             return fn(*args, **kwargs)
+
         monkeypatch.setattr(ops, name, wrapped)
 
     for name in ("scaled_dot_product_attention", "cross_entropy", "linear_cross_entropy", "softmax"):
@@ -277,13 +284,16 @@ def test_top_k_1_is_greedy_and_generate_restores_mode():
 
 
 # -------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("make_idx, error, match", [
-    (lambda: tokens(1, 25), ValueError, "exceeds block_size 24"),
-    (lambda: torch.rand(1, 5), TypeError, "int64 or int32"),
-    (lambda: tokens(1, 5)[0], ValueError, r"\(batch, seq_len\)"),
-    (lambda: torch.tensor([[1, 61]]), ValueError, r"token ids must be in \[0, 61\)"),
-    (lambda: [[1, 2]], TypeError, "got list"),
-])
+@pytest.mark.parametrize(
+    "make_idx, error, match",
+    [
+        (lambda: tokens(1, 25), ValueError, "exceeds block_size 24"),
+        (lambda: torch.rand(1, 5), TypeError, "int64 or int32"),
+        (lambda: tokens(1, 5)[0], ValueError, r"\(batch, seq_len\)"),
+        (lambda: torch.tensor([[1, 61]]), ValueError, r"token ids must be in \[0, 61\)"),
+        (lambda: [[1, 2]], TypeError, "got list"),
+    ],
+)
 def test_bad_idx(make_idx, error, match):
     with pytest.raises(error, match=match):
         small()(make_idx())
@@ -299,11 +309,14 @@ def test_bad_targets_and_prefix():
         model(tokens(2, 5), prefix_embeds=torch.randn(2, 20, 32))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
-    (dict(max_new_tokens=3, temperature=-0.5), "temperature must be a number >= 0"),
-    (dict(max_new_tokens=3, top_k=0), "top_k must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
+        (dict(max_new_tokens=3, temperature=-0.5), "temperature must be a number >= 0"),
+        (dict(max_new_tokens=3, top_k=0), "top_k must be a positive int"),
+    ],
+)
 def test_bad_generate_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         small().generate(tokens(1, 3), **kwargs)

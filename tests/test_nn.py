@@ -3,6 +3,7 @@
 Each check runs the gptfast module in fp32, torch's module in fp32 (torch's own error) and torch's module in
 fp64 (the reference), then applies gptfast.testing.assert_close to the output and every gradient.
 """
+
 import copy
 
 import pytest
@@ -15,7 +16,9 @@ from gptfast.testing import assert_close
 
 def _run(module, inputs, dtype=None):
     """Output and input gradients of module(*inputs) under a fixed random upstream gradient."""
-    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t for t in inputs]
+    leaves = [
+        t.detach().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t for t in inputs
+    ]
     out = module(*leaves)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     (out * upstream.to(out.dtype)).sum().backward()
@@ -32,16 +35,21 @@ def _check(ours, theirs, inputs):
 
 
 # ------------------------------------------------------------------------------------------ Softmax
-@pytest.mark.parametrize("shape, dim", [
-    ((4, 33), -1),  # rows of a non-power-of-two width
-    ((3, 5, 7), 1),  # a middle dim
-    ((2, 9), 0),  # the first dim
-])
+@pytest.mark.parametrize(
+    "shape, dim",
+    [
+        ((4, 33), -1),  # rows of a non-power-of-two width
+        ((3, 5, 7), 1),  # a middle dim
+        ((2, 9), 0),  # the first dim
+    ],
+)
 def test_softmax_equals_torch(shape, dim):
     _check(nn.Softmax(dim), torch.nn.Softmax(dim), [torch.randn(shape)])
 
 
-@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 3, 4)])  # the 1-, 2- and 3-d cases of torch's legacy rule
+@pytest.mark.parametrize(
+    "shape", [(5,), (3, 4), (2, 3, 4)]
+)  # the 1-, 2- and 3-d cases of torch's legacy rule
 def test_softmax_dim_none_follows_torch(shape):
     x = torch.randn(shape)
     with pytest.warns(UserWarning):
@@ -57,11 +65,14 @@ def test_softmax_scale_and_causal_match_their_formula():
 
 
 # ------------------------------------------------------------------------------------- CrossEntropy
-@pytest.mark.parametrize("kwargs", [
-    {},
-    dict(reduction="sum", label_smoothing=0.1),
-    dict(reduction="none", ignore_index=3),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        dict(reduction="sum", label_smoothing=0.1),
+        dict(reduction="none", ignore_index=3),
+    ],
+)
 def test_cross_entropy_loss_equals_torch_2d(kwargs):
     logits, target = torch.randn(13, 37), torch.randint(0, 37, (13,))
     target[::4] = kwargs.get("ignore_index", -100)  # some ignored rows
@@ -98,11 +109,14 @@ class _TorchLinearCE(torch.nn.Module):
         return self.loss(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-@pytest.mark.parametrize("with_bias, chunk_size, reduction", [
-    (False, None, "mean"),  # the default chunking
-    (True, 5, "sum"),  # chunks that do not divide the 18 rows, and a bias
-    (False, 4, "none"),  # per-row losses take the recompute backward
-])
+@pytest.mark.parametrize(
+    "with_bias, chunk_size, reduction",
+    [
+        (False, None, "mean"),  # the default chunking
+        (True, 5, "sum"),  # chunks that do not divide the 18 rows, and a bias
+        (False, 4, "none"),  # per-row losses take the recompute backward
+    ],
+)
 def test_linear_cross_entropy_loss_equals_torch(with_bias, chunk_size, reduction):
     hidden, weight, target = torch.randn(3, 6, 16), torch.randn(29, 16) * 0.3, torch.randint(0, 29, (3, 6))
     target[0, 0] = -100
@@ -138,7 +152,9 @@ def _param_grads(module, x):
     return out, {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("bias, T", [(True, 9), (False, 1)])  # odd length with biases; one position, no biases
+@pytest.mark.parametrize(
+    "bias, T", [(True, 9), (False, 1)]
+)  # odd length with biases; one position, no biases
 def test_causal_self_attention_equals_torch(bias, T):
     layer = nn.CausalSelfAttention(24, 3, dropout=0.1, bias=bias).eval()  # eval: dropout off, comparable
     _check(layer, _TorchAttention(layer), [torch.randn(2, T, 24)])
@@ -179,6 +195,11 @@ def test_causal_self_attention_rejects_bad_heads():
 
 def test_modules_pass_their_backend():
     x, t = torch.randn(3, 4), torch.randint(0, 4, (3,))
-    for module, args in [(nn.Softmax(-1, backend="cuda"), (x,)), (nn.CrossEntropyLoss(backend="cuda"), (x, t))]:
-        with pytest.raises(RuntimeError, match="'cuda'"):  # named, so refused on CPU tensors: it was passed on
+    for module, args in [
+        (nn.Softmax(-1, backend="cuda"), (x,)),
+        (nn.CrossEntropyLoss(backend="cuda"), (x, t)),
+    ]:
+        with pytest.raises(
+            RuntimeError, match="'cuda'"
+        ):  # named, so refused on CPU tensors: it was passed on
             module(*args)

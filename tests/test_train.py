@@ -1,4 +1,5 @@
 """Training: schedule, optimizer groups, data, atomic checkpoints, corrupt-file refusal, bit-exact resume."""
+
 import os
 
 import pytest
@@ -22,8 +23,17 @@ def text_file(tmp_path):
 
 
 def micro_config(tmp_path, text_file, **overrides) -> TrainConfig:
-    base = dict(data=text_file, out=str(tmp_path / "run"), batch_size=4, max_steps=6, eval_every=3, eval_iters=2,
-                save_every=0, progress=False, model_overrides=MICRO)
+    base = dict(
+        data=text_file,
+        out=str(tmp_path / "run"),
+        batch_size=4,
+        max_steps=6,
+        eval_every=3,
+        eval_iters=2,
+        save_every=0,
+        progress=False,
+        model_overrides=MICRO,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
