@@ -39,9 +39,8 @@ def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> bytes:
     root = sysconfig.get_paths()["stdlib"]
     parts, size = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in _SKIP_DIRS
-        )  # sorted in place: a fixed walk order
+        # Sorted in place, so os.walk descends in a fixed order.
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
         for name in sorted(filenames):
             if not name.endswith(".py"):
                 continue
