@@ -8,6 +8,7 @@ name. Bad arguments, missing or damaged files print one line on stderr and exit 
 
 import argparse
 import dataclasses
+import importlib
 import sys
 from typing import Callable
 
@@ -186,7 +187,7 @@ def add_bench(subparsers) -> None:
 
 def run_bench(argv: list[str]) -> int:
     try:
-        from .bench import cli as bench_cli
+        bench_cli = importlib.import_module("gptfast.bench.cli")
     except ModuleNotFoundError as e:
         if e.name not in ("gptfast.bench", "gptfast.bench.cli"):
             raise
