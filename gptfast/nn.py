@@ -1,0 +1,218 @@
+"""Drop-in nn.Module wrappers around the gptfast ops, plus the GPT's attention layer and its KV cache.
+
+Each module takes an optional `backend=` (see gptfast.backends); None selects per call as the ops do.
+"""
+
+import torch
+from torch import Tensor
+from torch import nn as _nn
+
+from . import ops
+
+__all__ = ["Softmax", "CrossEntropyLoss", "LinearCrossEntropyLoss", "CausalSelfAttention", "KVCache"]
+
+
+def _legacy_softmax_dim(ndim: int) -> int:
+    # torch.nn.Softmax(dim=None) picks this dim (torch.nn.functional._get_softmax_dim); kept for drop-in use.
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+class Softmax(_nn.Module):
+    """torch.nn.Softmax(dim) on gptfast's softmax, with its scale= and causal= options.
+
+    forward(x) -> softmax(scale * x) along dim, same shape and dtype as x. causal=True masks x[..., i, j] for
+    j > i (the last two dims form the (L, S) score matrix) and needs dim=-1. dim=None follows torch's legacy
+    rule (dim 0 for 0-, 1- and 3-d inputs, else dim 1), so the module can replace torch's one for one.
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        scale: float | None = None,
+        causal: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.dim, self.scale, self.causal, self.backend = dim, scale, causal, backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        dim = _legacy_softmax_dim(x.dim()) if self.dim is None else self.dim
+        return ops.softmax(x, dim, scale=self.scale, causal=self.causal, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scale={self.scale}, causal={self.causal}, backend={self.backend!r}"
+
+
+class CrossEntropyLoss(_nn.Module):
+    """torch.nn.CrossEntropyLoss on gptfast's cross_entropy, plus PaLM's z_loss.
+
+    forward(input, target): input (C,), (N, C) or (B, T, C) logits, CLASS-LAST (torch puts the classes of a
+    3-d input in dim 1; a GPT's logits are (B, T, V), so here they stay last); target (), (N,) or (B, T)
+    int64/int32. Returns a scalar for 'mean'/'sum', target's shape for 'none'. Per-class `weight` is not
+    supported.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.backend = z_loss, backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.cross_entropy(
+            input,
+            target,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, backend={self.backend!r}"
+        )
+
+
+class LinearCrossEntropyLoss(_nn.Module):
+    """cross_entropy(hidden @ weight.T + bias, target) without materialising the logits (an LM head + loss).
+
+    forward(hidden, weight, target, bias=None): hidden (N, H) or (B, T, H), weight (V, H), bias (V,) or None,
+    target (N,) or (B, T). The loss equals CrossEntropyLoss on the full logits; at most chunk_size rows of
+    logits exist at once (None: gptfast's default, about N * H / V rows).
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.chunk_size, self.backend = z_loss, chunk_size, backend
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+        return ops.linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, chunk_size={self.chunk_size}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class KVCache:
+    """One attention layer's keys and values for incremental decoding.
+
+    Buffers k, v of shape (B, H, capacity, D) are allocated on the first append (with that call's dtype and
+    device, so autocast is respected) and filled up to `length`. `length` is a Python int: decoding loops
+    index with it, no device sync involved.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"KVCache: capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.length = 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Stores k, v (B, H, T, D) at [length, length + T); returns all keys/values (B, H, length + T, D)."""
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.capacity:
+            raise ValueError(
+                f"KVCache: {T} new positions after {self.length} exceed the capacity {self.capacity}"
+            )
+        if self.k is None:
+            self.k = k.new_empty(B, H, self.capacity, D)
+            self.v = v.new_empty(B, H, self.capacity, v.shape[-1])
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(_nn.Module):
+    """GPT-2's causal multi-head self-attention on ops.scaled_dot_product_attention.
+
+    forward(x, kv_cache=None): x (B, T, n_embd) -> (B, T, n_embd). A fused qkv projection (c_attn), causal
+    SDPA with attention dropout in training, an output projection (c_proj) and residual dropout. With a
+    KVCache the T new positions follow the cache's `length` earlier ones and attend to all of them.
+    """
+
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, backend: str | None = None
+    ):
+        super().__init__()
+        if n_head < 1 or n_embd % n_head:
+            raise ValueError(
+                f"CausalSelfAttention: n_embd ({n_embd}) must be a multiple of n_head ({n_head})"
+            )
+        self.n_embd, self.n_head, self.dropout, self.backend = n_embd, n_head, dropout, backend
+        self.c_attn = _nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = _nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = _nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        B, T, C = x.shape
+        H = self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # Contiguous (B, H, T, D): what the kernels read best, and what the ops' fake (meta) gradients assume,
+        # so torch.compile's traced strides match the real ones.
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, T, D)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.append(k, v)  # (B, H, past + T, D)
+        mask, is_causal = None, past == 0
+        if past and T > 1:
+            # New queries sit at positions past..past+T-1: query i sees key j iff j <= past + i. SDPA's
+            # is_causal is top-left aligned (right only when past == 0), so this case needs an explicit mask.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # With past > 0 and T == 1 the single query sees every cached key: no mask at all.
+        y = ops.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            backend=self.backend,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def extra_repr(self) -> str:
+        return f"n_embd={self.n_embd}, n_head={self.n_head}, dropout={self.dropout}, backend={self.backend!r}"

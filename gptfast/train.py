@@ -1,0 +1,372 @@
+"""Training: AdamW, cosine schedule with warmup, gradient clipping, bf16 autocast on CUDA, held-out eval loss,
+atomic checkpoints, and resume that continues bit for bit.
+
+train(TrainConfig(...)) trains a GPT on text (the embedded stdlib corpus or a file). The loop itself is the
+Trainer, which works for any model called as model(*batch) -> (logits, loss) with batches from a sampler that
+has next(), state_dict() and load_state_dict() (see data.BatchSampler).
+
+Resume is exact: the checkpoint holds the model, the optimizer, the step (the schedule is a pure function of
+it), torch's CPU (and CUDA) RNG state, which drives dropout, and the data sampler's generator. Eval draws from
+its own fixed-seed sampler and touches no shared RNG, so evaluating or saving never perturbs training.
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from . import backends, checkpoint, data
+from .data import DEFAULT_CORPUS_BYTES
+from .model import GPT, GPTConfig
+
+CHECKPOINT_NAME = "ckpt.pt"
+DEFAULT_LR = {"tiny": 2e-3, "gpt2": 6e-4, "gpt2-medium": 3e-4}
+
+
+class UsageError(ValueError):
+    """A bad setting or input file; the CLI prints it as one line and exits with status 2."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data: str | None = None  # a text file; None trains on the embedded stdlib corpus
+    corpus_bytes: int = DEFAULT_CORPUS_BYTES
+    max_steps: int = 200  # the schedule's length
+    stop_after: int | None = None  # stop (and save) after this many steps, keeping max_steps' schedule
+    batch_size: int = 16
+    lr: float | None = None  # peak learning rate; None takes DEFAULT_LR for the preset
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int | None = None  # None: 10% of max_steps, at most 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    dropout: float | None = None  # None keeps the preset's
+    fused_loss: bool = False
+    eval_every: int = 50
+    eval_iters: int = 8
+    save_every: int = 100  # 0 saves only at the end
+    log_every: int = 10
+    out: str = "runs/demo"
+    seed: int = 1337
+    device: str = "auto"
+    backend: str | None = None
+    resume: bool = False
+    progress: bool = True
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # GPTConfig fields over the preset's
+
+    # What a resume does not take from the checkpoint: where and how this process runs, not what it computes.
+    NOT_RESUMED = ("out", "device", "backend", "resume", "progress", "stop_after")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.preset, 6e-4)
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, min(100, self.max_steps // 10))
+
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.out, CHECKPOINT_NAME)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak over cfg.warmup steps, then a cosine to peak * min_lr_ratio at max_steps."""
+    peak, warmup = cfg.peak_lr, cfg.warmup
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    floor = peak * cfg.min_lr_ratio
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: gptfast trains on cpu or cuda devices")
+    return device
+
+
+def check_backend(name: str | None, device: torch.device) -> None:
+    """Refuses up front a named backend that cannot run the model's ops on `device`."""
+    if name is None:
+        return
+    for op in ("attention", "cross_entropy", "softmax"):
+        reason = backends.why_not(name, op, device)
+        if reason:
+            raise UsageError(f"--backend {name}: cannot run {op} on {device.type}: {reason}")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the 2-d parameters (matrices, embeddings), not on biases or LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied head is one parameter, listed once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
+
+
+def rng_state(device: torch.device) -> dict:
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """The training loop for model(*batch) -> (logits, loss), with eval, progress bar and checkpoints.
+
+    sampler: next() -> batch (a tuple of CPU tensors), state_dict(), load_state_dict(). eval_sampler: a
+    callable returning a fresh sampler over held-out data (called per eval, so every eval sees the same
+    batches). extra: what else the checkpoint records (model config, data fingerprint, ...).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sampler,
+        eval_sampler: Callable,
+        cfg: TrainConfig,
+        device: torch.device,
+        extra: dict,
+    ):
+        self.model, self.sampler, self.eval_sampler = model, sampler, eval_sampler
+        self.cfg, self.device, self.extra = cfg, device, extra
+        self.optimizer = make_optimizer(model, cfg, device)
+        self.step = 0
+        self.metrics: dict = {"val_loss": None, "train_loss": None, "history": []}
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            **self.extra,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": {**rng_state(self.device), "sampler": self.sampler.state_dict()},
+            "train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items()},
+            "metrics": self.metrics,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.metrics = state.get("metrics", self.metrics)
+        self.sampler.load_state_dict(state["rng"]["sampler"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> str:
+        path = self.cfg.checkpoint_path()
+        checkpoint.save(self.state_dict(), path)
+        return path
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step at the current step's learning rate; returns the loss (on device, no sync)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        with self.autocast:
+            _, loss = self.model(*self._to_device(batch))
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over cfg.eval_iters held-out batches (the same ones every time), in eval mode."""
+        self.model.eval()
+        sampler = self.eval_sampler()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.eval_iters):
+            with self.autocast:
+                _, loss = self.model(*self._to_device(sampler.next()))
+            total += loss.float()
+        self.model.train()
+        return (total / self.cfg.eval_iters).item()
+
+    # ------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
+        self.model.train()
+        if self.step == 0 and cfg.eval_every:
+            self._log_eval(self.evaluate())
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            desc="train",
+            unit="step",
+        )
+        tokens_per_step = None
+        running, count, tick, tok_s = None, 0, time.perf_counter(), None
+        while self.step < end:
+            batch = self.sampler.next()
+            tokens_per_step = batch[-1].numel()  # the targets: one per trained position
+            loss = self.train_step(batch)
+            running = loss.float() if running is None else running + loss.float()
+            count += 1
+            bar.update(1)
+            if count == cfg.log_every or self.step == end:
+                now = time.perf_counter()
+                self.metrics["train_loss"] = (running / count).item()  # one sync per log interval
+                tok_s = count * tokens_per_step / (now - tick)
+                bar.set_postfix(loss=f"{self.metrics['train_loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                running, count, tick = None, 0, now
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                self._log_eval(self.evaluate())
+                tick = time.perf_counter()  # eval time is not training throughput
+            if self.step == end or (cfg.save_every and self.step % cfg.save_every == 0):
+                self.save()
+                tick = time.perf_counter()
+        bar.close()
+        return {
+            "step": self.step,
+            "train_loss": self.metrics["train_loss"],
+            "val_loss": self.metrics["val_loss"],
+            "tokens_per_s": tok_s,
+            "checkpoint": cfg.checkpoint_path(),
+        }
+
+    def _log_eval(self, val_loss: float) -> None:
+        self.metrics["val_loss"] = val_loss
+        self.metrics["history"].append((self.step, val_loss))
+        train = self.metrics["train_loss"]
+        train_text = f"train loss {train:.4f} | " if train is not None else ""
+        tqdm.write(f"step {self.step:>5} | {train_text}val loss {val_loss:.4f}")
+
+
+# --------------------------------------------------------------------------------------------- text task
+def load_corpus(cfg: TrainConfig) -> tuple[bytes, str]:
+    """(bytes, description) of the training text."""
+    if cfg.data is not None:
+        text = data.read_text_file(cfg.data)
+        return text, f"{cfg.data} ({len(text) / 1e6:.2f} MB)"
+    text = data.stdlib_corpus(cfg.corpus_bytes)
+    return text, f"the Python standard library's sources ({len(text) / 1e6:.2f} MB)"
+
+
+def resolve_config(explicit: dict) -> TrainConfig:
+    """The run's TrainConfig: explicit settings, then (on resume) the checkpoint's, then the defaults.
+
+    On resume every setting except those in TrainConfig.NOT_RESUMED comes from the checkpoint unless given
+    explicitly, so `--resume` alone continues the same run with the same schedule, data and batches.
+    """
+    cfg = TrainConfig(**explicit)
+    if not cfg.resume:
+        return cfg
+    saved = _load_for_resume(cfg.checkpoint_path())["train_config"]
+    merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    for name in TrainConfig.NOT_RESUMED:
+        merged.pop(name, None)
+    merged.update(explicit)
+    if "preset" in explicit and explicit["preset"] != saved.get("preset"):
+        raise UsageError(
+            f"--preset {explicit['preset']}: the checkpoint was trained with {saved.get('preset')!r}"
+        )
+    return TrainConfig(**merged)
+
+
+def _load_for_resume(path: str) -> dict:
+    try:
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
+
+
+def build_model(cfg: TrainConfig) -> GPT:
+    overrides = dict(cfg.model_overrides, backend=cfg.backend, fused_loss=cfg.fused_loss)
+    if cfg.dropout is not None:
+        overrides["dropout"] = cfg.dropout
+    try:
+        return GPT(GPTConfig.preset(cfg.preset, **overrides))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Trains (or with cfg.resume continues) a GPT on text; returns the last step, losses, checkpoint."""
+    device = resolve_device(cfg.device)
+    check_backend(cfg.backend, device)
+    state = _load_for_resume(cfg.checkpoint_path()) if cfg.resume else None
+    try:
+        text, description = load_corpus(cfg)
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+
+    torch.manual_seed(cfg.seed)  # model init; on resume the RNG state is restored from the checkpoint below
+    if state is not None:
+        runtime = {"backend": cfg.backend, "fused_loss": cfg.fused_loss}
+        if cfg.dropout is not None:
+            runtime["dropout"] = cfg.dropout
+        model = GPT(GPTConfig(**{**state["config"], **runtime}))
+    else:
+        model = build_model(cfg)
+    block = model.config.block_size
+    try:
+        train_tokens, val_tokens = data.split(text, block)
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+    model.to(device)
+    sampler = data.BatchSampler(train_tokens, block, cfg.batch_size, cfg.seed)
+    eval_sampler = lambda: data.BatchSampler(val_tokens, block, cfg.batch_size, cfg.seed + 1)  # noqa: E731
+    fp = data.fingerprint(text)
+    extra = {
+        "task": "text",
+        "config": dataclasses.replace(model.config, backend=None).to_dict(),
+        "data": {"source": cfg.data, "fingerprint": fp},
+    }
+    trainer = Trainer(model, sampler, eval_sampler, cfg, device, extra)
+    if state is not None:
+        if state["data"]["fingerprint"] != fp:
+            print(
+                f"warning: the training text differs from the checkpoint's ({cfg.checkpoint_path()}); "
+                "the resumed run will not match an uninterrupted one",
+                file=sys.stderr,
+            )
+        trainer.load_state_dict(state)
+
+    backend_name = backends.select("attention", device, cfg.backend)
+    print(
+        f"gptfast train: preset {cfg.preset}, {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"backend {backend_name}, device {device}",
+        flush=True,
+    )
+    print(
+        f"data: {description}: {train_tokens.numel():,} train / {val_tokens.numel():,} val tokens", flush=True
+    )
+    if state is not None:
+        print(f"resuming {cfg.checkpoint_path()} at step {trainer.step} of {cfg.max_steps}", flush=True)
+    result = trainer.run()
+    print(f"saved {result['checkpoint']} at step {result['step']}", flush=True)
+    return result

@@ -1,0 +1,164 @@
+"""Training: schedule, optimizer groups, data, atomic checkpoints, corrupt-file refusal, bit-exact resume."""
+
+import os
+
+import pytest
+import torch
+
+from gptfast import checkpoint, data
+from gptfast.train import TrainConfig, lr_at, make_optimizer, train
+from gptfast.model import GPT, GPTConfig
+
+# A model small enough for a few steps per second on a loaded 2-core machine.
+MICRO = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    torch.manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "\n", "    ", "(x)", ":"]
+    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,)).tolist()))
+    return str(path)
+
+
+def micro_config(tmp_path, text_file, **overrides) -> TrainConfig:
+    base = dict(
+        data=text_file,
+        out=str(tmp_path / "run"),
+        batch_size=4,
+        max_steps=6,
+        eval_every=3,
+        eval_iters=2,
+        save_every=0,
+        progress=False,
+        model_overrides=MICRO,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+# ------------------------------------------------------------------------------------ schedule, AdamW
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    cfg = TrainConfig(lr=1e-3, max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)  # (step + 1) / warmup of the peak
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # the cosine starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(0.55e-3)  # halfway: the mean of peak and floor
+    assert lr_at(110, cfg) == pytest.approx(1e-4)  # ends at peak * min_lr_ratio
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig(vocab_size=50, **MICRO))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    n_params = len({id(p) for p in model.parameters()})
+    assert len(decayed["params"]) + len(plain["params"]) == n_params  # the tied head once, nothing missed
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_stdlib_corpus_is_deterministic_and_capped():
+    a, b = data.stdlib_corpus(200_000), data.stdlib_corpus(200_000)
+    assert a == b and len(a) == 200_000
+    assert a.startswith(b"# file: ") and b"def " in a
+
+
+def test_split_and_sampler():
+    text = bytes(range(256)) * 10
+    train_tokens, val_tokens = data.split(text, block_size=16)
+    assert train_tokens.numel() + val_tokens.numel() == len(text) and val_tokens.numel() == 256
+    sampler = data.BatchSampler(train_tokens, 16, 3, seed=4)
+    x, y = sampler.next()
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    state = sampler.state_dict()
+    expected = sampler.next()
+    sampler.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(sampler.next(), expected))
+
+
+def test_too_short_text_is_refused():
+    with pytest.raises(data.DataError, match="too short: 40 bytes.*at least 66"):
+        data.split(b"x" * 40, block_size=32)
+
+
+def test_encode_decode_round_trip():
+    assert data.decode(data.encode("héllo ✓")) == "héllo ✓"
+    assert data.decode([104, 0xC3]) == "h\ufffd"  # a sample cut mid-character does not raise
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")  # a crash mid-write leaves a half-written temp file behind
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = checkpoint.load(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temp file was removed
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save({"step": 1, "w": torch.randn(1000)}, path)
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"not a checkpoint at all")
+    else:
+        torch.save({"weights": torch.ones(2)}, path)  # a torch file, but not ours
+    with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path)):
+        checkpoint.load(path)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found: .*nope.pt"):
+        checkpoint.load(str(tmp_path / "nope.pt"))
+
+
+# ----------------------------------------------------------------------------------------------- train
+def test_training_lowers_the_loss(tmp_path, text_file):
+    result = train(micro_config(tmp_path, text_file, max_steps=30, eval_every=30, lr=3e-3))
+    state = checkpoint.load(result["checkpoint"])
+    (first_step, first), (last_step, last) = state["metrics"]["history"][0], state["metrics"]["history"][-1]
+    assert (first_step, last_step) == (0, 30)
+    assert last < first - 1.0, (first, last)
+
+
+def test_resume_is_bit_exact(tmp_path, text_file):
+    # Dropout on, so the torch RNG state matters as much as the sampler's and the optimizer's.
+    common = dict(dropout=0.1, max_steps=6)
+    whole = train(micro_config(tmp_path / "whole", text_file, **common))
+    train(micro_config(tmp_path / "split", text_file, stop_after=3, **common))
+    stopped = checkpoint.load(str(tmp_path / "split" / "run" / "ckpt.pt"))
+    assert stopped["step"] == 3
+    resumed = train(micro_config(tmp_path / "split", text_file, resume=True, **common))
+    assert resumed["step"] == whole["step"] == 6
+    a, b = checkpoint.load(whole["checkpoint"]), checkpoint.load(resumed["checkpoint"])
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for (k, sa), sb in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[key], sb[key]) for key in sa), k
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert a["metrics"]["val_loss"] == b["metrics"]["val_loss"]
+
+
+def test_checkpoint_holds_what_resume_needs(tmp_path, text_file):
+    result = train(micro_config(tmp_path, text_file, max_steps=2))
+    state = checkpoint.load(result["checkpoint"])
+    assert {"model", "optimizer", "step", "rng", "config", "train_config", "data"} <= set(state)
+    assert {"torch", "cuda", "sampler"} <= set(state["rng"])
+    assert state["config"]["block_size"] == MICRO["block_size"] and state["config"]["backend"] is None
