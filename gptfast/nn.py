@@ -189,9 +189,8 @@ class CausalSelfAttention(_nn.Module):
         B, T, C = x.shape
         H = self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        # Contiguous (B, H, T, D): what the kernels read best, and what the ops' fake (meta) gradients assume,
-        # so torch.compile's traced strides match the real ones.
-        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, T, D)
+        # Strided views of the fused projection: the kernels read them in place, with no copy.
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length

@@ -1090,7 +1090,8 @@ def attention_bwd(
     Hk, S = k.shape[1], k.shape[2]
     if q.numel() == 0 or k.numel() == 0 or dout.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous gradients whatever q/k/v's strides: the contract (and the fake) every backend shares.
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     mask, mask_kind, mask_strides = _mask_args(attn_mask, q)
     rng_t, dropout_scale, threshold = _dropout_args(dropout_p, rng, q)

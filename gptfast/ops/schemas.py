@@ -26,6 +26,7 @@ attention_fwd(q[B,Hq,L,D], k[B,Hk,S,D], v[B,Hk,S,Dv], attn_mask?, dropout_p, is_
     rng = int64 (seed, offset) on the CPU, read by the dropout of both passes. A row with no key left gives
     out = 0 and lse = -inf.
 attention_bwd(dout, q, k, v, attn_mask?, out, lse, dropout_p, is_causal, scale, rng) -> (dq, dk, dv)
+    out and the gradients are contiguous whatever the strides of q, k and v.
 """
 
 SCHEMAS = {
