@@ -15,7 +15,8 @@
 #
 # Environment: OUT, PYTHON (default: the active venv's python, else python3; ./.venv in a dry run),
 # GPTFAST_COMMIT (the commit measured, when the tree has no .git), GPU_CHECK_TOTAL (seconds, default 470),
-# BUILD_LIMIT, TESTS_LIMIT (seconds), GPU_CHECK_TESTS (pytest paths), BENCH_MODE, BENCH_ARGS (extra bench args).
+# BUILD_LIMIT, TESTS_LIMIT (seconds), GPU_CHECK_TESTS (pytest paths), GPU_CHECK_K (a pytest -k expression, e.g.
+# "cuda or gpu" for only what the CPU suite cannot run), BENCH_MODE, BENCH_ARGS (extra bench args).
 set -uo pipefail
 
 DRY_RUN=0
@@ -97,7 +98,8 @@ rm -f "$OUT/junit.xml" "$OUT/tests_summary.md"
 XDIST=()
 if [[ $DRY_RUN == 0 ]] && "$PYTHON" -c "import xdist" 2>/dev/null; then XDIST=(-n "${GPU_CHECK_WORKERS:-8}"); fi
 run_step tests "$(min "${TESTS_LIMIT:-170}" "$(( $(left) - 130 ))")" "$OUT/tests.log" \
-  "$PYTHON" -m pytest $TESTS -q -rs -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/junit.xml"
+  "$PYTHON" -m pytest $TESTS ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} -q -rs -p no:cacheprovider "${XDIST[@]}" \
+  --junitxml="$OUT/junit.xml"
 "$PYTHON" - "$OUT" >> "$STEPS_LOG" 2>&1 <<'EOF'
 """junit.xml -> tests_summary.md: passed / failed / skipped per test file, then each failure's first line."""
 import collections, pathlib, sys, xml.etree.ElementTree as ET

@@ -13,15 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def sinusoidal_positions(length: int, dim: int) -> Tensor:
-    """(length, dim): PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim))."""
-    pos = torch.arange(length, dtype=torch.float64)[:, None]
-    angles = pos * 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    pe = torch.empty(length, dim, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(angles)
-    pe[:, 1::2] = torch.cos(angles[:, : dim // 2])
-    return pe.float()
+from ..model import SINUSOIDAL_SCALE, sinusoidal_positions
 
 
 class Attention(nn.Module):
@@ -97,7 +89,7 @@ class TorchGPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + (self.wpe(pos) if self.learned else self.pe[pos])
+        x = self.wte(idx) + (self.wpe(pos) if self.learned else SINUSOIDAL_SCALE * self.pe[pos])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
