@@ -24,6 +24,12 @@ import torch
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 
 
+# Registered as an opaque custom op, not a triton_op: the chunk loop is torch GEMMs around the fused CE kernel,
+# so inductor gains nothing from seeing inside, and on torch 2.11 tracing decomposes addmm(out_dtype=...) wrongly
+# (the dtype lands in beta: "unsupported operand type(s) for *: 'torch.dtype' and 'FakeTensor'", seen on an H200).
+TRACEABLE = False
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -41,12 +41,13 @@ def _attach(fwd_name: str, bwd_name: str, fwd, bwd, spec: OpSpec) -> None:
     )
 
 
-def _python_op(qualname: str, impl: Callable, schema: str, backend: str):
+def _python_op(qualname: str, impl: Callable, schema: str, backend: str, traceable: bool):
     # Triton pairs on GPUs are triton_ops: torch.compile then traces into the launcher and sees the kernels
     # (launched through torch.library.wrap_triton). Under TRITON_INTERPRET=1 the kernels run on CPU tensors,
-    # which that tracing cannot launch, so there they stay opaque custom ops. triton_op infers the schema from
-    # the pair's annotations.
-    if backend == "triton" and not backends.interpreting():
+    # which that tracing cannot launch, so there they stay opaque custom ops; so does a kernel module that sets
+    # TRACEABLE = False (its launcher calls torch ops that tracing decomposes wrongly). triton_op infers the
+    # schema from the pair's annotations.
+    if backend == "triton" and traceable and not backends.interpreting():
         return torch.library.triton_op(qualname, impl, mutates_args=())
     return torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
 
@@ -90,8 +91,9 @@ def _python_pair(op: str, backend: str):
     spec = _SPECS[op]
     module = backends.kernel_module(backend, op)
     fwd_name, bwd_name = f"gptfast::{qualname(op, backend)}", f"gptfast::{qualname(op, backend, 'bwd')}"
-    fwd_op = _python_op(fwd_name, getattr(module, f"{op}_fwd"), SCHEMAS[f"{op}_fwd"], backend)
-    bwd_op = _python_op(bwd_name, getattr(module, f"{op}_bwd"), SCHEMAS[f"{op}_bwd"], backend)
+    traceable = getattr(module, "TRACEABLE", True)
+    fwd_op = _python_op(fwd_name, getattr(module, f"{op}_fwd"), SCHEMAS[f"{op}_fwd"], backend, traceable)
+    bwd_op = _python_op(bwd_name, getattr(module, f"{op}_bwd"), SCHEMAS[f"{op}_bwd"], backend, traceable)
     _attach(fwd_name, bwd_name, fwd_op, bwd_op, spec)
     return fwd_op, bwd_op
 
