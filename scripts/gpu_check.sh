@@ -6,7 +6,8 @@
 #   2. tests:   pytest tests -q -rs --junitxml  -> junit.xml, tests.log, tests_summary.md (per file)
 #   3. bench:   gptfast bench --full --device cuda --out $OUT/bench  (report.md, results.json, plots)
 #   4. summary: summary.md with the commit, nvidia-smi, versions, test summary and the report's headline
-# Everything lands in $OUT (default ./gpu-check-out). The whole run stays under 8 minutes (GPU_CHECK_TOTAL).
+# Everything lands in $OUT (default ./gpu-check-out) as gpu-check.tgz, with summary.md, tests_summary.md and
+# report.md beside it. The whole run stays under 8 minutes (GPU_CHECK_TOTAL).
 #
 #   scripts/gpu_check.sh              on the GPU machine
 #   scripts/gpu_check.sh --dry-run    the same steps on a CPU machine: no CUDA build (GPTFAST_SKIP_EXT=1 unless
@@ -203,3 +204,11 @@ EOF
   fi
 } > "$OUT/summary.md"
 log "summary: $OUT/summary.md (total $(( $(date +%s) - START ))s)"
+
+# The device tool returns only a few files per call: everything goes into one tarball, and the three files a
+# reader wants first stay beside it.
+[[ -f "$OUT/bench/report.md" ]] && cp "$OUT/bench/report.md" "$OUT/report.md"
+TARBALL="$(mktemp)"
+tar czf "$TARBALL" -C "$OUT" . && mv "$TARBALL" "$OUT/gpu-check.tgz"
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu-check.tgz ! -name summary.md ! -name tests_summary.md \
+  ! -name report.md -exec rm -rf {} +
