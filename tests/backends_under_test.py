@@ -19,3 +19,14 @@ def cases(op: str) -> list[tuple[str, str]]:
 
 def ids(cases_list):
     return [f"{b}-{d}" for b, d in cases_list]
+
+
+def assert_compiles_like_eager(fn, x):
+    """torch.compile(fn, fullgraph=True, backend="aot_eager") gives fn's value and gradient with respect to x."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_e, out_c = fn(xe), compiled(xc)
+    out_e.backward()
+    out_c.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(xc.grad, xe.grad)

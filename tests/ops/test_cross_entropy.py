@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gptfast import backends, ops
 from gptfast.testing import assert_close, reference_dtype
 
-from backends_under_test import cases, ids
+from backends_under_test import assert_compiles_like_eager, cases, ids
 
 CASES = cases("cross_entropy")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -169,13 +169,7 @@ def test_torch_compile_fullgraph(backend, device):
     def fn(inp):
         return ops.cross_entropy(inp, t, label_smoothing=0.1, z_loss=1e-3, backend=backend)
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_e, out_c = fn(xe), compiled(xc)
-    out_e.backward()
-    out_c.backward()
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(xc.grad, xe.grad)
+    assert_compiles_like_eager(fn, x)
 
 
 # --------------------------------------------------------------------------------------- triton paths
