@@ -24,26 +24,45 @@ class Closeness:
         return self.ok
 
 
+# Elements compared per step: the comparison works in float64, so a whole 16k x 128k gradient at once would
+# need several 16 GiB temporaries (the H200 benchmark ran out of memory that way); chunks keep it to ~0.5 GiB.
+CHUNK = 1 << 24
+
+
 def closeness(out: Tensor, ref: Tensor, torch_out: Tensor, floor: float | None = None) -> Closeness:
     if out.shape != ref.shape:
         return Closeness(False, float("inf"), 0.0, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    o, r, t = out.detach().double(), ref.detach().double(), torch_out.detach().double()
-    if not torch.equal(o.isnan(), r.isnan()):
+    o_all, r_all, t_all = (x.detach().reshape(-1) for x in (out, ref, torch_out))
+    zero = torch.zeros((), dtype=torch.float64, device=r_all.device)
+    err, torch_err, rounding = zero, zero, zero
+    nan_mismatch = inf_mismatch = torch.zeros((), dtype=torch.bool, device=r_all.device)
+    for lo in range(0, r_all.numel(), CHUNK):
+        o, r, t = (x[lo : lo + CHUNK].to(r_all.device, torch.float64) for x in (o_all, r_all, t_all))
+        nan_mismatch = nan_mismatch | (o.isnan() != r.isnan()).any()
+        inf_r = r.isinf()
+        inf_mismatch = inf_mismatch | ((o.isinf() & ~o.isnan()) != inf_r).any() | (o[inf_r] != r[inf_r]).any()
+        finite = r.isfinite()
+        err = torch.maximum(err, _masked_max((o - r).abs(), finite))
+        torch_err = torch.maximum(torch_err, _masked_max((t - r).abs(), finite & t.isfinite()))
+        # No result in out's dtype can beat rounding the reference to it. Where torch itself overflowed (fp16
+        # sums past 65504) its error is unbounded, so that rounding error, not a zero, is the honest baseline.
+        rr = r.to(out.dtype).double()
+        rounding = torch.maximum(rounding, _masked_max((rr - r).abs(), finite & rr.isfinite()))
+    # One host sync for the whole comparison, whatever the number of chunks.
+    nan_mismatch, inf_mismatch, err, torch_err, rounding = torch.stack(
+        [nan_mismatch.double(), inf_mismatch.double(), err, torch_err, rounding]
+    ).tolist()
+    if nan_mismatch:
         return Closeness(False, float("nan"), 0.0, "NaN where the reference has none, or the reverse")
-    inf_r = r.isinf()
-    if not torch.equal(o.isinf() & ~o.isnan(), inf_r) or not torch.equal(o[inf_r], r[inf_r]):
+    if inf_mismatch:
         return Closeness(False, float("inf"), 0.0, "inf where the reference is finite, or the reverse")
-    finite = r.isfinite()
-    err = (o - r)[finite].abs().max().item() if finite.any() else 0.0
-    torch_finite = finite & t.isfinite()
-    torch_err = (t - r)[torch_finite].abs().max().item() if torch_finite.any() else 0.0
-    # No result in out's dtype can beat rounding the reference to it. Where torch itself overflowed (fp16 sums
-    # past 65504) its error is unbounded, so that rounding error, not a zero, is the honest baseline.
-    rr = r.to(out.dtype).double()
-    representable = finite & rr.isfinite()
-    rounding = (rr - r)[representable].abs().max().item() if representable.any() else 0.0
     bound = 2.0 * max(torch_err, rounding) + (FLOOR.get(out.dtype, 1e-6) if floor is None else floor)
     return Closeness(err <= bound, err, bound)
+
+
+def _masked_max(values: Tensor, mask: Tensor) -> Tensor:
+    """max of values where mask holds, 0 where it holds nowhere (errors are >= 0)."""
+    return torch.where(mask, values, 0.0).max() if values.numel() else values.new_zeros(())
 
 
 def assert_close(out: Tensor, ref: Tensor, torch_out: Tensor, name: str = "output", floor: float | None = None):
