@@ -25,8 +25,8 @@ class Closeness:
 
 
 # Elements compared per step: the comparison works in float64, so a whole 16k x 128k gradient at once would
-# need several 16 GiB temporaries (the H200 benchmark ran out of memory that way); chunks keep it to ~0.5 GiB.
-CHUNK = 1 << 24
+# need several 16 GiB temporaries (the H200 benchmark ran out of memory that way); chunks keep it to ~0.3 GiB.
+CHUNK = 1 << 22
 
 
 def closeness(out: Tensor, ref: Tensor, torch_out: Tensor, floor: float | None = None) -> Closeness:

@@ -50,3 +50,14 @@ def test_chunked_comparison_equals_the_whole_tensor_rule(monkeypatch, where):
 
 def test_shape_mismatch_fails():
     assert not testing.closeness(torch.zeros(3), torch.zeros(4, dtype=torch.float64), torch.zeros(4))
+
+
+def test_comparison_memory_is_bounded_by_the_chunk_not_the_tensor():
+    # 2^24 fp32 elements (64 MiB each): whole-tensor float64 temporaries would take ~850 MiB; the chunked
+    # comparison stays within a few chunks' worth (2^22 float64 = 32 MiB each) whatever the tensor's size.
+    from gptfast.bench import memory
+
+    ref = torch.randn(1 << 24)
+    out, torch_out = ref + 1e-4, ref + 1e-3
+    peak = memory.peak_bytes(lambda: testing.closeness(out, ref, torch_out), "cpu")
+    assert peak <= 10 * testing.CHUNK * 8
