@@ -363,9 +363,9 @@ def test_compiles_fullgraph_and_matches_eager(backend, fused_loss):
 
 @pytest.mark.slow
 def test_tiny_preset_training_step_compiles_with_inductor():
-    # Inductor once, on the automatic backend choice; slow, as compiling the 4-layer forward and backward takes
-    # 40-75 s on 2 cores. Inductor fuses and reorders the torch ops around gptfast's, so the last bits may move:
-    # fp32 rounding-level tolerances.
+    # Inductor once, on the automatic backend choice; slow, as compiling the 4-layer forward and backward
+    # takes 40-75 s on 2 cores. Inductor fuses and reorders the torch ops around gptfast's, so the last bits
+    # may move: fp32 rounding-level tolerances.
     model = GPT(GPTConfig.preset("tiny"))
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
