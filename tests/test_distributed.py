@@ -34,10 +34,10 @@ def text_file(tmp_path_factory):
     return str(path)
 
 
-def train_args(text_file, out, *extra):
+def train_args(text_file, out, *extra, device="cpu"):
     # The tiny preset, a global batch of 4 (2 rows per rank), an eval after every step: the loss curve.
     return [
-        "train", "--preset", "tiny", "--data", text_file, "--out", str(out), "--device", "cpu",
+        "train", "--preset", "tiny", "--data", text_file, "--out", str(out), "--device", device,
         "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "1", "--eval-iters", "1",
         "--save-every", "0", "--no-progress", *extra,
     ]  # fmt: skip
@@ -118,6 +118,22 @@ def test_fsdp_from_scratch_with_dropout_resumes_exactly(tmp_path, text_file):
     assert_same_run(whole, split, steps=4)
     rng = whole["distributed"]["rng"]
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # distinct dropout streams per rank
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_one_gpu_rank_on_nccl(tmp_path, text_file, fsdp):
+    # The GPU check machine has one GPU: a 1-rank nccl job still takes the whole path (process group, DDP or
+    # FSDP wrapping, the gathered checkpoint) and must train as a single process does. bf16 autocast and
+    # kernels that are not bitwise reproducible between runs: 1e-2 relative on the losses.
+    assert main(train_args(text_file, tmp_path / "single", device="cuda")) == 0
+    mode = ["--fsdp"] if fsdp else []
+    log = torchrun(train_args(text_file, tmp_path / "ranked", *mode, device="cuda"), nproc=1)
+    assert f"device cuda:0, 1 ranks ({'FSDP' if fsdp else 'DDP'})" in log
+    single, ranked = (checkpoint.load(str(tmp_path / d / "ckpt.pt")) for d in ("single", "ranked"))
+    history = [torch.tensor([v for _, v in c["metrics"]["history"]]) for c in (single, ranked)]
+    torch.testing.assert_close(history[1], history[0], rtol=1e-2, atol=0)
+    assert ranked["model"].keys() == single["model"].keys()
 
 
 # ------------------------------------------------------------------------------------- in one process
