@@ -413,5 +413,5 @@ def _fused_lm_forward(model, original_forward, backend, *args, **kwargs):
         loss=loss, logits=None, **{k: v for k, v in out.items() if k != "last_hidden_state"}
     )
     if return_dict is None:
-        return_dict = getattr(model.config, "use_return_dict", getattr(model.config, "return_dict", True))
+        return_dict = getattr(model.config, "return_dict", True)  # use_return_dict is deprecated in 5.x
     return result if return_dict else result.to_tuple()

@@ -149,6 +149,21 @@ def test_attention_dropout_runs_in_training_only():
     assert torch.equal(model(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+def test_patched_gpt2_compiles_fullgraph(fused_loss):
+    # transformers' GPT-2 traces without graph breaks, and so must what patch puts in: the attention function,
+    # the loss function and the fused forward.
+    torch.manual_seed(0)
+    model = gptfast.patch(GPT2LMHeadModel(gpt2_config()), backend="cpu", fused_loss=fused_loss)
+    ids, mask, labels = batch(padding=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    (loss_c, _, grads_c), (loss_e, _, grads_e) = (_step(fn, ids, mask, labels) for fn in (compiled, model))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_c[f"_orig_mod.{name}"], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # --------------------------------------------------------------------------------- what patch touches
 def test_each_flag_routes_its_part():
     # Naming the cuda backend on CPU tensors fails inside exactly the ops that were routed to gptfast.
