@@ -82,9 +82,24 @@ def check_parity(backend, device="cpu", dtype=torch.float32, padding=False, fuse
 
 
 # ------------------------------------------------------------------------------------------------- parity
-@pytest.mark.parametrize("fused_loss", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
-@pytest.mark.parametrize("padding", [False, True], ids=["causal", "padded"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def _parity_cases():
+    # The interpreter takes 2-6 s per case: the fast suite runs triton on two of the four (each attention path
+    # and each loss once), the other two are slow.
+    for backend in CPU_BACKENDS:
+        for padding in (False, True):
+            for fused_loss in (False, True):
+                slow = backend == "triton" and padding != fused_loss
+                yield pytest.param(
+                    backend,
+                    padding,
+                    fused_loss,
+                    id=f"{backend}-{'padded' if padding else 'causal'}-"
+                    f"{'linear_cross_entropy' if fused_loss else 'cross_entropy'}",
+                    marks=[pytest.mark.slow] if slow else [],
+                )
+
+
+@pytest.mark.parametrize("backend, padding, fused_loss", list(_parity_cases()))
 def test_gpt2_lm_head_matches_unpatched(backend, padding, fused_loss):
     check_parity(backend, padding=padding, fused_loss=fused_loss)
 
@@ -149,10 +164,17 @@ def test_attention_dropout_runs_in_training_only():
     assert torch.equal(model(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("fused_loss", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize(
+    "fused_loss",
+    [
+        pytest.param(False, id="cross_entropy", marks=pytest.mark.slow),
+        pytest.param(True, id="linear_cross_entropy"),
+    ],
+)
 def test_patched_gpt2_compiles_fullgraph(fused_loss):
     # transformers' GPT-2 traces without graph breaks, and so must what patch puts in: the attention function,
-    # the loss function and the fused forward.
+    # the loss function and the fused forward. 4-8 s each: the fused one (attention and the forward that
+    # replaces transformers') in the fast suite, the loss_function one slow.
     torch.manual_seed(0)
     model = gptfast.patch(GPT2LMHeadModel(gpt2_config()), backend="cpu", fused_loss=fused_loss)
     ids, mask, labels = batch(padding=True)
