@@ -326,7 +326,7 @@ def _and_causal(padding: Tensor, L: int, S: int) -> Tensor:
     causal = torch.ones(L, S, dtype=torch.bool, device=padding.device).tril(diagonal=S - L)
     if padding.dtype == torch.bool:
         return padding & causal
-    return padding.masked_fill(~causal, torch.finfo(padding.dtype).min)
+    return torch.where(causal, padding, torch.finfo(padding.dtype).min)  # (..., L, S)
 
 
 def _shifted_labels(labels: Tensor, ignore_index: int) -> Tensor:

@@ -186,6 +186,60 @@ def test_patched_gpt2_compiles_fullgraph(fused_loss):
         torch.testing.assert_close(grads_c[f"_orig_mod.{name}"], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+class _Layer(torch.nn.Module):
+    """The attributes of a GPT-2 attention layer that hf_attention reads."""
+
+    def __init__(self, layer_idx=0, scale_by_layer=False):
+        super().__init__()
+        self.layer_idx, self.scale_attn_weights, self.scale_attn_by_inverse_layer_idx = (
+            layer_idx,
+            True,
+            scale_by_layer,
+        )
+        self.is_cross_attention, self.gptfast_backend = False, "reference"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "padding_float",  # transformers 4.x for a non-sdpa name: (B, 1, 1, S) additive padding, no causality
+        "padding_bool",
+        "kv_cache",  # L < S queries after cached keys, no mask: causality aligned to the bottom right
+        "layer_scaling",  # no `scaling` argument (4.x): 1/sqrt(D) / (layer_idx + 1) from the layer
+    ],
+)
+def test_hf_attention_masks_and_scaling_equal_torch(case):
+    from gptfast.patch import hf_attention
+
+    B, H, L, S, D = 2, 3, 5 if case == "kv_cache" else 7, 7, 16
+    q, k, v = torch.randn(B, H, L, D, dtype=torch.float64), *torch.randn(2, B, H, S, D, dtype=torch.float64)
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[0, S - 2 :] = False  # right padding in row 0
+    if case != "padding_float":
+        # Left padding in row 1 leaves its first queries no key: zeros, in torch as in gptfast, with a bool
+        # mask. An additive mask leaves such rows all at finfo.min instead, where torch averages the values
+        # and gptfast's backends do not all agree with it, so the float case pads on the right only.
+        keep[1, :2] = False
+    causal = torch.ones(L, S, dtype=torch.bool).tril(diagonal=S - L)
+    full = causal & keep[:, None, None, :]  # (B, 1, L, S): what each query may see
+    mask, layer, kwargs = None, _Layer(), {"scaling": D**-0.5}
+    if case == "padding_float":
+        mask = torch.zeros(B, 1, 1, S, dtype=torch.float64).masked_fill(~keep[:, None, None, :], -1e300)
+        full = torch.where(causal, mask, torch.finfo(torch.float64).min)
+    elif case == "padding_bool":
+        mask = keep[:, None, None, :]
+    elif case == "kv_cache":
+        full = causal
+    else:
+        layer, kwargs = _Layer(layer_idx=2, scale_by_layer=True), {}
+        mask = keep[:, None, None, :]
+    scale = D**-0.5 / (3 if case == "layer_scaling" else 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
+    out, weights = hf_attention(layer, q, k, v, mask, **kwargs)
+    assert weights is None and out.shape == (B, L, H, D)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------- what patch touches
 def test_each_flag_routes_its_part():
     # Naming the cuda backend on CPU tensors fails inside exactly the ops that were routed to gptfast.
