@@ -19,6 +19,7 @@ change is logged on the instance, so unpatch restores exactly what was there. Pa
 so the result is the same as one patch with the latest arguments; unpatch of an unpatched model does nothing.
 """
 
+import copy
 import functools
 import inspect
 import sys
@@ -196,7 +197,7 @@ def _patch_gpt2(model, log: _UndoLog, backend, attention: bool, loss: bool, fuse
         from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
         config = model.config
-        own = _copy_config(config)
+        own = copy.deepcopy(config)
         own._attn_implementation = ATTENTION_NAME
         for module in model.modules():
             if getattr(module, "config", None) is config:
@@ -210,21 +211,16 @@ def _patch_gpt2(model, log: _UndoLog, backend, attention: bool, loss: bool, fuse
         forward.__signature__ = inspect.signature(model.forward)
         log.set(model, "forward", forward)
     elif loss:
-        prop = getattr(type(model), "loss_function", None)
-        if not isinstance(prop, property) or prop.fset is None:
+        # transformers' loss_function property returns the instance's `_loss_function` when there is one
+        # (what its setter stores); the log records that attribute. Checked, as older releases lack it.
+        lm_loss = functools.partial(causal_lm_loss, backend=backend)
+        log.set(model, "_loss_function", lm_loss)
+        if getattr(model, "loss_function", None) is not lm_loss:
             raise RuntimeError(
-                f"gptfast.patch: transformers {_transformers_version()} has no settable "
+                f"gptfast.patch: transformers {_transformers_version()} has no per-instance "
                 f"{type(model).__name__}.loss_function to route the loss through; upgrade transformers, or "
                 "pass fused_loss=True (gptfast computes the loss itself) or cross_entropy=False"
             )
-        # The property's setter stores `_loss_function` on the instance; the log records that attribute.
-        log.set(model, "_loss_function", functools.partial(causal_lm_loss, backend=backend))
-
-
-def _copy_config(config):
-    import copy
-
-    return copy.deepcopy(config)
 
 
 def _transformers_version() -> str:

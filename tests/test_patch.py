@@ -325,6 +325,17 @@ def test_unsupported_models_are_refused_with_the_supported_types():
     assert not is_patched(classifier)
 
 
+def test_a_transformers_without_per_instance_loss_function_is_refused(monkeypatch):
+    # As in releases whose loss_function ignores an instance's own: patch says so and changes nothing.
+    model = GPT2LMHeadModel(gpt2_config())
+    monkeypatch.setattr(GPT2LMHeadModel, "loss_function", property(lambda self: None))
+    state = _instance_state(model)
+    with pytest.raises(RuntimeError, match="no per-instance GPT2LMHeadModel.loss_function.*fused_loss=True"):
+        gptfast.patch(model)
+    assert not is_patched(model) and _instance_state(model) == state
+    gptfast.patch(model, fused_loss=True)  # the fused loss does not need it
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="unknown gptfast backend 'fast'"):
         gptfast.patch(torch.nn.Softmax(dim=-1), backend="fast")
