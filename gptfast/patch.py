@@ -91,7 +91,9 @@ def patch(
     backend: passed as backend= to every op the patched model calls (None: gptfast picks per call).
     attention / cross_entropy / softmax: which parts to patch. fused_loss: a GPT2LMHeadModel's loss via
     ops.linear_cross_entropy (needs cross_entropy=True; forward with labels then returns logits=None).
-    Raises TypeError for other Hugging Face models and for objects that are not nn.Modules.
+    Raises TypeError for other Hugging Face models and for objects that are not nn.Modules, ValueError for
+    contradictory arguments, RuntimeError for a transformers release without the hooks it uses (attention
+    registry: >= 4.48; a per-instance loss_function); a failed patch leaves the model unpatched.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"gptfast.patch: expected {SUPPORTED}; got {type(model).__name__}")
