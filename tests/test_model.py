@@ -345,8 +345,16 @@ def _compiled_and_eager_step(model, compiled, idx, targets):
     return results
 
 
-@pytest.mark.parametrize("fused_loss", [False, True])
-@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def _compile_cases():
+    # Triton's cases take ~5 s each under the interpreter: the fused-loss one is fast-suite, the other slow.
+    return [
+        pytest.param(b, fused, marks=[pytest.mark.slow] if b == "triton" and not fused else [])
+        for b in MODEL_BACKENDS
+        for fused in (False, True)
+    ]
+
+
+@pytest.mark.parametrize("backend, fused_loss", _compile_cases())
 def test_compiles_fullgraph_and_matches_eager(backend, fused_loss):
     # Dropout on where the backend has it (the cpu attention kernel has none): the compiled step must draw the
     # same masks from the same seed, with no graph break.
