@@ -1,6 +1,10 @@
 """gptfast: fused Triton and C++/CUDA kernels for GPT training in PyTorch."""
 from . import backends, ops
 
+# Bound here, not lazily: importing the submodule gptfast.patch sets the package attribute `patch` to the
+# module, and this import then rebinds it to the function, so gptfast.patch(model) is always the function.
+from .patch import patch, unpatch
+
 __version__ = "0.1.0"
 __all__ = ["backends", "ops", "nn", "GPT", "GPTConfig", "patch", "unpatch"]
 
@@ -11,10 +15,6 @@ def __getattr__(name):
         from . import model
 
         return getattr(model, name)
-    if name in ("patch", "unpatch"):
-        from . import patch as patch_module
-
-        return getattr(patch_module, name)
     if name == "nn":
         import importlib
 

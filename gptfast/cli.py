@@ -122,6 +122,12 @@ def add_train(subparsers) -> None:
     )
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/ckpt.pt")
     p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="under torchrun: shard the model with FSDP2 instead of replicating it with DDP",
+    )
+    p.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
     )
     p.set_defaults(func=run_train)
@@ -137,7 +143,7 @@ def run_train(args) -> int:
     }
     cfg = train.resolve_config(explicit)
     result = train.train(cfg)
-    if result["val_loss"] is not None:
+    if result["val_loss"] is not None and result["is_main"]:
         print(f"final val loss {result['val_loss']:.4f}")
     return 0
 

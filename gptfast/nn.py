@@ -47,10 +47,11 @@ class Softmax(_nn.Module):
 class CrossEntropyLoss(_nn.Module):
     """torch.nn.CrossEntropyLoss on gptfast's cross_entropy, plus PaLM's z_loss.
 
-    forward(input, target): input (C,), (N, C) or (B, T, C) logits, CLASS-LAST (torch puts the classes of a
-    3-d input in dim 1; a GPT's logits are (B, T, V), so here they stay last); target (), (N,) or (B, T)
-    int64/int32. Returns a scalar for 'mean'/'sum', target's shape for 'none'. Per-class `weight` is not
-    supported.
+    forward(input, target): input (C,), (N, C) or (B, T, C) logits, CLASS-LAST by default (torch puts the
+    classes of a 3-d input in dim 1; a GPT's logits are (B, T, V), so here they stay last); target (), (N,)
+    or (B, T) int64/int32. Returns a scalar for 'mean'/'sum', target's shape for 'none'. class_dim=1 takes
+    torch's layout instead, input (N, C, d1, ..., dk) with target (N, d1, ..., dk), as gptfast.patch uses it
+    for the torch modules it replaces. Per-class `weight` and class-probability targets are not supported.
     """
 
     def __init__(
@@ -60,13 +61,26 @@ class CrossEntropyLoss(_nn.Module):
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
+        class_dim: int = -1,
         backend: str | None = None,
     ):
         super().__init__()
+        if class_dim not in (-1, 1):
+            raise ValueError(
+                f"CrossEntropyLoss: class_dim must be -1 (class-last) or 1 (torch's), got {class_dim!r}"
+            )
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.backend = z_loss, backend
+        self.z_loss, self.class_dim, self.backend = z_loss, class_dim, backend
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.class_dim == 1 and input.dim() > 2:
+            # torch's (N, C, d1, ..., dk): one class-last row per position; 'none' gets target's shape back.
+            rows = input.movedim(1, -1).reshape(-1, input.shape[1])
+            loss = self._loss(rows, target.reshape(-1))
+            return loss.view(target.shape) if self.reduction == "none" else loss
+        return self._loss(input, target)
+
+    def _loss(self, input: Tensor, target: Tensor) -> Tensor:
         return ops.cross_entropy(
             input,
             target,
@@ -80,7 +94,8 @@ class CrossEntropyLoss(_nn.Module):
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, backend={self.backend!r}"
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, class_dim={self.class_dim}, "
+            f"backend={self.backend!r}"
         )
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import backends, checkpoint, data
+from . import backends, checkpoint, data, distributed
 from .data import DEFAULT_CORPUS_BYTES
 from .model import GPT, GPTConfig
 
@@ -59,10 +59,11 @@ class TrainConfig:
     backend: str | None = None
     resume: bool = False
     progress: bool = True
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (see gptfast.distributed)
     model_overrides: dict = dataclasses.field(default_factory=dict)  # GPTConfig fields over the preset's
 
     # What a resume does not take from the checkpoint: where and how this process runs, not what it computes.
-    NOT_RESUMED = ("out", "device", "backend", "resume", "progress", "stop_after")
+    NOT_RESUMED = ("out", "device", "backend", "resume", "progress", "stop_after", "fsdp")
 
     @property
     def peak_lr(self) -> float:
@@ -138,7 +139,9 @@ class Trainer:
 
     sampler: next() -> batch (a tuple of CPU tensors), state_dict(), load_state_dict(). eval_sampler: a
     callable returning a fresh sampler over held-out data (called per eval, so every eval sees the same
-    batches). extra: what else the checkpoint records (model config, data fingerprint, ...).
+    batches). extra: what else the checkpoint records (model config, data fingerprint, ...). dist: this
+    process's place in a torchrun job (model wrapped by dist.wrap, samplers sharded by dist.shard); only its
+    rank 0 logs and writes checkpoints.
     """
 
     def __init__(
@@ -149,9 +152,10 @@ class Trainer:
         cfg: TrainConfig,
         device: torch.device,
         extra: dict,
+        dist: distributed.Context = distributed.SINGLE,
     ):
         self.model, self.sampler, self.eval_sampler = model, sampler, eval_sampler
-        self.cfg, self.device, self.extra = cfg, device, extra
+        self.cfg, self.device, self.extra, self.dist = cfg, device, extra, dist
         self.optimizer = make_optimizer(model, cfg, device)
         self.step = 0
         self.metrics: dict = {"val_loss": None, "train_loss": None, "history": []}
@@ -161,25 +165,31 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             **self.extra,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.dist.model_state_dict(self.model),
+            "optimizer": self.dist.optimizer_state_dict(self.model, self.optimizer),
             "step": self.step,
             "rng": {**rng_state(self.device), "sampler": self.sampler.state_dict()},
             "train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items()},
             "metrics": self.metrics,
+            **self.dist.checkpoint_extra(self.model, rng_state(self.device)),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_model_state_dict(self.model, state["model"])
+        self.dist.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         self.metrics = state.get("metrics", self.metrics)
         self.sampler.load_state_dict(state["rng"]["sampler"])
-        set_rng_state(state["rng"])
+        own_rng = self.dist.rank_rng_state(state)
+        set_rng_state(own_rng or state["rng"])
+        if own_rng is None:
+            self.dist.seed(self.cfg.seed + self.step)  # saved by another number of ranks: fresh per-rank RNG
 
     def save(self) -> str:
         path = self.cfg.checkpoint_path()
-        checkpoint.save(self.state_dict(), path)
+        state = self.state_dict()  # on every rank: FSDP gathers the full state to rank 0 here
+        if self.dist.is_main:
+            checkpoint.save(state, path)
         return path
 
     # ------------------------------------------------------------------------------------------ steps
@@ -211,7 +221,7 @@ class Trainer:
                 _, loss = self.model(*self._to_device(sampler.next()))
             total += loss.float()
         self.model.train()
-        return (total / self.cfg.eval_iters).item()
+        return (self.dist.mean(total) / self.cfg.eval_iters).item()
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self) -> dict:
@@ -223,7 +233,7 @@ class Trainer:
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
-            disable=not cfg.progress,
+            disable=not cfg.progress or not self.dist.is_main,
             dynamic_ncols=True,
             desc="train",
             unit="step",
@@ -232,14 +242,15 @@ class Trainer:
         running, count, tick, tok_s = None, 0, time.perf_counter(), None
         while self.step < end:
             batch = self.sampler.next()
-            tokens_per_step = batch[-1].numel()  # the targets: one per trained position
+            tokens_per_step = batch[-1].numel() * self.dist.world_size  # targets: one per trained position
             loss = self.train_step(batch)
             running = loss.float() if running is None else running + loss.float()
             count += 1
             bar.update(1)
             if count == cfg.log_every or self.step == end:
                 now = time.perf_counter()
-                self.metrics["train_loss"] = (running / count).item()  # one sync per log interval
+                # One sync (and one all-reduce across ranks) per log interval.
+                self.metrics["train_loss"] = self.dist.mean(running / count).item()
                 tok_s = count * tokens_per_step / (now - tick)
                 bar.set_postfix(loss=f"{self.metrics['train_loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 running, count, tick = None, 0, now
@@ -263,7 +274,8 @@ class Trainer:
         self.metrics["history"].append((self.step, val_loss))
         train = self.metrics["train_loss"]
         train_text = f"train loss {train:.4f} | " if train is not None else ""
-        tqdm.write(f"step {self.step:>5} | {train_text}val loss {val_loss:.4f}")
+        if self.dist.is_main:
+            tqdm.write(f"step {self.step:>5} | {train_text}val loss {val_loss:.4f}")
 
 
 # --------------------------------------------------------------------------------------------- text task
@@ -315,9 +327,27 @@ def build_model(cfg: TrainConfig) -> GPT:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Trains (or with cfg.resume continues) a GPT on text; returns the last step, losses, checkpoint."""
+    """Trains (or with cfg.resume continues) a GPT on text; returns the last step, losses, checkpoint.
+
+    Launched by torchrun it is one rank of a data-parallel job (DDP, or FSDP2 with cfg.fsdp): see
+    gptfast.distributed.
+    """
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
+    try:
+        ctx, device = distributed.setup(device, cfg.fsdp, cfg.batch_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        result = _train(cfg, device, ctx)
+    except BaseException:
+        ctx.close(barrier=False)
+        raise
+    ctx.close()
+    return result
+
+
+def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Context) -> dict:
     state = _load_for_resume(cfg.checkpoint_path()) if cfg.resume else None
     try:
         text, description = load_corpus(cfg)
@@ -332,23 +362,27 @@ def train(cfg: TrainConfig) -> dict:
         model = GPT(GPTConfig(**{**state["config"], **runtime}))
     else:
         model = build_model(cfg)
+    ctx.seed(cfg.seed)
     block = model.config.block_size
     try:
         train_tokens, val_tokens = data.split(text, block)
     except data.DataError as e:
         raise UsageError(str(e)) from None
     model.to(device)
-    sampler = data.BatchSampler(train_tokens, block, cfg.batch_size, cfg.seed)
-    eval_sampler = lambda: data.BatchSampler(val_tokens, block, cfg.batch_size, cfg.seed + 1)  # noqa: E731
+    sampler = ctx.shard(data.BatchSampler(train_tokens, block, cfg.batch_size, cfg.seed))
+
+    def eval_sampler():
+        return ctx.shard(data.BatchSampler(val_tokens, block, cfg.batch_size, cfg.seed + 1))
+
     fp = data.fingerprint(text)
     extra = {
         "task": "text",
         "config": dataclasses.replace(model.config, backend=None).to_dict(),
         "data": {"source": cfg.data, "fingerprint": fp},
     }
-    trainer = Trainer(model, sampler, eval_sampler, cfg, device, extra)
+    trainer = Trainer(ctx.wrap(model, device), sampler, eval_sampler, cfg, device, extra, ctx)
     if state is not None:
-        if state["data"]["fingerprint"] != fp:
+        if state["data"]["fingerprint"] != fp and ctx.is_main:
             print(
                 f"warning: the training text differs from the checkpoint's ({cfg.checkpoint_path()}); "
                 "the resumed run will not match an uninterrupted one",
@@ -357,16 +391,20 @@ def train(cfg: TrainConfig) -> dict:
         trainer.load_state_dict(state)
 
     backend_name = backends.select("attention", device, cfg.backend)
-    print(
-        f"gptfast train: preset {cfg.preset}, {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"backend {backend_name}, device {device}",
-        flush=True,
-    )
-    print(
-        f"data: {description}: {train_tokens.numel():,} train / {val_tokens.numel():,} val tokens", flush=True
-    )
-    if state is not None:
-        print(f"resuming {cfg.checkpoint_path()} at step {trainer.step} of {cfg.max_steps}", flush=True)
+    if ctx.is_main:
+        ranks = f", {ctx.world_size} ranks ({'FSDP' if ctx.fsdp else 'DDP'})" if ctx.distributed else ""
+        print(
+            f"gptfast train: preset {cfg.preset}, {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"backend {backend_name}, device {device}{ranks}",
+            flush=True,
+        )
+        print(
+            f"data: {description}: {train_tokens.numel():,} train / {val_tokens.numel():,} val tokens",
+            flush=True,
+        )
+        if state is not None:
+            print(f"resuming {cfg.checkpoint_path()} at step {trainer.step} of {cfg.max_steps}", flush=True)
     result = trainer.run()
-    print(f"saved {result['checkpoint']} at step {result['step']}", flush=True)
-    return result
+    if ctx.is_main:
+        print(f"saved {result['checkpoint']} at step {result['step']}", flush=True)
+    return {**result, "is_main": ctx.is_main}

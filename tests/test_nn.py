@@ -89,6 +89,17 @@ def test_cross_entropy_loss_is_class_last_for_3d():
     _check(nn.CrossEntropyLoss(label_smoothing=0.2), TorchClassLast(label_smoothing=0.2), [logits, target])
 
 
+def test_cross_entropy_loss_takes_torchs_layout_with_class_dim_1():
+    # (N, C, d1, d2), as torch's module takes it: the layout gptfast.patch keeps for the modules it swaps.
+    logits, target = torch.randn(2, 7, 3, 4), torch.randint(0, 7, (2, 3, 4))
+    target[0, 0] = -100
+    for reduction in ("mean", "none"):
+        ours = nn.CrossEntropyLoss(reduction=reduction, class_dim=1)
+        _check(ours, torch.nn.CrossEntropyLoss(reduction=reduction), [logits, target])
+    with pytest.raises(ValueError, match=r"class_dim must be -1 \(class-last\) or 1 \(torch's\), got 2"):
+        nn.CrossEntropyLoss(class_dim=2)
+
+
 def test_cross_entropy_z_loss_matches_its_formula():
     logits, target = torch.randn(6, 9, dtype=torch.float64), torch.randint(0, 9, (6,))
     lse = torch.logsumexp(logits, -1)
