@@ -176,6 +176,33 @@ def test_cross_entropy_all_ignored_and_empty():
     assert ops.cross_entropy(torch.randn(0, 9), torch.zeros(0, dtype=torch.long), reduction="none", backend="cpu").shape == (0,)
 
 
+@pytest.mark.parametrize("op", ["softmax", "cross_entropy"])
+def test_outputs_past_the_huge_page_threshold_match_small_calls(op):
+    # 1024 x 2049 fp32 is just over 8 MiB: the outputs (y, dx, dlogits) take the madvise(MADV_HUGEPAGE)
+    # path, at an address that is not 2 MiB aligned and a size that is not a multiple of 2 MiB. Rows are
+    # independent, so the same rows in 2 MiB calls (below the threshold) must give bitwise the same gradient.
+    x = torch.randn(1024, 2049) * 3
+    t = _targets((1024,), 2049)
+    g = torch.randn(1024, 2049)
+    run = {
+        "softmax": lambda x, rows: (ops.softmax(x, scale=0.7, backend="cpu") * g[rows]).sum(),
+        "cross_entropy": lambda x, rows: ops.cross_entropy(
+            x, t[rows], reduction="sum", label_smoothing=0.1, backend="cpu"
+        ),
+    }[op]
+
+    def out_and_grad(rows):
+        xs = x[rows].clone().requires_grad_()
+        out = run(xs, rows)
+        out.backward()
+        return out.detach(), xs.grad
+
+    big_out, big_grad = out_and_grad(slice(0, 1024))
+    parts = [out_and_grad(slice(i, i + 256)) for i in range(0, 1024, 256)]
+    assert torch.equal(big_grad, torch.cat([grad for _, grad in parts]))
+    torch.testing.assert_close(big_out, sum(out for out, _ in parts))  # the sums differ only in their order
+
+
 @pytest.mark.parametrize("bad", [9, -1, 1000])
 def test_cross_entropy_out_of_range_target(bad):
     # A target outside [0, C) that is not ignore_index is an IndexError naming the value and the range.
