@@ -326,6 +326,22 @@ def test_attention_fully_masked_rows():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("masking", ["causal", "additive"])
+def test_attention_backward_fused_and_split(threads, masking):
+    # The backward sweeps each kv head in one task when there are enough kv heads for the threads, and else
+    # splits into a dK/dV pass and a dQ pass: these 2 kv heads take the fused sweep on 1 thread and the split
+    # passes on 8. GQA 2:1, L != S and ragged tiles in both.
+    q, k, v = _attn_inputs((1, 4, 2, 70, 90, 24, 16), torch.float32)
+    kw = {"is_causal": True} if masking == "causal" else {"attn_mask": torch.randn(1, 4, 70, 90)}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check_attention(q, k, v, torch.float32, **kw)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_non_contiguous_and_unbatched(dtype):
     # q/k/v as transposes of (B, L, H, D) tensors (the usual projection layout), and a 3-d (H, L, D) call.
