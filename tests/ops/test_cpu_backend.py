@@ -203,6 +203,32 @@ def test_outputs_past_the_huge_page_threshold_match_small_calls(op):
     torch.testing.assert_close(big_out, sum(out for out, _ in parts))  # the sums differ only in their order
 
 
+def test_nan_logits_propagate_like_torch():
+    # The kernels' own vector exp must keep NaN a NaN (ATen's exp_u20 turns it into +inf): the NaN row of the
+    # softmax, and the NaN and +inf rows of the cross-entropy and of its gradient, are NaN in the same places
+    # as torch's. -inf is an ordinary masked logit. (Softmax row 2, +inf, is left out: the kernel gives one
+    # NaN there where torch's whole row is NaN.)
+    x = torch.randn(4, 40)
+    x[1, 7], x[2, 3], x[3, 5] = float("nan"), float("inf"), float("-inf")
+    t = torch.tensor([0, 1, 2, 3])
+    g = torch.randn(4, 40)
+
+    def run(softmax, ce):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, loss = softmax(a), ce(b)
+        y.backward(g)
+        loss.sum().backward()
+        return y[:2], a.grad[:2], loss, b.grad
+
+    ours = run(
+        lambda x: ops.softmax(x, backend="cpu"), lambda x: ops.cross_entropy(x, t, reduction="none", backend="cpu")
+    )
+    theirs = run(lambda x: torch.softmax(x, -1), lambda x: F.cross_entropy(x, t, reduction="none"))
+    for o, r in zip(ours, theirs):
+        assert torch.equal(o.isnan(), r.isnan())
+        torch.testing.assert_close(o.nan_to_num(), r.nan_to_num())
+
+
 @pytest.mark.parametrize("bad", [9, -1, 1000])
 def test_cross_entropy_out_of_range_target(bad):
     # A target outside [0, C) that is not ignore_index is an IndexError naming the value and the range.
