@@ -7,8 +7,11 @@
 //   3. O /= l,  lse = m + log l                    (a row with no key left: O = 0, lse = -inf)
 // Backward recomputes P = exp(S - lse) and uses delta = rowsum(dO * O):
 //   dV = sum P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * sum dS^T Q
-// in two race-free passes: dK/dV per (batch, kv head, key block), summing over the query heads of its group;
-// dQ per (batch, query head, query block). GQA: query head h reads kv head h / (Hq / Hk).
+// race-free in one of two ways. Fused: one task per (batch, kv head) sweeps every (key block, query block)
+// pair of it and of its group's query heads, 5 tile products per pair. Split, when there are too few kv heads
+// to keep the threads busy: dK/dV per (batch, kv head, key block), then dQ per (batch, query head, query
+// block), which computes S and P a second time (7 products per pair). GQA: query head h reads kv head
+// h / (Hq / Hk).
 // Inputs of any float dtype are copied once to fp32 (and to the transposed layouts the tile products stream);
 // these copies are the size of the inputs.
 #include "gemm.h"
@@ -216,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 // ----------------------------------------------------------------------------------------------- backward
 struct BwdInputs {
   const Shapes& s;
-  at::Tensor q, qt, k, kt, v, vt, dout, doutt, lse, delta;  // fp32, *t in transposed blocks; lse +inf: no key left
+  // fp32; *t in transposed blocks (qt, doutt only for the split passes); lse +inf: no key left
+  at::Tensor q, qt, k, kt, v, vt, dout, doutt, lse, delta;
   const Mask& mask;
   bool causal;
   float scale;
@@ -326,6 +330,61 @@ void dq_task(const BwdInputs& in, int64_t task, float* p, float* dp, float* dq) 
   }
 }
 
+// dQ, dK, dV of kv head bkv = (batch, kv head) and of the query heads of its group, in one sweep: S and P are
+// computed once per (key block, query block) pair for all three gradients. The task owns every row it
+// accumulates into (dK, dV of its kv head; dQ of its query heads), so tasks never race. dK and dQ are left
+// unscaled (the caller multiplies them by scale).
+void fused_bwd_task(const BwdInputs& in, int64_t bkv, float* p, float* ds, float* dq, float* dk, float* dv) {
+  const Shapes& s = in.s;
+  const int64_t b = bkv / s.Hk, nkb = blocks(s.S, kBlockK);
+  const float* q = in.q.const_data_ptr<float>();
+  const float* dout = in.dout.const_data_ptr<float>();
+  const float* kh = in.k.const_data_ptr<float>() + bkv * s.S * s.D;
+  const float* kth = in.kt.const_data_ptr<float>() + bkv * nkb * kBlockK * s.D;
+  const float* vth = in.vt.const_data_ptr<float>() + bkv * nkb * kBlockK * s.Dv;
+  float* dkh = dk + bkv * s.S * s.D;
+  float* dvh = dv + bkv * s.S * s.Dv;
+  std::fill(dkh, dkh + s.S * s.D, 0.f);
+  std::fill(dvh, dvh + s.S * s.Dv, 0.f);
+  for (int64_t g = 0; g < s.group; ++g) {
+    const int64_t h = bkv % s.Hk * s.group + g, bh = b * s.Hq + h;
+    const float* lse = in.lse.const_data_ptr<float>() + bh * s.L;
+    const float* delta = in.delta.const_data_ptr<float>() + bh * s.L;
+    float* dqh = dq + bh * s.L * s.D;
+    std::fill(dqh, dqh + s.L * s.D, 0.f);
+    // Key block outermost: its dK/dV rows and K tiles stay in L1 while the query blocks stream through L2.
+    for (int64_t j0 = 0; j0 < s.S; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, s.S - j0);
+      const int64_t first_q = in.causal ? j0 / kBlockQ * kBlockQ : 0;  // queries i < j0 see no key of the block
+      for (int64_t i0 = first_q; i0 < s.L; i0 += kBlockQ) {
+        const int64_t nq = std::min(kBlockQ, s.L - i0);
+        const float* qb = q + (bh * s.L + i0) * s.D;
+        const float* dob = dout + (bh * s.L + i0) * s.Dv;
+        // P = exp(scale * Q K^T + mask - lse)
+        gemm(qb, s.D, kth + j0 * s.D, kBlockK, p, kBlockK, nq, nk, s.D, false);
+        for (int64_t r = 0; r < nq; ++r) {
+          float* row = p + r * kBlockK;
+          finish_scores(row, nk, in.scale, in.causal, i0 + r, j0, in.mask, b, h);
+          probs_row(row, nk, nullptr, lse[i0 + r]);
+        }
+        // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK += dS^T Q;  dQ += dS K
+        gemm_at(p, kBlockK, dob, s.Dv, dvh + j0 * s.Dv, s.Dv, nk, s.Dv, nq, true);
+        gemm(dob, s.Dv, vth + j0 * s.Dv, kBlockK, ds, kBlockK, nq, nk, s.Dv, false);
+        for (int64_t r = 0; r < nq; ++r) dscores_row(ds + r * kBlockK, p + r * kBlockK, nk, nullptr, delta[i0 + r]);
+        gemm_at(ds, kBlockK, qb, s.D, dkh + j0 * s.D, s.D, nk, s.D, nq, true);
+        gemm(ds, kBlockK, kh + j0 * s.D, s.D, dqh + i0 * s.D, s.D, nq, s.D, nk, true);
+      }
+    }
+  }
+}
+
+// The fused sweep has one task per kv head, the split passes one per (head, block): with T kv heads on P
+// threads the fused one costs ceil(T / P) rounds of 5 products, the split ones about T / P rounds of 7.
+bool fused_backward_pays(int64_t kv_heads) {
+  const int64_t threads = at::get_num_threads();
+  return (kv_heads + threads - 1) / threads * 5 * threads <= 7 * kv_heads;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
@@ -338,15 +397,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse_f = lse.to(at::kFloat).masked_fill(lse == -std::numeric_limits<float>::infinity(),
                                                           std::numeric_limits<float>::infinity()).contiguous();
+  const bool fused = fused_backward_pays(s.B * s.Hk);
   const BwdInputs in{s,
                      fp32(q),
-                     fp32_transposed_blocks(q, kBlockQ),
+                     fused ? at::Tensor() : fp32_transposed_blocks(q, kBlockQ),
                      fp32(k),
                      fp32_transposed_blocks(k, kBlockK),
                      fp32(v),
                      fp32_transposed_blocks(v, kBlockK),
                      dof,
-                     fp32_transposed_blocks(dout, kBlockQ),
+                     fused ? at::Tensor() : fp32_transposed_blocks(dout, kBlockQ),
                      lse_f,
                      delta,
                      mask,
@@ -356,6 +416,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dk = at::empty({s.B, s.Hk, s.S, s.D}, q.options().dtype(at::kFloat));
   at::Tensor dv = at::empty({s.B, s.Hk, s.S, s.Dv}, q.options().dtype(at::kFloat));
   const float sc = static_cast<float>(scale);
+  if (fused) {
+    at::parallel_for(0, s.B * s.Hk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK);
+      for (int64_t bkv = begin; bkv < end; ++bkv) {
+        fused_bwd_task(in, bkv, p.data(), ds.data(), dq.mutable_data_ptr<float>(), dk.mutable_data_ptr<float>(),
+                       dv.mutable_data_ptr<float>());
+        scale_row(dk.mutable_data_ptr<float>() + bkv * s.S * s.D, s.S * s.D, sc);
+        const int64_t bh0 = bkv / s.Hk * s.Hq + bkv % s.Hk * s.group;
+        scale_row(dq.mutable_data_ptr<float>() + bh0 * s.L * s.D, s.group * s.L * s.D, sc);
+      }
+    });
+    return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  }
   at::parallel_for(0, s.B * s.Hk * blocks(s.S, kBlockK), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> pt(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
@@ -364,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       float* dkb = dk.mutable_data_ptr<float>() + (bkv * s.S + j0) * s.D;
       float* dvb = dv.mutable_data_ptr<float>() + (bkv * s.S + j0) * s.Dv;
       dkdv_task(in, task, pt.data(), dpt.data(), dkb, dvb);
-      at::vec::map([sc](Vectorized<float> x) { return x * Vectorized<float>(sc); }, dkb, dkb, nk * s.D);
+      scale_row(dkb, nk * s.D, sc);
     }
   });
   at::parallel_for(0, s.B * s.Hq * blocks(s.L, kBlockQ), 1, [&](int64_t begin, int64_t end) {
@@ -374,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       const int64_t nq = std::min(kBlockQ, s.L - i0);
       float* dqb = dq.mutable_data_ptr<float>() + (bh * s.L + i0) * s.D;
       dq_task(in, task, p.data(), dp.data(), dqb);
-      at::vec::map([sc](Vectorized<float> x) { return x * Vectorized<float>(sc); }, dqb, dqb, nq * s.D);
+      scale_row(dqb, nq * s.D, sc);
     }
   });
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};

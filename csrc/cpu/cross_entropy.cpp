@@ -2,6 +2,7 @@
 // Forward reads each row once (online LSE, target logit, row sum); backward reads it once and writes dlogits.
 // All offsets are int64 (row * V passes 2^31 at vocab 128k x 16k rows).
 #include "cross_entropy.h"
+#include "memory.h"
 
 namespace gptfast::cpu {
 namespace {
@@ -54,7 +55,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits_i
   const at::Tensor t = checked_targets(target, V, ignore_index, "cross_entropy");
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor dl = dloss.to(acc).contiguous(), lse = lse_in.to(acc).contiguous();
-  at::Tensor dlogits = at::empty_like(logits);
+  at::Tensor dlogits = empty_output_like(logits);
   const CrossEntropyOptions o{ignore_index, label_smoothing, z_loss};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd", [&] {
     using A = acc_t<scalar_t>;

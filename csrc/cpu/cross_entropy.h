@@ -83,7 +83,7 @@ void ce_row_grad(const T* x, G* dx, int64_t V, int64_t t, acc_t<T> dloss, acc_t<
   const A x_target = A(x[t]);  // read before dx (possibly x itself) is written
   const Vec vlse(lse), vcoef(coef), vshift(shift);
   int64_t j = 0;
-  for (; j + W <= V; j += W) store_vec(dx + j, vexp_fast(load_vec(x + j) - vlse) * vcoef - vshift);
+  for (; j + W <= V; j += W) store_vec(dx + j, vexp(load_vec(x + j) - vlse) * vcoef - vshift);
   for (; j < V; ++j) dx[j] = G(std::exp(A(x[j]) - lse) * coef - shift);
   dx[t] = G(std::exp(x_target - lse) * coef - shift + dloss * (eps - A(1)));
 }

@@ -4,6 +4,7 @@
 // With causal_rows = L > 0, row r keeps columns j <= r % L (the rows are stacked (L, N) score matrices); the
 // masked tail is written as 0 in both passes, and a row with nothing kept (never happens: j = 0 is always
 // kept) would give zeros.
+#include "memory.h"
 #include "vec.h"
 
 namespace gptfast::cpu {
@@ -69,7 +70,7 @@ int64_t grain(int64_t N) {
 at::Tensor softmax_fwd(const at::Tensor& x_in, double scale, int64_t causal_rows) {
   TORCH_CHECK(x_in.dim() == 2, "softmax_fwd: x must be (M, N), got ", x_in.sizes());
   const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
   const int64_t M = x.size(0), N = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd", [&] {
     using A = acc_t<scalar_t>;
@@ -91,7 +92,7 @@ at::Tensor softmax_bwd(const at::Tensor& dy_in, const at::Tensor& y_in, double s
   TORCH_CHECK(dy_in.scalar_type() == y_in.scalar_type(), "softmax_bwd: dy must have y's dtype (",
               y_in.scalar_type(), "), got ", dy_in.scalar_type());
   const at::Tensor dy = dy_in.contiguous(), y = y_in.contiguous();
-  at::Tensor dx = at::empty_like(y);
+  at::Tensor dx = empty_output_like(y);
   const int64_t M = y.size(0), N = y.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_bwd", [&] {
     using A = acc_t<scalar_t>;

@@ -50,19 +50,35 @@ inline void store_vec(T* p, const AVec<T>& v) {
   }
 }
 
-// exp to 1 ulp (Sleef, resolved from libtorch_cpu): softmax and attention keep torch's own accuracy.
-template <typename A>
-inline Vectorized<A> vexp(const Vectorized<A>& v) {
-  return v.exp();
+// exp(x) for fp32 in 1 ulp over (-87, 88.7), inlined: about twice as fast as Sleef's exp (an out-of-line call
+// that also handles denormal results) and as fast as ATen's exp_u20 (3 ulp, and +inf for NaN). Every kernel
+// here exponentiates per element, and the cross-entropy forward and the softmax forward are bound by it.
+// Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2 is exact), exp(r) as a degree-7
+// polynomial, 2^n put into the exponent bits (as 2^(n-1) * 2, so n = 128 still reaches FLT_MAX). Results
+// below 2^-125.5 (x < -86.99, where only denormals are left) come out 0, -inf gives 0, +inf gives +inf and NaN
+// stays NaN (the min/max clamp propagates it). fp64 keeps Sleef's exp (float64 gradcheck).
+inline Vectorized<float> exp_poly(const Vectorized<float>& x_in) {
+  using Vec = Vectorized<float>;
+  using IVec = Vectorized<int32_t>;
+  const Vec x = at::vec::minimum(at::vec::maximum(x_in, Vec(-87.33654475f)), Vec(89.f));
+  const Vec n = (x * Vec(1.44269504088896341f)).round();
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + Vec(1.f));
+  const IVec two_n_minus_1 = (at::vec::convert_to_int_of_same_size(n) + IVec(126)) << IVec(23);
+  return p * at::vec::cast<float>(two_n_minus_1) * Vec(2.f);
 }
 
-// ATen's polynomial exp (about 1e-6 relative, no table lookups), about twice as fast as Sleef's. Used only for
-// cross-entropy's gradient, an exp per element of a 50k-wide row, where torch's own fp32 error (it
-// exponentiates a rounded log-softmax) is larger. The LSE keeps the exact exp. fp64 keeps the exact exp.
 template <typename A>
-inline Vectorized<A> vexp_fast(const Vectorized<A>& v) {
+inline Vectorized<A> vexp(const Vectorized<A>& v) {
   if constexpr (std::is_same_v<A, float>) {
-    return v.exp_u20();
+    return exp_poly(v);
   } else {
     return v.exp();
   }

@@ -176,6 +176,59 @@ def test_cross_entropy_all_ignored_and_empty():
     assert ops.cross_entropy(torch.randn(0, 9), torch.zeros(0, dtype=torch.long), reduction="none", backend="cpu").shape == (0,)
 
 
+@pytest.mark.parametrize("op", ["softmax", "cross_entropy"])
+def test_outputs_past_the_huge_page_threshold_match_small_calls(op):
+    # 1024 x 2049 fp32 is just over 8 MiB: the outputs (y, dx, dlogits) take the madvise(MADV_HUGEPAGE)
+    # path, at an address that is not 2 MiB aligned and a size that is not a multiple of 2 MiB. Rows are
+    # independent, so the same rows in 2 MiB calls (below the threshold) must give bitwise the same gradient.
+    x = torch.randn(1024, 2049) * 3
+    t = _targets((1024,), 2049)
+    g = torch.randn(1024, 2049)
+    run = {
+        "softmax": lambda x, rows: (ops.softmax(x, scale=0.7, backend="cpu") * g[rows]).sum(),
+        "cross_entropy": lambda x, rows: ops.cross_entropy(
+            x, t[rows], reduction="sum", label_smoothing=0.1, backend="cpu"
+        ),
+    }[op]
+
+    def out_and_grad(rows):
+        xs = x[rows].clone().requires_grad_()
+        out = run(xs, rows)
+        out.backward()
+        return out.detach(), xs.grad
+
+    big_out, big_grad = out_and_grad(slice(0, 1024))
+    parts = [out_and_grad(slice(i, i + 256)) for i in range(0, 1024, 256)]
+    assert torch.equal(big_grad, torch.cat([grad for _, grad in parts]))
+    torch.testing.assert_close(big_out, sum(out for out, _ in parts))  # the sums differ only in their order
+
+
+def test_nan_logits_propagate_like_torch():
+    # The kernels' own vector exp must keep NaN a NaN (ATen's exp_u20 turns it into +inf): the NaN row of the
+    # softmax, and the NaN and +inf rows of the cross-entropy and of its gradient, are NaN in the same places
+    # as torch's. -inf is an ordinary masked logit. (Softmax row 2, +inf, is left out: the kernel gives one
+    # NaN there where torch's whole row is NaN.)
+    x = torch.randn(4, 40)
+    x[1, 7], x[2, 3], x[3, 5] = float("nan"), float("inf"), float("-inf")
+    t = torch.tensor([0, 1, 2, 3])
+    g = torch.randn(4, 40)
+
+    def run(softmax, ce):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, loss = softmax(a), ce(b)
+        y.backward(g)
+        loss.sum().backward()
+        return y[:2], a.grad[:2], loss, b.grad
+
+    ours = run(
+        lambda x: ops.softmax(x, backend="cpu"), lambda x: ops.cross_entropy(x, t, reduction="none", backend="cpu")
+    )
+    theirs = run(lambda x: torch.softmax(x, -1), lambda x: F.cross_entropy(x, t, reduction="none"))
+    for o, r in zip(ours, theirs):
+        assert torch.equal(o.isnan(), r.isnan())
+        torch.testing.assert_close(o.nan_to_num(), r.nan_to_num())
+
+
 @pytest.mark.parametrize("bad", [9, -1, 1000])
 def test_cross_entropy_out_of_range_target(bad):
     # A target outside [0, C) that is not ignore_index is an IndexError naming the value and the range.
@@ -297,6 +350,22 @@ def test_attention_fully_masked_rows():
     assert not any(g.isnan().any() for g in (q.grad, k.grad, v.grad))
     ref = ops.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, backend="reference")
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("masking", ["causal", "additive"])
+def test_attention_backward_fused_and_split(threads, masking):
+    # The backward sweeps each kv head in one task when there are enough kv heads for the threads, and else
+    # splits into a dK/dV pass and a dQ pass: these 2 kv heads take the fused sweep on 1 thread and the split
+    # passes on 8. GQA 2:1, L != S and ragged tiles in both.
+    q, k, v = _attn_inputs((1, 4, 2, 70, 90, 24, 16), torch.float32)
+    kw = {"is_causal": True} if masking == "causal" else {"attn_mask": torch.randn(1, 4, 70, 90)}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check_attention(q, k, v, torch.float32, **kw)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
