@@ -12,9 +12,14 @@ import torch
 from torch import Tensor
 from torch import nn as _nn
 
-from .model import GPT, SINUSOIDAL_SCALE, GPTConfig, sinusoidal_positions
+from .model import GPT, GPTConfig, sinusoidal_positions
 
 PATCH_POS_ENCODINGS = ("sinusoidal", None)
+# The text's sinusoidal encoding is scaled down to GPT-2's init (model.SINUSOIDAL_SCALE = 0.02) so as not to
+# drown the tokens. In an image the position is much of the content ("... at the top left"): on the captions
+# task (4 layers of 64, 300 steps of 32 images) the position was right for 24% of the test shapes at 0.02
+# (chance is 11%) and for 99.8-100% at 0.5 (three seeds).
+PATCH_POS_SCALE = 0.5
 
 
 def sinusoidal_positions_2d(rows: int, cols: int, dim: int) -> Tensor:
@@ -35,8 +40,8 @@ class PatchEmbed(_nn.Module):
 
     The image is cut into non-overlapping patch_size x patch_size patches in raster order (row by row); each
     patch's pixels, flattened channel-major as a Conv2d kernel is, go through one learned Linear projection.
-    With pos_encoding="sinusoidal" a fixed 2-D sin-cos encoding of the patch's (row, column) is added, scaled
-    like the GPT's own sinusoidal encoding (model.SINUSOIDAL_SCALE) so that it does not drown the content.
+    With pos_encoding="sinusoidal" a fixed 2-D sin-cos encoding of the patch's (row, column), times
+    PATCH_POS_SCALE, is added. The GPT then adds its own 1-D positions to the patches, as to any prefix.
     """
 
     def __init__(
@@ -83,7 +88,7 @@ class PatchEmbed(_nn.Module):
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, self.num_patches, C * p * p)  # (B, P, C*p*p) raster order
         x = self.proj(x)  # (B, P, n_embd)
         if self.pos_encoding == "sinusoidal":
-            x = x + SINUSOIDAL_SCALE * self.pe.to(x.dtype)
+            x = x + PATCH_POS_SCALE * self.pe.to(x.dtype)
         return x
 
     def check_images(self, images) -> None:
@@ -191,7 +196,7 @@ class MultimodalGPT(_nn.Module):
         )
 
     def _check_pair(self, images, idx) -> None:
-        """The images, then what concerns both: batch sizes that differ, a text too long to follow the patches."""
+        """Checks the images, then what concerns both: equal batch sizes, a text that fits after them."""
         self.patch_embed.check_images(images)
         if not isinstance(idx, Tensor) or idx.dim() != 2:
             return  # GPT names this

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from backends_under_test import cases, ids
 from gptfast import GPTConfig, testing
-from gptfast.model import SINUSOIDAL_SCALE, sinusoidal_positions
-from gptfast.multimodal import MultimodalGPT, PatchEmbed, sinusoidal_positions_2d
+from gptfast.model import sinusoidal_positions
+from gptfast.multimodal import PATCH_POS_SCALE, MultimodalGPT, PatchEmbed, sinusoidal_positions_2d
 
 # 16 patches of 8x8 and up to 9 text tokens fit block_size 32; two heads of dim 16 (the smallest head dim the
 # Triton attention kernel's dots accept), so every backend runs the same small model in milliseconds.
@@ -52,7 +52,7 @@ def test_patch_embed_adds_scaled_2d_positions():
     with_pe, without = PatchEmbed(32, 8, 3, 32), PatchEmbed(32, 8, 3, 32, pos_encoding=None)
     without.load_state_dict(with_pe.state_dict())  # the encoding is a non-persistent buffer, not a weight
     x = torch.rand(2, 3, 32, 32)
-    expected = without(x) + SINUSOIDAL_SCALE * sinusoidal_positions_2d(4, 4, 32)
+    expected = without(x) + PATCH_POS_SCALE * sinusoidal_positions_2d(4, 4, 32)
     torch.testing.assert_close(with_pe(x), expected, rtol=0, atol=0)
 
 
