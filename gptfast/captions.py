@@ -90,7 +90,7 @@ class CaptionSpec:
     """What the images look like: their side in pixels and the most shapes one image holds."""
 
     image_size: int = 32
-    max_shapes: int = 1
+    max_shapes: int = 2
 
     def __post_init__(self):
         for name, low in (("image_size", MIN_IMAGE_SIZE), ("max_shapes", 1)):

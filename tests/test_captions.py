@@ -5,7 +5,7 @@ import torch
 
 from gptfast import captions as c
 
-ONE, TWO = c.CaptionSpec(), c.CaptionSpec(max_shapes=2)
+ONE, TWO = c.CaptionSpec(max_shapes=1), c.CaptionSpec(max_shapes=2)
 
 
 # ---------------------------------------------------------------------------------------------- splits
