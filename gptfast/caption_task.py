@@ -54,6 +54,12 @@ def resolve_options(options: dict) -> dict:
     return merged
 
 
+def check_seed(seed: int) -> None:
+    """A seed must fit below the split's bits of the generator seed (captions.split_seed)."""
+    if not 0 <= seed < 2**captions.SEED_BITS:
+        raise UsageError(f"--seed: the captions task takes seeds in [0, 2^{captions.SEED_BITS}), got {seed}")
+
+
 def build_captioner(cfg: TrainConfig, options: dict) -> MultimodalGPT:
     """A fresh MultimodalGPT: cfg.preset's GPT with the caption vocabulary and cfg's overrides."""
     overrides = dict(
@@ -92,12 +98,13 @@ def _load(path: str, what: str) -> dict:
 def train_captions(cfg: TrainConfig) -> dict:
     """Trains (or with cfg.resume continues) a MultimodalGPT on the captions task, then scores the test split.
 
-    Returns train.train's result with "test" (captions.score's dict) and "train_seconds" added.
+    Returns Trainer.run's result with "test" (captions.score's dict) and "train_seconds" added.
     """
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
     if cfg.data is not None:
         raise UsageError("--data: the captions task draws its own images; leave --data out")
+    check_seed(cfg.seed)
     state = _load(cfg.checkpoint_path(), "--resume") if cfg.resume else None
     options = resolve_options(cfg.task_options)
     try:

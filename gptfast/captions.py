@@ -11,9 +11,9 @@ The shapes of one image sit in distinct cells and are captioned in reading order
 caption is a function of the image. As the attributes are independent and uniform, the text alone tells
 nothing: without the image the best guess scores CHANCE per attribute (1/2 for size, 1/6 for colour, ...).
 
-Size is the shape's extent (bounding box), the same measure for every kind: small shapes span about half a
-cell, large ones about four fifths. Centres and sizes are jittered and colours vary a little, so no two images
-are alike even where their captions are.
+Size is the shape's extent (bounding box), the same measure for every kind: small shapes span 0.54-0.64 of a
+grid cell, large ones 0.84-0.92, which at 32x32 keeps at least a pixel between the two. Centres and sizes are
+jittered and colours vary a little, so no two images are alike even where their captions are.
 
 Tokens are words (VOCAB, 24 of them): a caption of one shape is 8 tokens or fewer.
 
@@ -54,23 +54,9 @@ VALUES = {"size": SIZES, "colour": tuple(COLOURS), "shape": SHAPES, "position": 
 CHANCE = {name: 1.0 / len(values) for name, values in VALUES.items()}  # uniform attributes: 1 / #values
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-VOCAB = (
-    PAD,
-    BOS,
-    EOS,
-    "a",
-    "and",
-    "at",
-    "the",
-    *SIZES,
-    *COLOURS,
-    *SHAPES,
-    "top",
-    "bottom",
-    "left",
-    "right",
-    "center",
-)
+GRAMMAR_WORDS = ("a", "and", "at", "the")
+POSITION_WORDS = ("top", "bottom", "left", "right", "center")
+VOCAB = (PAD, BOS, EOS, *GRAMMAR_WORDS, *SIZES, *COLOURS, *SHAPES, *POSITION_WORDS)
 WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 PAD_ID, BOS_ID, EOS_ID = WORD_ID[PAD], WORD_ID[BOS], WORD_ID[EOS]
 IGNORE_INDEX = -100  # the loss skips padding (ops.cross_entropy's default ignore_index)

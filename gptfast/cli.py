@@ -217,12 +217,13 @@ def run_generate(args) -> int:
 
 
 def _caption_images(args, state: dict, device) -> int:
-    from .caption_task import FRESH_IMAGES, caption_fresh_images, captioner_from_state
+    from .caption_task import FRESH_IMAGES, caption_fresh_images, captioner_from_state, check_seed
     from .train import UsageError
 
     for flag, value in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens)):
         if value:
             raise UsageError(f"{flag}: a caption starts from the image alone and ends at its <eos>")
+    check_seed(args.seed)
     model, spec = captioner_from_state(state, args.checkpoint, device, args.backend)
     n_images = FRESH_IMAGES if args.num_images is None else args.num_images
     temperature = 0.0 if args.temperature is None else args.temperature

@@ -162,3 +162,5 @@ def test_cli_errors(trained, capsys, tmp_path):
     )
     _one_line_error(capsys, ["train", "--max-shapes", "2"], "--max-shapes: only the captions task")
     _one_line_error(capsys, ["train", "--task", "captions", "--max-shapes", "12"], "max_shapes must be <= 9")
+    _one_line_error(capsys, ["generate", "--checkpoint", ckpt, "--seed", str(2**28)], "seeds in [0, 2^28)")
+    _one_line_error(capsys, ["train", "--task", "captions", "--seed", str(2**28)], "seeds in [0, 2^28)")
