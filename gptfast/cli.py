@@ -76,7 +76,10 @@ def add_train(subparsers) -> None:
     from .train import TASKS
 
     p.add_argument(
-        "--task", choices=TASKS, help="what to train on (default: text, or on --resume the checkpoint's)"
+        "--task",
+        choices=TASKS,
+        help="what to train on (default: text, or on --resume the checkpoint's); captions has its own "
+        "defaults for steps, batch size, evals and --out (caption_task.TRAIN_DEFAULTS)",
     )
     p.add_argument("--max-shapes", type=_int(1), help="captions: shapes per image, 1 to N (default: 2)")
     # Defaults are None so that on --resume only the settings given explicitly override the checkpoint's.

@@ -89,11 +89,10 @@ def test_checkpoint_records_the_task_and_rebuilds_the_model(tmp_path):
     }
     assert state["data"]["spec"] == {"image_size": 32, "max_shapes": 2}
     assert state["config"]["vocab_size"] == len(captions.VOCAB) and state["metrics"]["test"] == result["test"]
-    model, spec = caption_task.load_captioner(
-        result["checkpoint"], resolve_device("auto")
-    )  # where it trained
+    # Reloaded on the device it trained on, so that the same weights give the same captions.
+    model, spec = caption_task.load_captioner(result["checkpoint"], resolve_device("auto"))
     test = captions.make_split("test", 16, spec)
-    assert captions.evaluate(model, test, spec) == result["test"]  # the same weights, the same captions
+    assert captions.evaluate(model, test, spec) == result["test"]
 
 
 def test_bad_task_settings(tmp_path):
