@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import Callable
 
+import torch
+
 from . import backends
 
 EXIT_USAGE = 2
@@ -65,12 +67,21 @@ def _default(field: str) -> str:
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a GPT on text (the embedded stdlib corpus, or --data FILE)",
+        help="train a GPT on text (the embedded stdlib corpus, or --data FILE), or to caption images",
         description="Train a byte-level GPT. Without --data it trains on the Python standard library's own "
-        "sources (no download). Writes OUT/ckpt.pt atomically; --resume continues it exactly.",
+        "sources (no download). With --task captions it trains a multimodal GPT to caption procedural "
+        "images of shapes. Writes OUT/ckpt.pt atomically; --resume continues it exactly.",
     )
     from .model import GPTConfig
+    from .train import TASKS
 
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what to train on (default: text, or on --resume the checkpoint's); captions has its own "
+        "defaults for steps, batch size, evals and --out (caption_task.TRAIN_DEFAULTS)",
+    )
+    p.add_argument("--max-shapes", type=_int(1), help="captions: shapes per image, 1 to N (default: 2)")
     # Defaults are None so that on --resume only the settings given explicitly override the checkpoint's.
     p.add_argument("--preset", choices=list(GPTConfig.PRESETS), help=f"model size {_default('preset')}")
     p.add_argument(
@@ -120,6 +131,11 @@ def add_train(subparsers) -> None:
     p.add_argument(
         "--backend", choices=backends.NAMES, help="gptfast ops backend (default: the fastest here)"
     )
+    p.add_argument(
+        "--threads",
+        type=_int(1),
+        help="CPU threads per op (default: torch's, all cores; 1 for captions, see caption_task.CPU_THREADS)",
+    )
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/ckpt.pt")
     p.add_argument(
         "--fsdp",
@@ -141,7 +157,15 @@ def run_train(args) -> int:
         for k, v in vars(args).items()
         if v is not None and k in {f.name for f in dataclasses.fields(train.TrainConfig)}
     }
+    if args.max_shapes is not None:
+        explicit["task_options"] = {"max_shapes": args.max_shapes}
     cfg = train.resolve_config(explicit)
+    if args.max_shapes is not None and cfg.task != "captions":
+        raise train.UsageError("--max-shapes: only the captions task has shapes (add --task captions)")
+    if args.threads is not None or cfg.task == "captions":
+        from .caption_task import CPU_THREADS
+
+        torch.set_num_threads(args.threads or CPU_THREADS)
     result = train.train(cfg)
     if result["val_loss"] is not None and result["is_main"]:
         print(f"final val loss {result['val_loss']:.4f}")
@@ -152,14 +176,21 @@ def run_train(args) -> int:
 def add_generate(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
-        help="sample text from a checkpoint",
-        description="Sample text from a checkpoint written by `gptfast train`.",
+        help="sample text from a checkpoint, or caption fresh images",
+        description="Sample text from a checkpoint written by `gptfast train`; a captions checkpoint "
+        "captions new images and prints each caption beside the true one, then the accuracy.",
     )
+    from .train import TASKS
+
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="e.g. runs/demo/ckpt.pt")
+    p.add_argument("--task", choices=TASKS, help="the checkpoint's task, checked (default: the checkpoint's)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from a newline)")
-    p.add_argument("--max-new-tokens", type=_int(0), default=200, help="bytes to generate (default: 200)")
+    p.add_argument("--max-new-tokens", type=_int(0), help="text: bytes to generate (default: 200)")
+    p.add_argument("--num-images", type=_int(1), help="captions: fresh images to caption (default: 8)")
     p.add_argument(
-        "--temperature", type=_float(0.0), default=0.8, help="softmax temperature, 0 = greedy (default: 0.8)"
+        "--temperature",
+        type=_float(0.0),
+        help="softmax temperature, 0 = greedy (default: 0.8 for text, 0 for captions)",
     )
     p.add_argument(
         "--top-k", type=_int(1), default=None, help="sample among the k likeliest bytes (default: all)"
@@ -173,13 +204,39 @@ def add_generate(subparsers) -> None:
 
 
 def run_generate(args) -> int:
-    from .generate import generate_text, load_model
-    from .train import check_backend, resolve_device
+    from .checkpoint import load
+    from .generate import generate_text, model_from_state
+    from .train import UsageError, check_backend, resolve_device
 
     device = resolve_device(args.device)
     check_backend(args.backend, device)
-    model = load_model(args.checkpoint, device, args.backend)
-    print(generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    state = load(args.checkpoint)
+    task = state.get("task", "text")
+    if args.task is not None and args.task != task:
+        raise UsageError(f"--task {args.task}: {args.checkpoint} holds a model of task {task!r}")
+    if task == "captions":
+        return _caption_images(args, state, device)
+    if args.num_images is not None:
+        raise UsageError("--num-images: only a captions checkpoint captions images")
+    model = model_from_state(state, args.checkpoint, device, args.backend)
+    temperature = 0.8 if args.temperature is None else args.temperature
+    max_new_tokens = 200 if args.max_new_tokens is None else args.max_new_tokens
+    print(generate_text(model, args.prompt, max_new_tokens, temperature, args.top_k, args.seed))
+    return 0
+
+
+def _caption_images(args, state: dict, device) -> int:
+    from .caption_task import FRESH_IMAGES, caption_fresh_images, captioner_from_state, check_seed
+    from .train import UsageError
+
+    for flag, value in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens)):
+        if value:
+            raise UsageError(f"{flag}: a caption starts from the image alone and ends at its <eos>")
+    check_seed(args.seed)
+    model, spec = captioner_from_state(state, args.checkpoint, device, args.backend)
+    n_images = FRESH_IMAGES if args.num_images is None else args.num_images
+    temperature = 0.0 if args.temperature is None else args.temperature
+    print(caption_fresh_images(model, spec, n_images, args.seed, temperature, args.top_k))
     return 0
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+IGNORE_INDEX = -100  # the targets the models' losses skip (ops.cross_entropy's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,21 @@ class Context:
         return None
 
     # ------------------------------------------------------------------------------------- collectives
+    def global_mean_share(self, loss: Tensor, targets: Tensor) -> Tensor:
+        """This rank's mean loss, reweighted so that the ranks' average is the global batch's mean loss.
+
+        A rank's loss is the mean over its own counted targets (those that are not IGNORE_INDEX). When the
+        shards count differently (padded captions) the plain average of the ranks' means, which DDP's gradient
+        averaging and mean() compute, is not the single-process mean; loss * n_r * world_size / sum(n) is.
+        With equal counts (text) the factor is exactly 1. One all-reduce of a scalar, no host sync.
+        """
+        if not self.distributed:
+            return loss
+        count = (targets != IGNORE_INDEX).sum().float()  # fp32: a bf16 loss could not hold the counts
+        total = count.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return loss.float() * (count * self.world_size / total)
+
     def mean(self, value: Tensor) -> Tensor:
         """The mean of `value` over ranks (a scalar per rank: a loss); the value itself for one process."""
         if not self.distributed:

@@ -8,7 +8,13 @@ from .model import GPT, GPTConfig
 
 def load_model(path: str, device: torch.device | str = "cpu", backend: str | None = None) -> GPT:
     """The GPT of a `gptfast train` checkpoint, in eval mode on `device`; CheckpointError if unusable."""
-    state = checkpoint.load(path)
+    return model_from_state(checkpoint.load(path), path, device, backend)
+
+
+def model_from_state(
+    state: dict, path: str, device: torch.device | str = "cpu", backend: str | None = None
+) -> GPT:
+    """load_model for a checkpoint already read from `path` (named in the error if it holds no text GPT)."""
     if state.get("task", "text") != "text" or "config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path} does not hold a text GPT (task {state.get('task')!r})")
     model = GPT(GPTConfig(**{**state["config"], "backend": backend}))

@@ -7,9 +7,10 @@ Attention goes through ops.scaled_dot_product_attention, the loss through ops.cr
 ops.linear_cross_entropy when config.fused_loss (the (B, T, V) logits are then never materialised).
 config.backend is passed as backend= to every op call; None lets gptfast pick per call.
 
-An optional prefix of embeddings (B, P, n_embd), e.g. image patches (Fuyu-style), can precede the tokens: it
-gets positions 0..P-1, the tokens P..P+T-1, attention is causal over the whole sequence, and logits and loss
-cover the token positions only.
+An optional prefix of embeddings (B, P, n_embd), e.g. image patches (Fuyu-style, see gptfast.multimodal), can
+precede the tokens: it gets positions 0..P-1, the tokens P..P+T-1, attention is causal over the whole
+sequence, and logits and loss cover the token positions only. That loss is the whole sequence's with the
+prefix targets set to ignore_index, but the prefix's logits are never computed.
 """
 
 import dataclasses

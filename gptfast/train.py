@@ -1,9 +1,10 @@
 """Training: AdamW, cosine schedule with warmup, gradient clipping, bf16 autocast on CUDA, held-out eval loss,
 atomic checkpoints, and resume that continues bit for bit.
 
-train(TrainConfig(...)) trains a GPT on text (the embedded stdlib corpus or a file). The loop itself is the
-Trainer, which works for any model called as model(*batch) -> (logits, loss) with batches from a sampler that
-has next(), state_dict() and load_state_dict() (see data.BatchSampler).
+train(TrainConfig(...)) trains a GPT on text (the embedded stdlib corpus or a file), or with task="captions" a
+MultimodalGPT on procedural images (gptfast.caption_task). The loop itself is the Trainer, which works for any
+model called as model(*batch) -> (logits, loss) with batches from a sampler that has next(), state_dict() and
+load_state_dict() (see data.BatchSampler).
 
 Resume is exact: the checkpoint holds the model, the optimizer, the step (the schedule is a pure function of
 it), torch's CPU (and CUDA) RNG state, which drives dropout, and the data sampler's generator. Eval draws from
@@ -26,6 +27,7 @@ from .model import GPT, GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
 DEFAULT_LR = {"tiny": 2e-3, "gpt2": 6e-4, "gpt2-medium": 3e-4}
+TASKS = ("text", "captions")
 
 
 class UsageError(ValueError):
@@ -34,6 +36,7 @@ class UsageError(ValueError):
 
 @dataclasses.dataclass
 class TrainConfig:
+    task: str = "text"  # or "captions": see gptfast.caption_task
     preset: str = "tiny"
     data: str | None = None  # a text file; None trains on the embedded stdlib corpus
     corpus_bytes: int = DEFAULT_CORPUS_BYTES
@@ -61,6 +64,7 @@ class TrainConfig:
     progress: bool = True
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (see gptfast.distributed)
     model_overrides: dict = dataclasses.field(default_factory=dict)  # GPTConfig fields over the preset's
+    task_options: dict = dataclasses.field(default_factory=dict)  # another task's settings, e.g. max_shapes
 
     # What a resume does not take from the checkpoint: where and how this process runs, not what it computes.
     NOT_RESUMED = ("out", "device", "backend", "resume", "progress", "stop_after", "fsdp")
@@ -200,8 +204,10 @@ class Trainer:
         """One optimizer step at the current step's learning rate; returns the loss (on device, no sync)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
+        batch = self._to_device(batch)
         with self.autocast:
-            _, loss = self.model(*self._to_device(batch))
+            _, loss = self.model(*batch)
+        loss = self.dist.global_mean_share(loss, batch[-1])
         loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -217,9 +223,10 @@ class Trainer:
         sampler = self.eval_sampler()
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.eval_iters):
+            batch = self._to_device(sampler.next())
             with self.autocast:
-                _, loss = self.model(*self._to_device(sampler.next()))
-            total += loss.float()
+                _, loss = self.model(*batch)
+            total += self.dist.global_mean_share(loss.float(), batch[-1])
         self.model.train()
         return (self.dist.mean(total) / self.cfg.eval_iters).item()
 
@@ -296,8 +303,11 @@ def resolve_config(explicit: dict) -> TrainConfig:
     """
     cfg = TrainConfig(**explicit)
     if not cfg.resume:
-        return cfg
+        return TrainConfig(**{**task_defaults(cfg.task), **explicit})
     saved = _load_for_resume(cfg.checkpoint_path())["train_config"]
+    if "task" in explicit and explicit["task"] != saved.get("task", "text"):
+        trained_on = saved.get("task", "text")
+        raise UsageError(f"--task {explicit['task']}: the checkpoint was trained on task {trained_on!r}")
     merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     for name in TrainConfig.NOT_RESUMED:
         merged.pop(name, None)
@@ -307,6 +317,15 @@ def resolve_config(explicit: dict) -> TrainConfig:
             f"--preset {explicit['preset']}: the checkpoint was trained with {saved.get('preset')!r}"
         )
     return TrainConfig(**merged)
+
+
+def task_defaults(task: str) -> dict:
+    """The TrainConfig settings a task changes from the text defaults."""
+    if task == "captions":
+        from .caption_task import TRAIN_DEFAULTS
+
+        return TRAIN_DEFAULTS
+    return {}
 
 
 def _load_for_resume(path: str) -> dict:
@@ -327,11 +346,14 @@ def build_model(cfg: TrainConfig) -> GPT:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Trains (or with cfg.resume continues) a GPT on text; returns the last step, losses, checkpoint.
+    """Trains (or with cfg.resume continues) a GPT on text, or for task "captions" a MultimodalGPT on images;
+    returns the last step, losses, checkpoint.
 
     Launched by torchrun it is one rank of a data-parallel job (DDP, or FSDP2 with cfg.fsdp): see
     gptfast.distributed.
     """
+    if cfg.task not in TASKS:
+        raise UsageError(f"--task: must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
     try:
@@ -339,7 +361,12 @@ def train(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        result = _train(cfg, device, ctx)
+        if cfg.task == "captions":
+            from .caption_task import train_captions
+
+            result = train_captions(cfg, device, ctx)
+        else:
+            result = _train(cfg, device, ctx)
     except BaseException:
         ctx.close(barrier=False)
         raise
