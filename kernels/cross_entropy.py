@@ -17,7 +17,8 @@ linear_cross_entropy uses it so that a chunk's logits buffer becomes its dlogits
 element before writing it).
 
 Out-of-range targets (not ignore_index and outside [0, V)): the kernels never read them. The row's loss is NaN
-and its gradient row is NaN, so the error cannot pass as a finite loss. (The reference raises on CPU instead.)
+and its gradient row is NaN, so the error cannot pass as a finite loss (checking on a GPU would need a host
+sync). On CPU tensors (the interpreter) the pair raises an IndexError first, as every backend does on the CPU.
 
 Dtypes: logits fp32/fp16/bf16 with fp32 math, loss/lse fp32; fp64 logits are supported and run in fp64 with
 fp64 loss/lse, but on GPUs label_smoothing and z_loss arrive as fp32 scalars, so they are exact only when fp32
@@ -28,6 +29,8 @@ represents them (0.25, 0.125, ...). Targets int32 or int64. Row offsets are int6
 import torch
 import triton
 import triton.language as tl
+
+from gptfast.ops import _checks
 
 from .softmax import acc_dtype, launch, num_warps_for, with_alignment
 
@@ -228,6 +231,7 @@ def cross_entropy_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss[M], lse[M]) of logits[M, V] and target[M]; fp32 (fp64 for fp64 logits); ignored rows give 0."""
+    _checks.target_values("cross_entropy", target, logits.shape[1], ignore_index)
     return cross_entropy_forward(logits, target.contiguous(), ignore_index, label_smoothing, z_loss)
 
 
