@@ -40,11 +40,12 @@ BWD_BLOCK = 4096  # vocab columns per backward program
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _row_grad(x, c, t, lse, coef, scale, bad, V, label_smoothing):
-    """scale * (p * coef - (1 - eps) [c == t] - eps / V) for one block of a row, NaN for a bad target."""
+def _row_grad(x, c, t, lse, coef, scale, valid, bad, V, label_smoothing):
+    """scale * (p * coef - (1 - eps) [c == t] - eps / V) for one block of a row, NaN for a bad target, 0 for
+    an ignored row (even when its lse is NaN or inf: the row is not in the loss)."""
     g = tl.exp(x - lse) * coef - label_smoothing / V
     g = tl.where(c == t, g - (1.0 - label_smoothing), g) * scale
-    return tl.where(bad, float("nan"), g)
+    return tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def _cross_entropy_fwd_kernel(
         for start in range(0, V, BLOCK):
             c = start + cols
             x = tl.load(x_row + c, mask=c < n_read, other=0.0).to(ACC)
-            g = _row_grad(x, c, t, lse, coef, scale, bad, V, label_smoothing)
+            g = _row_grad(x, c, t, lse, coef, scale, valid, bad, V, label_smoothing)
             tl.store(x_row + c, g.to(logits_ptr.dtype.element_ty), mask=c < V)
 
 
@@ -134,7 +135,7 @@ def _cross_entropy_bwd_kernel(
     # dx_j = dloss * (p_j (1 + 2 z lse) - (1 - eps) [j == t] - eps / V); ignored rows are 0 and never read
     scale = tl.where(valid, tl.load(dloss_ptr + row).to(ACC), 0.0)
     x = tl.load(logits_ptr + row * stride + c, mask=c < tl.where(valid, V, 0), other=0.0).to(ACC)
-    g = _row_grad(x, c, t, lse, 1.0 + 2.0 * z_loss * lse, scale, bad, V, label_smoothing)
+    g = _row_grad(x, c, t, lse, 1.0 + 2.0 * z_loss * lse, scale, valid, bad, V, label_smoothing)
     tl.store(dlogits_ptr + row * out_stride + c, g.to(dlogits_ptr.dtype.element_ty), mask=c < V)
 
 

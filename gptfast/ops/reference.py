@@ -82,7 +82,9 @@ def cross_entropy_bwd(
     p = torch.exp(x - lse[:, None])
     g = p * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
     g.scatter_add_(1, t[:, None], torch.full((M, 1), label_smoothing - 1.0, dtype=ct, device=x.device))
-    g = g * torch.where(valid, dloss.to(ct), 0.0)[:, None]
+    # An ignored row's gradient is 0 even when its logits hold NaN or inf (0 * NaN would be NaN): the row does
+    # not enter the loss. (torch's gradient is NaN there; every gptfast backend gives 0.)
+    g = torch.where(valid[:, None], g * dloss.to(ct)[:, None], 0.0)
     return g.to(logits.dtype)
 
 
