@@ -31,11 +31,16 @@ def _backward(ctx, bwd, dloss, _dlse):
 _library.register_spec(_library.OpSpec("cross_entropy", _fake_fwd, _fake_bwd, _setup_context, _backward))
 
 
-def check_target(op: str, target, rows_shape: torch.Size, device: torch.device) -> Tensor:
+def check_target(
+    op: str, target, rows_shape: torch.Size, device: torch.device, input_name: str = "input"
+) -> Tensor:
     _checks.tensor(op, "target", target, _checks.INDEX_DTYPES)
     if target.shape != rows_shape:
-        raise ValueError(f"{op}: target must have shape {tuple(rows_shape)} to match the input, got {tuple(target.shape)}")
-    _checks.same_device(op, input=torch.empty(0, device=device), target=target)
+        raise ValueError(
+            f"{op}: target must have shape {tuple(rows_shape)} to match {input_name}, got {tuple(target.shape)}"
+        )
+    if target.device != device:
+        raise ValueError(f"{op}: target must be on the same device as {input_name} ({device}), got {target.device}")
     return target
 
 
