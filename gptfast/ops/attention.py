@@ -85,7 +85,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             f"enable_gqa=True; got enable_gqa={enable_gqa}"
         )
     dropout_p = _checks.number(op, "dropout_p", dropout_p, 0.0, 1.0, high_open=True)
-    scale = 1.0 / math.sqrt(D) if scale is None else _checks.number(op, "scale", scale, -math.inf, math.inf)
+    if scale is None:
+        # With an empty head dim every score is 0 whatever the scale: each query averages the values, as torch's.
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    else:
+        scale = _checks.number(op, "scale", scale, -math.inf, math.inf)
     mask = None
     if attn_mask is not None:
         if is_causal:
