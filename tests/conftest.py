@@ -9,6 +9,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the GPU machine may lack it; tests/test_properties.py then skips
+    settings = None
+if settings is not None:
+    # tests/test_properties.py scales its examples per op from these. "ci" (the default) is bounded and
+    # derandomized, so make test sees the same examples every run; "long" (--hypothesis-profile=long) draws
+    # fresh ones, thousands over the file.
+    _common = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("ci", max_examples=12, derandomize=True, **_common)
+    settings.register_profile("long", max_examples=500, print_blob=True, **_common)
+    settings.load_profile("ci")
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow (CI full mode)")
 
