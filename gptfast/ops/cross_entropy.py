@@ -72,6 +72,11 @@ def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, re
         loss = (1 - eps) * (lse - x[t]) + eps * (lse - mean(x)) + z_loss * lse^2,   lse = logsumexp(x)
     'mean' divides by the number of non-ignored rows (NaN when all are ignored, as torch); 'none' returns
     target's shape. The result has input's dtype.
+
+    A target outside [0, C) that is not ignore_index raises IndexError on CPU tensors (every backend). On CUDA
+    tensors the triton and cuda kernels give that row a NaN loss and a NaN gradient row instead (no host sync,
+    no device-side assert); the reference backend hits gather's device-side assert, as torch does. A row whose
+    target is ignore_index gets a zero gradient, even when its logits hold NaN or inf.
     """
     op = "cross_entropy"
     _checks.tensor(op, "input", input)

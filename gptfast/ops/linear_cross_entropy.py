@@ -113,7 +113,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     """cross_entropy(hidden @ weight.T + bias, target, ...) holding at most chunk_size rows of logits at once.
 
     hidden: (N, H) or (B, T, H); weight: (V, H); bias: (V,) or None; target: (N,) or (B, T) int64/int32.
-    Same options and result as ops.cross_entropy on the full logits. chunk_size rows of logits are live at a
+    Same options, result and target contract (out-of-range targets, ignored rows) as ops.cross_entropy on the
+    full logits. chunk_size rows of logits are live at a
     time (default: Liger's rule, about N * H / V rows, at least 1024 on CUDA), so peak extra memory is
     O(chunk_size * V).
     """
