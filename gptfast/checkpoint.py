@@ -1,11 +1,11 @@
 """Atomic checkpoint files: a crash mid-save leaves the previous checkpoint whole; a damaged file is refused.
 
 save() writes to a temporary file in the target's directory, fsyncs it, and os.replace()s it over the target
-(atomic on POSIX within one filesystem), then fsyncs the directory so the rename itself is durable. The file is
-torch.save's zip archive followed by a trailer, b"GPTFAST-SHA256:" and the hex SHA-256 of the archive: torch's
-reader verifies no checksum (a flipped byte in a tensor loads as a wrong weight), so load() does, before
-reading with weights_only=True (tensors and plain containers, no arbitrary pickles) and checking the format
-tag. torch's zip reader finds the archive's directory from the end and ignores the trailer after it.
+(atomic on POSIX within one filesystem), then fsyncs the directory so the rename itself is durable. The file
+is torch.save's zip archive followed by a trailer, b"GPTFAST-SHA256:" and the hex SHA-256 of the archive:
+torch's reader verifies no checksum (a flipped byte in a tensor loads as a wrong weight), so load() does,
+before reading with weights_only=True (tensors and plain containers, no arbitrary pickles) and checking the
+format tag. torch's zip reader finds the archive's directory from the end and ignores the trailer after it.
 
 Version 1 files (no trailer) still load, unverified.
 """
@@ -126,5 +126,7 @@ def load(path: str, map_location="cpu") -> dict:
             f"this gptfast reads versions {', '.join(map(str, READS))}"
         )
     if state["version"] >= 2 and not verified:
-        raise CheckpointError(f"checkpoint {path} does not end with its checksum trailer (truncated, or written to after the save?)")
+        raise CheckpointError(
+            f"checkpoint {path} does not end with its checksum trailer (truncated, or appended to?)"
+        )
     return state

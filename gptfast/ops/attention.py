@@ -90,7 +90,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         )
     dropout_p = _checks.number(op, "dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if scale is None:
-        # With an empty head dim every score is 0 whatever the scale: each query averages the values, as torch's.
+        # With an empty head dim every score is 0 whatever the scale: each query averages the values (torch).
         scale = 1.0 / math.sqrt(D) if D else 1.0
     else:
         scale = _checks.number(op, "scale", scale, -math.inf, math.inf)

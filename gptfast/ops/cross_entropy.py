@@ -36,11 +36,12 @@ def check_target(
 ) -> Tensor:
     _checks.tensor(op, "target", target, _checks.INDEX_DTYPES)
     if target.shape != rows_shape:
-        raise ValueError(
-            f"{op}: target must have shape {tuple(rows_shape)} to match {input_name}, got {tuple(target.shape)}"
-        )
+        expected, got = tuple(rows_shape), tuple(target.shape)
+        raise ValueError(f"{op}: target must have shape {expected} to match {input_name}, got {got}")
     if target.device != device:
-        raise ValueError(f"{op}: target must be on the same device as {input_name} ({device}), got {target.device}")
+        raise ValueError(
+            f"{op}: target must be on the same device as {input_name} ({device}), got {target.device}"
+        )
     return target
 
 

@@ -45,8 +45,8 @@ def unsupported_cuda(op: str, **features) -> str | None:
         return None
     if features.get("grad") and backends.is_deterministic():
         return (
-            "the cuda attention backward adds dQ with fp32 atomics, so its gradients are not bitwise reproducible"
-            " and deterministic mode is on; use backend='triton' (deterministic) or 'reference'"
+            "the cuda attention backward adds dQ with fp32 atomics, so its gradients are not bitwise"
+            " reproducible, and deterministic mode is on; use backend='triton' (deterministic) or 'reference'"
         )
     if features.get("attn_mask"):
         return f"the cuda attention kernel takes no attn_mask (only is_causal); {_FIX}"

@@ -60,8 +60,8 @@ def _register_reduced(backend: str, fwd) -> None:
         rows, _, dh, dw, db = fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, True)
         if mean:
             count = (target != ignore_index).sum().to(rows.dtype)
-            # With every row ignored torch's mean is 0 / 0 = NaN but its gradients are 0: the gradients here are
-            # 0 then too, and scaling them by 1 / 0 would make them NaN.
+            # With every row ignored torch's mean is 0 / 0 = NaN but its gradients are 0: the gradients here
+            # are 0 then too, and scaling them by 1 / 0 would make them NaN.
             loss, scale = rows.sum() / count, 1.0 / count.clamp_min(1)
         else:
             loss, scale = rows.sum(), rows.new_ones(())
@@ -114,9 +114,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
 
     hidden: (N, H) or (B, T, H); weight: (V, H); bias: (V,) or None; target: (N,) or (B, T) int64/int32.
     Same options, result and target contract (out-of-range targets, ignored rows) as ops.cross_entropy on the
-    full logits. chunk_size rows of logits are live at a
-    time (default: Liger's rule, about N * H / V rows, at least 1024 on CUDA), so peak extra memory is
-    O(chunk_size * V).
+    full logits. chunk_size rows of logits are live at a time (default: Liger's rule, about N * H / V rows, at
+    least 1024 on CUDA), so peak extra memory is O(chunk_size * V).
     """
     op = OP
     _checks.tensor(op, "hidden", hidden)
