@@ -37,11 +37,17 @@ def closeness(out: Tensor, ref: Tensor, torch_out: Tensor, floor: float | None =
     err = (o - r)[finite].abs().max().item() if finite.any() else 0.0
     torch_finite = finite & t.isfinite()
     torch_err = (t - r)[torch_finite].abs().max().item() if torch_finite.any() else 0.0
-    # No result in out's dtype can beat rounding the reference to it. Where torch itself overflowed (fp16 sums
-    # past 65504) its error is unbounded, so that rounding error, not a zero, is the honest baseline.
+    # No result in out's dtype can beat rounding the reference to it, which may cost half an ulp of its largest
+    # value: the baseline is that half ulp, not the rounding error this particular reference happens to have
+    # (near 0 for a lucky scalar, where a correctly rounded loss would then fail). Where torch itself
+    # overflowed (fp16 sums past 65504) its error is unbounded, so that rounding, not a zero, is the baseline.
     rr = r.to(out.dtype).double()
     representable = finite & rr.isfinite()
-    rounding = (rr - r)[representable].abs().max().item() if representable.any() else 0.0
+    rounding = 0.0
+    if representable.any():
+        largest = r[representable].abs().max()
+        half_ulp = torch.finfo(out.dtype).eps * 2.0 ** (torch.frexp(largest).exponent.item() - 2)
+        rounding = max((rr - r)[representable].abs().max().item(), half_ulp if largest > 0 else 0.0)
     bound = 2.0 * max(torch_err, rounding) + (FLOOR.get(out.dtype, 1e-6) if floor is None else floor)
     return Closeness(err <= bound, err, bound)
 
