@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import backends
-from gptfast.testing import assert_close, reference_dtype
+from gptfast.testing import assert_close, closeness, reference_dtype
 
 from backends_under_test import cases
 
@@ -99,9 +99,13 @@ def check(fn, spec, inputs, dtype, grads=None, view=None, name="", device="cpu",
     storage offsets) out of the converted inputs; the views themselves are the leaves, so a stride-0 input
     gets its own elementwise gradient (not autograd's sum over the expanded dim). Returns fn's output and
     gradients.
-    The upstream gradient is random and exact in `dtype`, so all three runs see the same one. `expected`, when
-    given, replaces spec for the expected value (the property tests hold every backend to gptfast's reference
-    backend run in higher precision, with torch's same-dtype error as the budget)."""
+    The upstream gradient is random and exact in `dtype`, so all three runs see the same one.
+
+    `expected`, when given, replaces spec for the expected value: the property tests hold every backend to
+    gptfast's reference backend run in higher precision. The budget is then the larger of two same-dtype
+    errors, torch's (spec) and the reference backend's: on tensors of a few dozen elements the max error of
+    one plain torch composition is a noisy statistic, and the long hypothesis profile failed the reference
+    backend itself against torch alone about once in a few hundred draws. A kernel bug is far outside both."""
     is_float = [isinstance(t, torch.Tensor) and t.is_floating_point() for t in inputs]
     grads = is_float if grads is None else grads
     upstream = None
@@ -121,16 +125,20 @@ def check(fn, spec, inputs, dtype, grads=None, view=None, name="", device="cpu",
         out = f(*xs)
         leaves = [x for x, g in zip(xs, grads) if g]
         if upstream is None:
-            upstream = (torch.rand(out.shape, device=device) + 0.5).to(dtype).float()
+            # Its own generator: the result must not depend on what ran before (hypothesis re-runs examples).
+            noise = torch.rand(out.shape, generator=torch.Generator().manual_seed(0))
+            upstream = (noise + 0.5).to(dtype).float().to(device)
         got = torch.autograd.grad(out, leaves, upstream.to(out.dtype), allow_unused=True) if leaves else ()
         return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got)]
 
     out, out_grads = run(fn, dtype)
     ref, ref_grads = run(expected or spec, reference_dtype(dtype))
-    same, same_grads = run(spec, dtype)
+    budgets = [run(spec, dtype)] + ([run(expected, dtype)] if expected else [])
     assert out.dtype == dtype, f"{name}: output dtype {out.dtype}, expected {dtype}"
-    assert_close(out, ref, same, f"{name} output", floor=floor)
-    for i, (g, r, s) in enumerate(zip(out_grads, ref_grads, same_grads)):
-        assert g.dtype == dtype, f"{name}: gradient {i} has dtype {g.dtype}, expected {dtype}"
-        assert_close(g, r, s, f"{name} gradient {i}", floor=floor)
+    for i, (got, r) in enumerate(zip([out, *out_grads], [ref, *ref_grads])):
+        what = "output" if i == 0 else f"gradient {i - 1}"
+        assert got.dtype == dtype, f"{name}: {what} has dtype {got.dtype}, expected {dtype}"
+        same = [b[0] if i == 0 else b[1][i - 1] for b in budgets]
+        if not any(closeness(got, r, s, floor) for s in same[1:]):
+            assert_close(got, r, same[0], f"{name} {what}", floor=floor)
     return out, out_grads
