@@ -44,7 +44,11 @@ def use(name: str):
 
 @contextlib.contextmanager
 def deterministic(flag: bool = True):
-    """Select bitwise-reproducible kernels (no atomics in backward passes) inside the block."""
+    """Select bitwise-reproducible kernels (no atomics in backward passes) inside the block.
+
+    Every forward is deterministic already; of the backward passes only the cuda backend's attention (fp32
+    atomicAdd into dQ) is not, so inside the block an attention call that needs gradients never selects it.
+    """
     token = _deterministic.set(bool(flag))
     try:
         yield
@@ -53,7 +57,8 @@ def deterministic(flag: bool = True):
 
 
 def is_deterministic() -> bool:
-    return _deterministic.get()
+    """True inside deterministic(True), or while torch.use_deterministic_algorithms(True) is on."""
+    return _deterministic.get() or torch.are_deterministic_algorithms_enabled()
 
 
 def interpreting() -> bool:

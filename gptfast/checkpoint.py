@@ -1,17 +1,41 @@
 """Atomic checkpoint files: a crash mid-save leaves the previous checkpoint whole; a damaged file is refused.
 
 save() writes to a temporary file in the target's directory, fsyncs it, and os.replace()s it over the target
-(atomic on POSIX within one filesystem), then fsyncs the directory so the rename itself is durable. load()
-reads with weights_only=True (tensors and plain containers, no arbitrary pickles) and checks the format tag.
+(atomic on POSIX within one filesystem), then fsyncs the directory so the rename itself is durable. The file
+is torch.save's zip archive followed by a trailer, b"GPTFAST-SHA256:" and the hex SHA-256 of the archive:
+torch's reader verifies no checksum (a flipped byte in a tensor loads as a wrong weight), so load() does,
+before reading with weights_only=True (tensors and plain containers, no arbitrary pickles) and checking the
+format tag. torch's zip reader finds the archive's directory from the end and ignores the trailer after it.
+
+Version 1 files (no trailer) still load, unverified.
 """
 
+import hashlib
 import os
 import tempfile
 
 import torch
 
 FORMAT = "gptfast-checkpoint"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+TRAILER = b"GPTFAST-SHA256:"
+_TRAILER_SIZE = len(TRAILER) + 64
+_CHUNK = 1 << 24
+
+
+class _HashingWriter:
+    """A write-only file for torch.save that hashes what it writes."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class CheckpointError(RuntimeError):
@@ -25,7 +49,9 @@ def save(state: dict, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            writer = _HashingWriter(f)
+            torch.save({"format": FORMAT, "version": VERSION, **state}, writer)
+            f.write(TRAILER + writer.sha.hexdigest().encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,14 +78,41 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _verify(path: str) -> bool:
+    """Checks the trailer's SHA-256 against the archive before it; False when there is no trailer."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size >= _TRAILER_SIZE:
+            f.seek(size - _TRAILER_SIZE)
+            tail = f.read()
+        if size < _TRAILER_SIZE or not tail.startswith(TRAILER):
+            return False
+        f.seek(0)
+        sha, left = hashlib.sha256(), size - _TRAILER_SIZE
+        while left:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                break
+            sha.update(chunk)
+            left -= len(chunk)
+    if sha.hexdigest().encode() != tail[len(TRAILER):]:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its SHA-256 does not match the one saved with it "
+            "(the file changed after it was written)"
+        )
+    return True
+
+
 def load(path: str, map_location="cpu") -> dict:
-    """The state saved by save(); CheckpointError naming `path` when it is missing, truncated or foreign."""
+    """The state saved by save(); CheckpointError naming `path` when it is missing, truncated, corrupt or
+    foreign."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(
             f"checkpoint {path} is a directory; pass the file, e.g. {os.path.join(path, 'ckpt.pt')}"
         )
+    verified = _verify(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
@@ -67,9 +120,13 @@ def load(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gptfast checkpoint (no '{FORMAT}' tag)")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READS:
         raise CheckpointError(
             f"{path} has checkpoint format version {state.get('version')!r}; "
-            f"this gptfast reads version {VERSION}"
+            f"this gptfast reads versions {', '.join(map(str, READS))}"
+        )
+    if state["version"] >= 2 and not verified:
+        raise CheckpointError(
+            f"checkpoint {path} does not end with its checksum trailer (truncated, or appended to?)"
         )
     return state

@@ -6,6 +6,7 @@ torch_same_dtype is torch's own implementation run in the dtype under test (neve
 rounding the reference to that dtype). NaN and inf must sit where the reference has them.
 """
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ def closeness(out: Tensor, ref: Tensor, torch_out: Tensor, floor: float | None =
         return Closeness(False, float("inf"), 0.0, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
     o_all, r_all, t_all = (x.detach().reshape(-1) for x in (out, ref, torch_out))
     zero = torch.zeros((), dtype=torch.float64, device=r_all.device)
-    err, torch_err, rounding = zero, zero, zero
+    err, torch_err, rounding, largest = zero, zero, zero, zero
     nan_mismatch = inf_mismatch = torch.zeros((), dtype=torch.bool, device=r_all.device)
     for lo in range(0, r_all.numel(), CHUNK):
         o, r, t = (x[lo : lo + CHUNK].to(r_all.device, torch.float64) for x in (o_all, r_all, t_all))
@@ -44,14 +45,22 @@ def closeness(out: Tensor, ref: Tensor, torch_out: Tensor, floor: float | None =
         finite = r.isfinite()
         err = torch.maximum(err, _masked_max((o - r).abs(), finite))
         torch_err = torch.maximum(torch_err, _masked_max((t - r).abs(), finite & t.isfinite()))
-        # No result in out's dtype can beat rounding the reference to it. Where torch itself overflowed (fp16
-        # sums past 65504) its error is unbounded, so that rounding error, not a zero, is the honest baseline.
+        # No result in out's dtype can beat rounding the reference to it, which may cost half an ulp of its
+        # largest value: the baseline is that half ulp, not the rounding error this particular reference
+        # happens to have (near 0 for a lucky scalar, where a correctly rounded loss would then fail). Where
+        # torch itself overflowed (fp16 sums past 65504) its error is unbounded, so that rounding, not a zero,
+        # is the baseline.
         rr = r.to(out.dtype).double()
-        rounding = torch.maximum(rounding, _masked_max((rr - r).abs(), finite & rr.isfinite()))
+        representable = finite & rr.isfinite()
+        rounding = torch.maximum(rounding, _masked_max((rr - r).abs(), representable))
+        largest = torch.maximum(largest, _masked_max(r.abs(), representable))
     # One host sync for the whole comparison, whatever the number of chunks.
-    nan_mismatch, inf_mismatch, err, torch_err, rounding = torch.stack(
-        [nan_mismatch.double(), inf_mismatch.double(), err, torch_err, rounding]
+    nan_mismatch, inf_mismatch, err, torch_err, rounding, largest = torch.stack(
+        [nan_mismatch.double(), inf_mismatch.double(), err, torch_err, rounding, largest]
     ).tolist()
+    if largest > 0:
+        half_ulp = torch.finfo(out.dtype).eps * 2.0 ** (math.frexp(largest)[1] - 2)
+        rounding = max(rounding, half_ulp)
     if nan_mismatch:
         return Closeness(False, float("nan"), 0.0, "NaN where the reference has none, or the reverse")
     if inf_mismatch:

@@ -1179,9 +1179,10 @@ def dropout_mask(batch: int, heads: int, L: int, S: int, dropout_p: float, rng: 
 
 
 def unsupported(
-    op: str, attn_mask=None, dropout=None, head_dim=None, value_dim=None, dtype=None
+    op: str, attn_mask=None, dropout=None, head_dim=None, value_dim=None, dtype=None, grad=None
 ) -> str | None:
-    """Why this backend refuses the call, or None. Masks, dropout and GQA all run in the kernels."""
+    """Why this backend refuses the call, or None. Masks, dropout and GQA all run in the kernels, and the
+    backward has no atomics, so deterministic mode needs nothing else."""
     for name, dim in (("head_dim", head_dim), ("value_dim", value_dim)):
         if dim is not None and not 1 <= dim <= MAX_HEAD_DIM:
             return f"{name} {dim} is outside the kernels' range 1..{MAX_HEAD_DIM}; use backend='reference'"

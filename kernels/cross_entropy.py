@@ -17,7 +17,8 @@ linear_cross_entropy uses it so that a chunk's logits buffer becomes its dlogits
 element before writing it).
 
 Out-of-range targets (not ignore_index and outside [0, V)): the kernels never read them. The row's loss is NaN
-and its gradient row is NaN, so the error cannot pass as a finite loss. (The reference raises on CPU instead.)
+and its gradient row is NaN, so the error cannot pass as a finite loss (checking on a GPU would need a host
+sync). On CPU tensors (the interpreter) the pair raises an IndexError first, as every backend does on the CPU.
 
 Dtypes: logits fp32/fp16/bf16 with fp32 math, loss/lse fp32; fp64 logits are supported and run in fp64 with
 fp64 loss/lse, but on GPUs label_smoothing and z_loss arrive as fp32 scalars, so they are exact only when fp32
@@ -29,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptfast.ops import _checks
+
 from .softmax import acc_dtype, launch, num_warps_for, with_alignment
 
 FWD_BLOCK = 8192  # vocab columns per step of the forward's online loop
@@ -37,11 +40,12 @@ BWD_BLOCK = 4096  # vocab columns per backward program
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _row_grad(x, c, t, lse, coef, scale, bad, V, label_smoothing):
-    """scale * (p * coef - (1 - eps) [c == t] - eps / V) for one block of a row, NaN for a bad target."""
+def _row_grad(x, c, t, lse, coef, scale, valid, bad, V, label_smoothing):
+    """scale * (p * coef - (1 - eps) [c == t] - eps / V) for one block of a row, NaN for a bad target, 0 for
+    an ignored row (even when its lse is NaN or inf: the row is not in the loss)."""
     g = tl.exp(x - lse) * coef - label_smoothing / V
     g = tl.where(c == t, g - (1.0 - label_smoothing), g) * scale
-    return tl.where(bad, float("nan"), g)
+    return tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
 
 
 @triton.jit
@@ -100,7 +104,7 @@ def _cross_entropy_fwd_kernel(
         for start in range(0, V, BLOCK):
             c = start + cols
             x = tl.load(x_row + c, mask=c < n_read, other=0.0).to(ACC)
-            g = _row_grad(x, c, t, lse, coef, scale, bad, V, label_smoothing)
+            g = _row_grad(x, c, t, lse, coef, scale, valid, bad, V, label_smoothing)
             tl.store(x_row + c, g.to(logits_ptr.dtype.element_ty), mask=c < V)
 
 
@@ -131,7 +135,7 @@ def _cross_entropy_bwd_kernel(
     # dx_j = dloss * (p_j (1 + 2 z lse) - (1 - eps) [j == t] - eps / V); ignored rows are 0 and never read
     scale = tl.where(valid, tl.load(dloss_ptr + row).to(ACC), 0.0)
     x = tl.load(logits_ptr + row * stride + c, mask=c < tl.where(valid, V, 0), other=0.0).to(ACC)
-    g = _row_grad(x, c, t, lse, 1.0 + 2.0 * z_loss * lse, scale, bad, V, label_smoothing)
+    g = _row_grad(x, c, t, lse, 1.0 + 2.0 * z_loss * lse, scale, valid, bad, V, label_smoothing)
     tl.store(dlogits_ptr + row * out_stride + c, g.to(dlogits_ptr.dtype.element_ty), mask=c < V)
 
 
@@ -228,6 +232,7 @@ def cross_entropy_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss[M], lse[M]) of logits[M, V] and target[M]; fp32 (fp64 for fp64 logits); ignored rows give 0."""
+    _checks.target_values("cross_entropy", target, logits.shape[1], ignore_index)
     return cross_entropy_forward(logits, target.contiguous(), ignore_index, label_smoothing, z_loss)
 
 

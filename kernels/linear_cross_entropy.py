@@ -21,6 +21,8 @@ near the GEMM time.
 
 import torch
 
+from gptfast.ops import _checks
+
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 
 
@@ -115,6 +117,7 @@ def linear_cross_entropy_fwd(
     chunk's logits are in hand; without it they are empty tensors.
     """
     M, V = hidden.shape[0], weight.shape[0]
+    _checks.target_values("linear_cross_entropy", target, V, ignore_index)
     acc = _acc(hidden.dtype)
     loss = hidden.new_empty(M, dtype=acc)
     lse = hidden.new_empty(M, dtype=acc)

@@ -1,4 +1,6 @@
 """design.md's tolerance rule (gptfast.testing.closeness), which every kernel test and the benchmark rely on."""
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ def _direct(out, ref, torch_out):
     """The rule written out on whole tensors, for the finite case: (error, bound)."""
     o, r, t = out.double(), ref.double(), torch_out.double()
     err = (o - r).abs().max().item()
-    rounding = (r.to(out.dtype).double() - r).abs().max().item()
+    half_ulp = torch.finfo(out.dtype).eps * 2.0 ** (math.frexp(r.abs().max().item())[1] - 2)
+    rounding = max((r.to(out.dtype).double() - r).abs().max().item(), half_ulp)
     return err, 2 * max((t - r).abs().max().item(), rounding) + testing.FLOOR[out.dtype]
 
 

@@ -188,12 +188,14 @@ struct FwdTask {
       }
       gemm(tile, kBlockK, vb + j0 * s.Dv, s.Dv, acc, s.Dv, nq, s.Dv, nk, true);
     }
-    // 3. normalise
+    // 3. normalise. l = 0 only for a row with no key left (out 0, lse -inf); a NaN l (NaN in the scores) keeps
+    //    lse NaN, so the backward's recomputed P is NaN too rather than exp(S - inf) = 0.
     for (int64_t r = 0; r < nq; ++r) {
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      const bool dead = l[r] == 0.f;
+      const float inv = dead ? 0.f : 1.f / l[r];
       float* o = out + (bh * s.L + i0 + r) * s.Dv;
       at::vec::map([inv](Vectorized<float> x) { return x * Vectorized<float>(inv); }, o, acc + r * s.Dv, s.Dv);
-      lse[bh * s.L + i0 + r] = l[r] > 0.f ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
+      lse[bh * s.L + i0 + r] = dead ? -std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
     }
   }
 };

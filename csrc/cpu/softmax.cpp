@@ -39,7 +39,9 @@ void softmax_row(const T* x, T* y, acc_t<T>* scratch, int64_t N, int64_t n, acc_
     scratch[j] = std::exp(A(x[j]) * scale - base);
     sum += scratch[j];
   }
-  const A inv = sum > A(0) ? A(1) / sum : A(0);
+  // Only a fully masked row sums to 0 (it gives zeros). A NaN sum (NaN or +inf in the row) must stay NaN, as
+  // in torch, and not zero the row's finite entries.
+  const A inv = sum == A(0) ? A(0) : A(1) / sum;
   const Vec vinv(inv);
   for (j = 0; j + W <= n; j += W) store_vec(y + j, Vec::loadu(scratch + j) * vinv);
   for (; j < n; ++j) y[j] = T(scratch[j] * inv);

@@ -178,9 +178,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     __syncwarp();  // the next tile's stores into pvs wait for these reads
   }
 
-  // 4. out = O / l (16-byte stores), lse = m + log l; a row with no key gives 0 and -inf.
+  // 4. out = O / l (16-byte stores), lse = m + log l; a row with no key (l = 0) gives 0 and -inf. A NaN l
+  //    (NaN in the scores) keeps lse NaN, so the backward's recomputed P is NaN and not exp(s + inf).
   if (qi < p.len_q) {
-    const float inv_l = l_i > 0.0f ? 1.0f / l_i : 0.0f;
+    const bool dead = l_i == 0.0f;
+    const float inv_l = dead ? 0.0f : 1.0f / l_i;
     T* out = static_cast<T*>(p.out) + offset(p.out_strides, b, h, qi);
 #pragma unroll
     for (int d = 0; d < D / 2; d += 8) {
@@ -190,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       *reinterpret_cast<Vec<T, 8>*>(out + half * (D / 2) + d) = pack;
     }
     if (half == 0) {
-      const float lse = l_i > 0.0f ? m_i + static_cast<float>(log(static_cast<double>(l_i))) : -INFINITY;
+      const float lse = dead ? -INFINITY : m_i + static_cast<float>(log(static_cast<double>(l_i)));
       p.lse[(int64_t(b) * p.heads_q + h) * p.len_q + qi] = lse;
     }
   }

@@ -8,7 +8,6 @@
 //   to 12288 columns) or from a second read of the row (mostly served by L2).
 // Loads and stores are 16 bytes wide when the launcher has checked the alignment, scalar otherwise.
 #include <algorithm>
-#include <cfloat>
 
 #include "common.cuh"
 #include "softmax_params.h"
@@ -31,6 +30,14 @@ __device__ __forceinline__ float score(float x, int64_t c, int64_t cols, int64_t
 
 // A row whose every score is -inf has max -inf: subtract 0 instead, so exp gives 0 and the row is zeros.
 __device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
+
+// 1 / sum exp(s - max). Only a fully masked row sums to 0 (it gives zeros). A NaN or +inf score must make
+// the whole row NaN, as in torch: fmaxf drops NaN (so a clamp of the sum would turn it into a huge finite
+// scale), and the online pair keeps a finite sum when the max is +inf, so both cases are caught here.
+__device__ __forceinline__ float inv_sum(float sum, float max) {
+  if (max == INFINITY) return NAN;
+  return sum == 0.0f ? 0.0f : 1.0f / sum;
+}
 
 template <typename T, int VEC, int ITERS>
 __global__ void __launch_bounds__(kWarpRowsPerBlock * kWarpSize)
@@ -55,7 +62,9 @@ softmax_fwd_warp_kernel(const SoftmaxParams p) {
       }
     }
     // 2. y = exp(s - max) / sum exp(s - max).
-    m = safe_max(warp_max(m));
+    m = warp_max(m);
+    const float row_max = m;
+    m = safe_max(m);
     float sum = 0.0f;
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
@@ -65,7 +74,7 @@ softmax_fwd_warp_kernel(const SoftmaxParams p) {
         sum += v[it][e];
       }
     }
-    const float inv = 1.0f / fmaxf(warp_sum(sum), FLT_MIN);
+    const float inv = inv_sum(warp_sum(sum), row_max);
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
 #pragma unroll
@@ -134,8 +143,8 @@ __global__ void __launch_bounds__(kBlockThreads) softmax_fwd_block_kernel(const 
       }
     }
     block_online_merge(m, s, scratch);
+    const float inv = inv_sum(s, m);
     m = safe_max(m);
-    const float inv = 1.0f / fmaxf(s, FLT_MIN);
     // 2. y = exp(s - max) / sum, from the cache or a second read of the row (mostly from L2).
     k = 0;
     for (int64_t c = int64_t(threadIdx.x) * VEC; c < p.cols; c += int64_t(blockDim.x) * VEC, ++k) {

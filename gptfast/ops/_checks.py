@@ -45,3 +45,19 @@ def choice(op: str, name: str, value, options) -> str:
     if value not in options:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return value
+
+
+def target_values(op: str, target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first target outside [0, num_classes) that is not ignore_index; CPU tensors only.
+
+    On the CPU the check is one cheap pass and its host sync costs nothing. CUDA kernels keep their own
+    contract (a NaN loss for such a row, see README.md), since checking there would sync on every call.
+    """
+    if target.device.type != "cpu" or not target.numel():
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(
+            f"{op}: target values must be in [0, {num_classes}) or ignore_index={ignore_index}; got {value}"
+        )

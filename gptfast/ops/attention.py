@@ -54,6 +54,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     to the scores, broadcastable to (B, Hq, L, S); not together with is_causal. scale defaults to 1/sqrt(D).
     A query row with no key left returns zeros. dropout_p drops attention probabilities with an RNG seeded
     from torch's default generator, so torch.manual_seed makes it reproducible.
+
+    Under gptfast.backends.deterministic(True) (or torch.use_deterministic_algorithms(True)) a call that needs
+    gradients runs on a backend whose backward is bitwise reproducible: every one but 'cuda', whose backward
+    adds dQ with fp32 atomics; automatic selection skips it, and asking for it by name raises.
     """
     op = "scaled_dot_product_attention"
     for n, t in (("query", query), ("key", key), ("value", value)):
@@ -85,7 +89,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             f"enable_gqa=True; got enable_gqa={enable_gqa}"
         )
     dropout_p = _checks.number(op, "dropout_p", dropout_p, 0.0, 1.0, high_open=True)
-    scale = 1.0 / math.sqrt(D) if scale is None else _checks.number(op, "scale", scale, -math.inf, math.inf)
+    if scale is None:
+        # With an empty head dim every score is 0 whatever the scale: each query averages the values (torch).
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    else:
+        scale = _checks.number(op, "scale", scale, -math.inf, math.inf)
     mask = None
     if attn_mask is not None:
         if is_causal:
@@ -101,9 +109,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             raise ValueError(
                 f"{op}: attn_mask must broadcast to (B, Hq, L, S) = {(B, Hq, L, S)}, got {tuple(attn_mask.shape)}"
             ) from None
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = _library.resolve(
         OP, device, backend, attn_mask=mask is not None, dropout=dropout_p > 0, head_dim=D, value_dim=v.shape[-1],
-        dtype=q.dtype,
+        dtype=q.dtype, grad=needs_grad,
     )
     # (seed, offset) on the CPU: drawn from torch's default generator, read by both passes, never synced.
     rng = torch.randint(0, 2**62, (2,), dtype=torch.int64) if dropout_p > 0 else torch.zeros(2, dtype=torch.int64)

@@ -31,11 +31,17 @@ def _backward(ctx, bwd, dloss, _dlse):
 _library.register_spec(_library.OpSpec("cross_entropy", _fake_fwd, _fake_bwd, _setup_context, _backward))
 
 
-def check_target(op: str, target, rows_shape: torch.Size, device: torch.device) -> Tensor:
+def check_target(
+    op: str, target, rows_shape: torch.Size, device: torch.device, input_name: str = "input"
+) -> Tensor:
     _checks.tensor(op, "target", target, _checks.INDEX_DTYPES)
     if target.shape != rows_shape:
-        raise ValueError(f"{op}: target must have shape {tuple(rows_shape)} to match the input, got {tuple(target.shape)}")
-    _checks.same_device(op, input=torch.empty(0, device=device), target=target)
+        expected, got = tuple(rows_shape), tuple(target.shape)
+        raise ValueError(f"{op}: target must have shape {expected} to match {input_name}, got {got}")
+    if target.device != device:
+        raise ValueError(
+            f"{op}: target must be on the same device as {input_name} ({device}), got {target.device}"
+        )
     return target
 
 
@@ -67,6 +73,11 @@ def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, re
         loss = (1 - eps) * (lse - x[t]) + eps * (lse - mean(x)) + z_loss * lse^2,   lse = logsumexp(x)
     'mean' divides by the number of non-ignored rows (NaN when all are ignored, as torch); 'none' returns
     target's shape. The result has input's dtype.
+
+    A target outside [0, C) that is not ignore_index raises IndexError on CPU tensors (every backend). On CUDA
+    tensors the triton and cuda kernels give that row a NaN loss and a NaN gradient row instead (no host sync,
+    no device-side assert); the reference backend hits gather's device-side assert, as torch does. A row whose
+    target is ignore_index gets a zero gradient, even when its logits hold NaN or inf.
     """
     op = "cross_entropy"
     _checks.tensor(op, "input", input)

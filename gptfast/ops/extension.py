@@ -4,6 +4,8 @@ import platform
 
 import torch
 
+from .. import backends
+
 _CPU_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -37,10 +39,15 @@ def unsupported_cuda(op: str, **features) -> str | None:
     softmax, cross_entropy and linear_cross_entropy take every option on fp32/fp16/bf16, and the two
     cross-entropies fp64 too (the public ops pass no dtype here; the softmax kernel refuses float64 with a
     clear error). attention runs fp16/bf16 with head dim 64 or 128, value dim equal to the head dim, no
-    attn_mask and no dropout.
+    attn_mask and no dropout, and not in deterministic mode when gradients are needed.
     """
     if op != "attention":
         return None
+    if features.get("grad") and backends.is_deterministic():
+        return (
+            "the cuda attention backward adds dQ with fp32 atomics, so its gradients are not bitwise"
+            " reproducible, and deterministic mode is on; use backend='triton' (deterministic) or 'reference'"
+        )
     if features.get("attn_mask"):
         return f"the cuda attention kernel takes no attn_mask (only is_causal); {_FIX}"
     if features.get("dropout"):

@@ -58,9 +58,15 @@ def _register_reduced(backend: str, fwd) -> None:
 
     def impl(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
         rows, _, dh, dw, db = fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, True)
-        scale = 1.0 / (target != ignore_index).sum().to(rows.dtype) if mean else rows.new_ones(())
+        if mean:
+            count = (target != ignore_index).sum().to(rows.dtype)
+            # With every row ignored torch's mean is 0 / 0 = NaN but its gradients are 0: the gradients here
+            # are 0 then too, and scaling them by 1 / 0 would make them NaN.
+            loss, scale = rows.sum() / count, 1.0 / count.clamp_min(1)
+        else:
+            loss, scale = rows.sum(), rows.new_ones(())
         # The gradients are fresh buffers owned by this op: scale them in place rather than copy weight-sized ones.
-        return rows.sum() * scale, dh.mul_(scale), dw.mul_(scale), db.mul_(scale)
+        return loss, dh.mul_(scale), dw.mul_(scale), db.mul_(scale)
 
     def fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
         dbias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=_acc(hidden))
@@ -107,9 +113,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     """cross_entropy(hidden @ weight.T + bias, target, ...) holding at most chunk_size rows of logits at once.
 
     hidden: (N, H) or (B, T, H); weight: (V, H); bias: (V,) or None; target: (N,) or (B, T) int64/int32.
-    Same options and result as ops.cross_entropy on the full logits. chunk_size rows of logits are live at a
-    time (default: Liger's rule, about N * H / V rows, at least 1024 on CUDA), so peak extra memory is
-    O(chunk_size * V).
+    Same options, result and target contract (out-of-range targets, ignored rows) as ops.cross_entropy on the
+    full logits. chunk_size rows of logits are live at a time (default: Liger's rule, about N * H / V rows, at
+    least 1024 on CUDA), so peak extra memory is O(chunk_size * V).
     """
     op = OP
     _checks.tensor(op, "hidden", hidden)
@@ -129,15 +135,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     device = _checks.same_device(op, hidden=hidden, weight=weight, bias=bias)
-    check_target(op, target, hidden.shape[:-1], device)
+    check_target(op, target, hidden.shape[:-1], device, "hidden")
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     t1 = target.reshape(-1).contiguous()
     rows, vocab = h2.shape[0], weight.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, vocab, h2.shape[1], device)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{op}: chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    elif chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size}")
     name = _library.resolve(op, device, backend, label_smoothing=ls, z_loss=z)
     weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
     needs_grad = torch.is_grad_enabled() and any(

@@ -7,6 +7,8 @@ linear_cross_entropy, whose point is memory: it never holds more than chunk_size
 import torch
 from torch import Tensor
 
+from . import _checks
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -25,6 +27,8 @@ def causal_mask(rows: int, cols: int, causal_rows: int, device) -> Tensor:
 
 
 def softmax_fwd(x: Tensor, scale: float, causal_rows: int) -> Tensor:
+    if x.shape[-1] == 0:
+        return torch.empty_like(x)  # rows of nothing (amax has no identity to reduce them to)
     s = x.to(compute_dtype(x.dtype)) * scale
     if causal_rows:
         s = s.masked_fill(causal_mask(*x.shape, causal_rows, x.device), float("-inf"))
@@ -43,23 +47,16 @@ def softmax_bwd(dy: Tensor, y: Tensor, scale: float, causal_rows: int) -> Tensor
 
 
 # ---------------------------------------------------------------------------------------- cross entropy
-def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    # CPU only: the check is free there. CUDA keeps torch's contract (gather's device-side assert).
-    if target.device.type == "cpu" and target.numel():
-        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-        if bool(bad.any()):
-            value = int(target[bad][0])
-            raise IndexError(
-                f"cross_entropy: target values must be in [0, {num_classes}) or ignore_index={ignore_index}; "
-                f"got {value}"
-            )
-
-
 def cross_entropy_fwd(
     logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, z_loss: float
 ) -> tuple[Tensor, Tensor]:
-    M, V = logits.shape
-    _check_targets(target, V, ignore_index)
+    _checks.target_values("cross_entropy", target, logits.shape[1], ignore_index)
+    return _cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss)
+
+
+def _cross_entropy_rows(
+    logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, z_loss: float
+) -> tuple[Tensor, Tensor]:
     x = logits.to(compute_dtype(logits.dtype))
     lse = torch.logsumexp(x, dim=-1)
     valid = target != ignore_index
@@ -87,7 +84,9 @@ def cross_entropy_bwd(
     p = torch.exp(x - lse[:, None])
     g = p * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
     g.scatter_add_(1, t[:, None], torch.full((M, 1), label_smoothing - 1.0, dtype=ct, device=x.device))
-    g = g * torch.where(valid, dloss.to(ct), 0.0)[:, None]
+    # An ignored row's gradient is 0 even when its logits hold NaN or inf (0 * NaN would be NaN): the row does
+    # not enter the loss. (torch's gradient is NaN there; every gptfast backend gives 0.)
+    g = torch.where(valid[:, None], g * dloss.to(ct)[:, None], 0.0)
     return g.to(logits.dtype)
 
 
@@ -102,6 +101,7 @@ def linear_cross_entropy_fwd(
     hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
     label_smoothing: float, z_loss: float, chunk_size: int, with_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _checks.target_values("linear_cross_entropy", target, weight.shape[0], ignore_index)
     M = hidden.shape[0]
     ct = compute_dtype(hidden.dtype)
     loss = hidden.new_empty(M, dtype=ct)
@@ -113,7 +113,7 @@ def linear_cross_entropy_fwd(
         stop = min(start + chunk_size, M)
         logits = _chunk_logits(hidden, weight, bias, start, stop)
         args = (target[start:stop], ignore_index, label_smoothing, z_loss)
-        loss[start:stop], lse[start:stop] = cross_entropy_fwd(logits, *args)
+        loss[start:stop], lse[start:stop] = _cross_entropy_rows(logits, *args)
         if with_grad:
             ones = torch.ones(stop - start, dtype=ct, device=hidden.device)
             dlogits = cross_entropy_bwd(ones, logits, target[start:stop], lse[start:stop], *args[1:])

@@ -46,6 +46,7 @@ def softmax(x: Tensor, dim: int = -1, *, scale: float | None = None, causal: boo
         )
     name = _library.resolve(op, x.device, backend)
     xt = x.movedim(dim, -1) if x.dim() else x.reshape(1)
-    rows = xt.reshape(-1, xt.shape[-1]).contiguous()
+    # reshape(-1, 0) is ambiguous: rows of no columns are (0, 0), as is the result before its reshape back.
+    rows = (xt.reshape(-1, xt.shape[-1]) if xt.shape[-1] else xt.reshape(0, 0)).contiguous()
     y = _library.fwd(op, name)(rows, scale, x.shape[-2] if causal else 0)
     return y.reshape(xt.shape).movedim(-1, dim).reshape(x.shape)

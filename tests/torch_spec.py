@@ -1,0 +1,144 @@
+"""The public ops written in plain torch, and one check of a gptfast call against them, for the reliability
+tests (test_odd_inputs.py, test_properties.py).
+
+check() applies design.md's rule to the output and to the gradient of every input that takes one: the expected
+value is the spec run in higher precision (fp64 for fp32 inputs, fp32 for fp16/bf16), the error budget is the
+spec run in the dtype under test, and NaN/inf must sit where the expected value has them.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from gptfast import backends
+from gptfast.testing import assert_close, closeness, reference_dtype
+
+from backends_under_test import cases
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def softmax(x, dim=-1, scale=None, causal=False):
+    """torch.softmax(scale * x) with gptfast's causal mask, and its contract that a fully masked row is 0."""
+    s = x if scale is None else x * scale
+    if causal:
+        L, S = x.shape[-2:]
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    dead = (s == float("-inf")).all(dim=dim, keepdim=True)
+    return torch.softmax(s.masked_fill(dead, 0.0), dim=dim).masked_fill(dead, 0.0)
+
+
+def cross_entropy(x, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """F.cross_entropy plus z_loss * logsumexp(x)^2 on the rows whose target is not ignored, and gptfast's
+    contract that an ignored row's gradient is 0 even when its logits hold NaN or inf (torch's is NaN
+    there)."""
+    C = x.shape[-1]
+    x = torch.where((target != ignore_index)[..., None], x, 0.0)
+    rows = F.cross_entropy(
+        x.reshape(-1, C),
+        target.reshape(-1).long(),
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    valid = target.reshape(-1) != ignore_index
+    if z_loss:
+        rows = rows + torch.where(valid, z_loss * torch.logsumexp(x.reshape(-1, C), -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, chunk_size=None, **options):
+    return cross_entropy(F.linear(hidden, weight, bias), target, **options)
+
+
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA composed of torch ops in the inputs' dtype (no upcast), the baseline FlashAttention's tests use; a
+    row with no key left gives 0, as torch's SDPA does."""
+    L, S = q.shape[-2], k.shape[-2]
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
+    D = q.shape[-1]
+    s = (q @ k.transpose(-2, -1)) * ((1 / math.sqrt(D) if D else 1.0) if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return p @ v
+
+
+def backend_cases(op: str, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """(backend, device, dtype) for every backend that runs `op` here; bf16 not on the Triton interpreter,
+    which computes it wrongly (bf16 Triton is checked on a GPU)."""
+    return [
+        (b, d, dt)
+        for b, d in cases(op)
+        for dt in dtypes
+        if not (b == "triton" and d == "cpu" and dt == torch.bfloat16)
+    ]
+
+
+def case_id(case) -> str:
+    b, d, dt = case
+    return f"{b}-{d}-{str(dt).replace('torch.', '')}"
+
+
+def refusal(backend: str, op: str, device, **features) -> str | None:
+    return backends.why_not(backend, op, torch.device(device), **features)
+
+
+def check(fn, spec, inputs, dtype, grads=None, view=None, name="", device="cpu", floor=None, expected=None):
+    """fn(*xs) against spec(*xs), where xs are `inputs` (fp32 or integer tensors, or anything else) moved to
+    `device`, their floating ones converted to the dtype under test for fn and for torch's error budget, and
+    from there to reference_dtype(dtype) for the expected value. grads[i] says whether inputs[i] takes a
+    gradient (default: every floating tensor). view(*xs) -> xs builds an odd layout (transposes, expands,
+    storage offsets) out of the converted inputs; the views themselves are the leaves, so a stride-0 input
+    gets its own elementwise gradient (not autograd's sum over the expanded dim). Returns fn's output and
+    gradients.
+    The upstream gradient is random and exact in `dtype`, so all three runs see the same one.
+
+    `expected`, when given, replaces spec for the expected value: the property tests hold every backend to
+    gptfast's reference backend run in higher precision. The budget is then the larger of two same-dtype
+    errors, torch's (spec) and the reference backend's: on tensors of a few dozen elements the max error of
+    one plain torch composition is a noisy statistic, and the long hypothesis profile failed the reference
+    backend itself against torch alone about once in a few hundred draws. A kernel bug is far outside both."""
+    is_float = [isinstance(t, torch.Tensor) and t.is_floating_point() for t in inputs]
+    grads = is_float if grads is None else grads
+    upstream = None
+
+    def run(f, ct):
+        nonlocal upstream
+        xs = [
+            t.detach().to(dtype).to(device=device, dtype=ct)
+            if fl
+            else t.to(device)
+            if isinstance(t, torch.Tensor)
+            else t
+            for t, fl in zip(inputs, is_float)
+        ]
+        xs = list(view(*xs)) if view else xs
+        xs = [x.detach().requires_grad_(g) if fl else x for x, fl, g in zip(xs, is_float, grads)]
+        out = f(*xs)
+        leaves = [x for x, g in zip(xs, grads) if g]
+        if upstream is None:
+            # Its own generator: the result must not depend on what ran before (hypothesis re-runs examples).
+            noise = torch.rand(out.shape, generator=torch.Generator().manual_seed(0))
+            upstream = (noise + 0.5).to(dtype).float().to(device)
+        got = torch.autograd.grad(out, leaves, upstream.to(out.dtype), allow_unused=True) if leaves else ()
+        return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got)]
+
+    out, out_grads = run(fn, dtype)
+    ref, ref_grads = run(expected or spec, reference_dtype(dtype))
+    budgets = [run(spec, dtype)] + ([run(expected, dtype)] if expected else [])
+    assert out.dtype == dtype, f"{name}: output dtype {out.dtype}, expected {dtype}"
+    for i, (got, r) in enumerate(zip([out, *out_grads], [ref, *ref_grads])):
+        what = "output" if i == 0 else f"gradient {i - 1}"
+        assert got.dtype == dtype, f"{name}: {what} has dtype {got.dtype}, expected {dtype}"
+        same = [b[0] if i == 0 else b[1][i - 1] for b in budgets]
+        if not any(closeness(got, r, s, floor) for s in same[1:]):
+            assert_close(got, r, same[0], f"{name} {what}", floor=floor)
+    return out, out_grads
