@@ -46,7 +46,8 @@ def save(state: dict, path: str) -> None:
     """Writes {format, version, **state} to path atomically."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    _remove_dead_writers_temps(directory, os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path, os.getpid()), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
@@ -63,6 +64,40 @@ def save(state: dict, path: str) -> None:
             pass
         raise
     _fsync_dir(directory)
+
+
+def _temp_prefix(path: str, pid: int) -> str:
+    # The writer's PID in the name tells a later save whether a leftover temp file's writer is still alive.
+    return f".{os.path.basename(path)}.{pid}."
+
+
+def _remove_dead_writers_temps(directory: str, name: str) -> None:
+    """Deletes the partial temp files that killed writers (SIGKILL, power loss) left beside `name`.
+
+    A live writer's temp file is left alone; the PID test is this host's, so on storage shared between
+    hosts only one of them should write a given checkpoint (rank 0 does).
+    """
+    stem = f".{name}."
+    for entry in os.listdir(directory):
+        if not (entry.startswith(stem) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(stem) :].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def _fsync_dir(directory: str) -> None:

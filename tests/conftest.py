@@ -46,8 +46,8 @@ def _seed():
 def single_thread():
     """One intra-op thread for suites of many tiny ops: on a loaded 2-core machine each op with two threads
     waits milliseconds for the second one (10-30 ms for a 4 x 9 cross-entropy, against 0.01 ms with one
-    thread). The kernels' results do not depend on the thread count (test_determinism.py and
-    test_cpu_backend.py check)."""
+    thread). Only the cpu attention backward's results depend on the thread count (it picks a fused or a
+    split parallel decomposition by it; both are checked against the reference in test_cpu_backend.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -30,9 +30,13 @@ MODEL = dict(vocab_size=16384, block_size=32, n_layer=1, n_head=2, n_embd=64)
 SETTINGS = dict(
     max_steps=STEPS, batch_size=4, dropout=0.1, eval_every=0, progress=False, device="cpu", seed=7
 )
+# The subprocesses use this process's intra-op thread count: results are bitwise reproducible for a fixed
+# count, but the cpu attention backward picks its parallel decomposition (fused or split) by the count.
 TRAIN = """
 import sys
+import torch
 from gptfast.train import TrainConfig, train
+torch.set_num_threads(int(sys.argv[4]))
 train(TrainConfig(data=sys.argv[1], out=sys.argv[2], save_every=int(sys.argv[3]), model_overrides={model},
                   **{settings}))
 """
@@ -56,7 +60,7 @@ def _env():
 def _train(corpus, out, save_every):
     """A training subprocess; its output goes to OUT.log (shown when the test fails)."""
     script = TRAIN.format(model=MODEL, settings=SETTINGS)
-    cmd = [sys.executable, "-c", script, corpus, out, str(save_every)]
+    cmd = [sys.executable, "-c", script, corpus, out, str(save_every), str(torch.get_num_threads())]
     with open(out + ".log", "wb") as log:
         return subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -108,7 +112,8 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint_and_resume_is_bit_exact(
 
     # --resume from it runs the remaining steps and lands on the uninterrupted run's parameters, bit for bit.
     resumed = subprocess.run(
-        [sys.executable, "-m", "gptfast.cli", "train", "--resume", "--out", crashed, "--no-progress"],
+        [sys.executable, "-m", "gptfast.cli", "train", "--resume", "--out", crashed, "--no-progress",
+         "--threads", str(torch.get_num_threads())],  # fmt: skip
         env=_env(),
         capture_output=True,
         text=True,
@@ -116,6 +121,7 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint_and_resume_is_bit_exact(
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming {os.path.join(crashed, 'ckpt.pt')} at step {state['step']}" in resumed.stdout
+    assert not _temps(crashed)  # the resumed run's first save removed the dead writer's partial file
     a = checkpoint.load(whole["checkpoint"])
     b = checkpoint.load(os.path.join(crashed, "ckpt.pt"))
     assert a["step"] == b["step"] == STEPS

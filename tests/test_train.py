@@ -1,6 +1,8 @@
 """Training: schedule, optimizer groups, data, atomic checkpoints, corrupt-file refusal, bit-exact resume."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,6 +108,21 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     state = checkpoint.load(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temp file was removed
+
+
+def test_save_removes_only_dead_writers_temp_files(tmp_path):
+    # A SIGKILLed writer leaves .ckpt.pt.<pid>.<random>.tmp behind; the next save deletes it, but not the
+    # temp file of a writer that is still alive (this process), nor other checkpoints' or unrelated files.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ckpt.pt.{dead.pid}.abc.tmp"
+    live = tmp_path / f".ckpt.pt.{os.getpid()}.def.tmp"
+    other = tmp_path / f".other.pt.{dead.pid}.ghi.tmp"
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("keep")
+    checkpoint.save({"step": 1}, str(tmp_path / "ckpt.pt"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", live.name, other.name, "notes.txt"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
