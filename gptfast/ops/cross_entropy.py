@@ -54,11 +54,20 @@ def check_options(op: str, ignore_index, reduction, label_smoothing, z_loss) -> 
     return ignore_index, ls, z
 
 
+def sum_rows(loss_rows: Tensor) -> Tensor:
+    """The sum of the fp32 row losses, added in fp64 and rounded once: the rows are cheap to add (M values),
+    and an fp32 sum of thousands of them would put an error of its own on top of the kernels' (torch's fp32
+    sum; a loss compared by design.md's rule with torch's is then at the mercy of the summation order)."""
+    if loss_rows.device.type == "mps":  # no float64 there
+        return loss_rows.sum()
+    return loss_rows.sum(dtype=torch.float64).to(loss_rows.dtype)
+
+
 def reduce(loss_rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
     """Row losses to the requested reduction, on device, with no host sync. 'mean' over non-ignored rows."""
     if reduction == "none":
         return loss_rows.reshape(target.shape)
-    total = loss_rows.sum()
+    total = sum_rows(loss_rows)
     if reduction == "sum":
         return total
     return total / (target != ignore_index).sum()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _library
-from .cross_entropy import check_options, check_target, reduce
+from .cross_entropy import check_options, check_target, reduce, sum_rows
 
 OP = "linear_cross_entropy"
 
@@ -58,13 +58,14 @@ def _register_reduced(backend: str, fwd) -> None:
 
     def impl(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, mean):
         rows, _, dh, dw, db = fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, chunk_size, True)
+        total = sum_rows(rows)
         if mean:
             count = (target != ignore_index).sum().to(rows.dtype)
             # With every row ignored torch's mean is 0 / 0 = NaN but its gradients are 0: the gradients here
             # are 0 then too, and scaling them by 1 / 0 would make them NaN.
-            loss, scale = rows.sum() / count, 1.0 / count.clamp_min(1)
+            loss, scale = total / count, 1.0 / count.clamp_min(1)
         else:
-            loss, scale = rows.sum(), rows.new_ones(())
+            loss, scale = total, rows.new_ones(())
         # The gradients are fresh buffers owned by this op: scale them in place rather than copy weight-sized ones.
         return loss, dh.mul_(scale), dw.mul_(scale), db.mul_(scale)
 
