@@ -37,12 +37,33 @@ LOG2E = 1.4426950408889634
 # The kernels read these as compile-time constants (triton only lets jit code see constexpr globals).
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+# A finite additive mask below -FLT_MAX / log2(e) (transformers' finfo.min padding) would overflow to -inf in
+# the base-2 domain and empty its row; it is clamped to this, where it still swamps every score, so a row
+# masked that way everywhere averages V with uniform weights, as torch does.
+_MASK_FLOOR = tl.constexpr(-2.0e38)
+# A natural-log lse below this exists only in such swamped rows (scores never reach it). Their P cannot be
+# recovered from lse (its log(sum) was absorbed), so the backward treats them as rows with no key left.
+_SWAMPED_LSE = tl.constexpr(-1.0e37)
 MAX_HEAD_DIM = 256
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _log2_mask(mask):
+    """An additive mask tile in the base-2 domain, -inf kept, huge finite values clamped (see _MASK_FLOOR)."""
+    swamped = (mask < _MASK_FLOOR) & (mask != float("-inf"))
+    return tl.where(swamped, _MASK_FLOOR, mask) * _LOG2E
+
+
+@triton.jit
+def _backward_lse2(lse):
+    """The saved lse in the base-2 domain for recomputing P; +inf (P = 0) for a row with no key left or a
+    swamped row (see _SWAMPED_LSE)."""
+    return tl.where(lse < _SWAMPED_LSE, float("inf"), lse * _LOG2E)
+
+
 @triton.jit
 def _load_tile(
     ptrs, rows, n_rows, cols, N_COLS: tl.constexpr, BLOCK_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr
@@ -144,7 +165,7 @@ def _attn_fwd_inner(
                 keep_mask = tl.load(mask_base + mask_offs, mask=in_bounds, other=0)
                 qk = tl.where(keep_mask != 0, qk, float("-inf"))
             else:
-                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * _LOG2E
+                qk += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
         if BOUNDARY:
             valid = offs_n[None, :] < S
             if IS_CAUSAL:
@@ -454,14 +475,14 @@ def _attn_bwd_dkdv_inner(
         q = _load_tile(q_base + q_offs, offs_m, L, offs_d, D, BLOCK_D, True)
         do = _load_tile(do_base + do_offs, offs_m, L, offs_dv, DV, BLOCK_DV, True)
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf"))
-        # A row with no key left (lse = -inf) has P = 0: +inf makes exp2 give exactly that.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        # A row with no key left (lse = -inf) or a swamped one has P = 0: +inf makes exp2 give exactly that.
+        lse2 = _backward_lse2(lse)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASK_KIND != 0:
             in_bounds = (offs_m[None, :] < L) & (offs_n[:, None] < S)
         if MASK_KIND == 2:
-            qk_t += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * _LOG2E
+            qk_t += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
         p_t = tl.exp2(qk_t - lse2[None, :])
         if IS_CAUSAL:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -691,7 +712,7 @@ def _attn_bwd_dq_inner(
             if BOUNDARY:
                 in_bounds = in_bounds & (offs_n[None, :] < S)
             if MASK_KIND == 2:
-                qk += tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32) * _LOG2E
+                qk += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
         p = tl.exp2(qk - lse2[:, None])
         if MASK_KIND == 1:
             p = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p, 0.0)
@@ -801,7 +822,7 @@ def _attn_bwd_dq_kernel(
         True,
     )
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    lse2 = _backward_lse2(lse)
     delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
     k_head = K + b64 * stride_kb + hk64 * stride_kh
     v_head = V + b64 * stride_vb + hk64 * stride_vh

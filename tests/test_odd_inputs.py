@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import ops
+from gptfast.testing import assert_close
 
 import torch_spec as spec
 from backends_under_test import cases
@@ -517,6 +518,51 @@ def test_spec_matches_torch_sdpa_on_dead_rows():
     assert torch.equal(
         F.scaled_dot_product_attention(q, k, v, mask)[:, :, 1], torch.zeros(2, 2, 8, dtype=q.dtype)
     )
+
+
+@pytest.mark.parametrize(
+    "backend,device,dtype", _no_bf16(ATTENTION), ids=[case_id(c) for c in _no_bf16(ATTENTION)]
+)
+def test_attention_finfo_min_padding_rows(backend, device, dtype):
+    # transformers pads with an additive mask of finfo(dtype).min: a query row masked that way everywhere sees
+    # every score absorbed into the same huge number, and torch's SDPA averages V over it with uniform weights
+    # (forward: torch's math, flash and default paths agree). Its backward is not recoverable from a saved lse
+    # (torch's own backends disagree there); the kernels treat such a row as having no key. transformers'
+    # models never send a gradient into a padding row's output, which is the case checked for gradients here.
+    if refusal(backend, "attention", device, attn_mask=True, head_dim=8, value_dim=8, dtype=dtype):
+        pytest.skip(f"{backend} refuses an attn_mask")
+    q, k, v = (t.to(device, dtype) for t in _qkv(1, 2, 2, 5, 7, 8))
+    mask = torch.zeros(5, 7, device=device, dtype=dtype)
+    mask[1] = torch.finfo(dtype).min  # a padding query row: every key masked
+    mask[3, :4] = torch.finfo(dtype).min  # a row that still sees 3 keys
+    dout = torch.randn(1, 2, 5, 8, device=device, dtype=dtype)
+    dout[:, :, 1] = 0.0
+
+    def grads(fn, prec):
+        leaves = [t.detach().to(prec, copy=True).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, mask.to(prec))
+        out.backward(dout.to(prec))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    def sdpa(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    got = grads(lambda *a: ops.scaled_dot_product_attention(*a[:3], attn_mask=a[3], backend=backend), dtype)
+    ref = grads(sdpa, torch.float64)  # finfo(dtype).min swamps the scores in float64 too
+    same = grads(sdpa, dtype)
+    if dtype == torch.float32:  # fp16's min (-65504) swamps no score at the fp32/fp64 precision of the math
+        torch.testing.assert_close(ref[0][:, :, 1], v.double().mean(dim=2))  # what torch means by the row
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, same):
+        assert_close(g, r, t, f"{backend} {name}")
+    if backend == "reference":  # the spec is softmax's own backward, whatever the upstream gradient
+        dout[:, :, 1] = 1.0
+        got = grads(lambda *a: ops.scaled_dot_product_attention(*a[:3], attn_mask=a[3], backend=backend), dtype)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # torch's flash path on CPU gives such a row P = 1 per key
+            ref, same = grads(sdpa, torch.float64), grads(sdpa, dtype)
+        for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, same):
+            assert_close(g, r, t, f"{backend} {name}, upstream gradient on the padding row")
 
 
 @pytest.mark.parametrize(

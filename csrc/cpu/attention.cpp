@@ -19,6 +19,8 @@
 namespace gptfast::cpu {
 namespace {
 
+// A natural-log lse below this exists only in rows a huge finite mask swamps (see attention_bwd).
+constexpr double kSwampedLse = -1e37;
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 
@@ -395,9 +397,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const Shapes s = shapes_of(q, k, v);
   const Mask mask(attn_mask);
   const at::Tensor dof = fp32(dout);
-  // delta = rowsum(dO * O); a row with no key left gets lse = +inf so that every exp(S - lse) is 0.
+  // delta = rowsum(dO * O); a row with no key left gets lse = +inf so that every exp(S - lse) is 0. So does a
+  // row that a huge finite mask swamps (transformers' finfo.min padding on every key): its lse (below any lse
+  // real scores give) absorbed log(sum), so P cannot be recovered from it.
   const at::Tensor delta = (dof * out.to(at::kFloat)).sum(-1).contiguous();
-  const at::Tensor lse_f = lse.to(at::kFloat).masked_fill(lse == -std::numeric_limits<float>::infinity(),
+  const at::Tensor lse_f = lse.to(at::kFloat).masked_fill(lse < kSwampedLse,
                                                           std::numeric_limits<float>::infinity()).contiguous();
   const bool fused = fused_backward_pays(s.B * s.Hk);
   const BwdInputs in{s,

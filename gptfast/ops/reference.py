@@ -171,10 +171,16 @@ def _attention_probs(q, k, attn_mask, dropout_p, is_causal, scale, rng):
             s = s.masked_fill(attn_mask.logical_not(), float("-inf"))
         else:
             s = s + attn_mask.to(ct)
-    lse = torch.logsumexp(s, dim=-1)
-    # Rows with no key left (lse = -inf) give P = 0, as torch's SDPA does.
-    dead = (lse == float("-inf"))[..., None]
-    p = torch.exp(s - lse.masked_fill(dead[..., 0], 0.0)[..., None]).masked_fill(dead, 0.0)
+    # softmax as exp(s - max) / sum, not exp(s - lse): a finite mask that swamps a whole row (transformers'
+    # finfo.min padding) absorbs both the scores and log(sum) into the same huge number, and only this form
+    # still gives that row torch's uniform weights. Rows with no key left (max = -inf) give P = 0, as torch's
+    # SDPA does.
+    m = s.amax(dim=-1, keepdim=True) if S else s.new_full((*s.shape[:-1], 1), float("-inf"))  # S = 0: no key
+    dead = m == float("-inf")
+    e = torch.exp(s - m.masked_fill(dead, 0.0))
+    total = e.sum(dim=-1, keepdim=True)
+    p = e / total.masked_fill(dead, 1.0)
+    lse = (m + torch.log(total)).squeeze(-1)
     drop = None
     if dropout_p > 0.0:
         drop = dropout_keep(rng, p.shape, dropout_p, q.device).to(ct) / (1.0 - dropout_p)
