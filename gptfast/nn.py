@@ -6,6 +6,7 @@ Each module takes an optional `backend=` (see gptfast.backends); None selects pe
 import torch
 from torch import Tensor
 from torch import nn as _nn
+from torch.nn import _reduction as _Reduction
 
 from . import ops
 
@@ -47,28 +48,39 @@ class Softmax(_nn.Module):
 class CrossEntropyLoss(_nn.Module):
     """torch.nn.CrossEntropyLoss on gptfast's cross_entropy, plus PaLM's z_loss.
 
-    forward(input, target): input (C,), (N, C) or (B, T, C) logits, CLASS-LAST by default (torch puts the
-    classes of a 3-d input in dim 1; a GPT's logits are (B, T, V), so here they stay last); target (), (N,)
-    or (B, T) int64/int32. Returns a scalar for 'mean'/'sum', target's shape for 'none'. class_dim=1 takes
-    torch's layout instead, input (N, C, d1, ..., dk) with target (N, d1, ..., dk), as gptfast.patch uses it
-    for the torch modules it replaces. Per-class `weight` and class-probability targets are not supported.
+    The constructor takes torch's arguments in torch's order, and forward(input, target) torch's layout:
+    input (C,), (N, C) or (N, C, d1, ..., dk) logits with target (), (N,) or (N, d1, ..., dk) int64/int32
+    class indices. class_dim=-1 keeps the classes last instead, a GPT's (B, T, V) logits with (B, T)
+    targets, with no transpose. Returns a scalar for 'mean'/'sum', target's shape for 'none'. Per-class
+    `weight` and class-probability targets are not supported (a clear error); size_average and reduce are
+    torch's deprecated spellings of reduction and are read as torch reads them.
     """
 
     def __init__(
         self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
-        class_dim: int = -1,
+        class_dim: int = 1,
         backend: str | None = None,
     ):
         super().__init__()
+        if weight is not None:
+            raise ValueError(
+                "CrossEntropyLoss: weight (per-class weights) is not supported by gptfast's cross_entropy; "
+                "expected None, got a tensor of shape " + str(tuple(getattr(weight, "shape", ())))
+            )
         if class_dim not in (-1, 1):
             raise ValueError(
-                f"CrossEntropyLoss: class_dim must be -1 (class-last) or 1 (torch's), got {class_dim!r}"
+                f"CrossEntropyLoss: class_dim must be 1 (torch's layout) or -1 (class-last), got {class_dim!r}"
             )
+        if size_average is not None or reduce is not None:
+            reduction = _Reduction.legacy_get_string(size_average, reduce)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.class_dim, self.backend = z_loss, class_dim, backend
 

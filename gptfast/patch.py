@@ -152,7 +152,10 @@ def _swap_torch_modules(model, log: _UndoLog, backend, softmax: bool, cross_entr
                     left_alone.append(f"{path} (CrossEntropyLoss with per-class weight=)")
                     continue
                 new = gnn.CrossEntropyLoss(
-                    child.ignore_index, child.reduction, child.label_smoothing, class_dim=1, backend=backend
+                    ignore_index=child.ignore_index,
+                    reduction=child.reduction,
+                    label_smoothing=child.label_smoothing,
+                    backend=backend,
                 )
             elif (softmax and isinstance(child, torch.nn.Softmax)) or (
                 cross_entropy and isinstance(child, torch.nn.CrossEntropyLoss)

@@ -79,25 +79,34 @@ def test_cross_entropy_loss_equals_torch_2d(kwargs):
     _check(nn.CrossEntropyLoss(**kwargs), torch.nn.CrossEntropyLoss(**kwargs), [logits, target])
 
 
-def test_cross_entropy_loss_is_class_last_for_3d():
-    # (B, T, C) logits: torch wants the classes in dim 1, gptfast keeps them last (a GPT's layout).
+def test_cross_entropy_loss_is_class_last_with_class_dim_minus_1():
+    # (B, T, C) logits as a GPT makes them: class_dim=-1 reads them as they are, with no transpose.
     class TorchClassLast(torch.nn.CrossEntropyLoss):
         def forward(self, input, target):
             return super().forward(input.transpose(1, 2), target)
 
     logits, target = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
-    _check(nn.CrossEntropyLoss(label_smoothing=0.2), TorchClassLast(label_smoothing=0.2), [logits, target])
+    ours = nn.CrossEntropyLoss(label_smoothing=0.2, class_dim=-1)
+    _check(ours, TorchClassLast(label_smoothing=0.2), [logits, target])
 
 
-def test_cross_entropy_loss_takes_torchs_layout_with_class_dim_1():
-    # (N, C, d1, d2), as torch's module takes it: the layout gptfast.patch keeps for the modules it swaps.
+def test_cross_entropy_loss_is_a_drop_in_for_torchs():
+    # torch's layout (N, C, d1, d2) by default, and torch's constructor, positional arguments included:
+    # (weight, size_average, ignore_index, reduce, reduction, label_smoothing).
     logits, target = torch.randn(2, 7, 3, 4), torch.randint(0, 7, (2, 3, 4))
     target[0, 0] = -100
     for reduction in ("mean", "none"):
-        ours = nn.CrossEntropyLoss(reduction=reduction, class_dim=1)
-        _check(ours, torch.nn.CrossEntropyLoss(reduction=reduction), [logits, target])
-    with pytest.raises(ValueError, match=r"class_dim must be -1 \(class-last\) or 1 \(torch's\), got 2"):
+        ours, theirs = nn.CrossEntropyLoss(reduction=reduction), torch.nn.CrossEntropyLoss(reduction=reduction)
+        _check(ours, theirs, [logits, target])
+    args = (None, None, 3, None, "sum", 0.1)  # ignore_index 3
+    _check(nn.CrossEntropyLoss(*args), torch.nn.CrossEntropyLoss(*args), [logits, target.clamp_min(0)])
+    with pytest.warns(UserWarning):  # torch's deprecated size_average/reduce, read as torch reads them
+        legacy = nn.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    with pytest.raises(ValueError, match=r"class_dim must be 1 \(torch's layout\) or -1 \(class-last\), got 2"):
         nn.CrossEntropyLoss(class_dim=2)
+    with pytest.raises(ValueError, match=r"weight \(per-class weights\) is not supported.*shape \(7,\)"):
+        nn.CrossEntropyLoss(torch.rand(7))
 
 
 def test_cross_entropy_z_loss_matches_its_formula():
