@@ -85,6 +85,14 @@ class CrossEntropyLoss(_nn.Module):
         self.z_loss, self.class_dim, self.backend = z_loss, class_dim, backend
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.class_dim == 1 and input.dim() > 2 and isinstance(target, Tensor):
+            expected = (input.shape[0], *input.shape[2:])
+            if tuple(target.shape) != expected:
+                raise ValueError(
+                    f"CrossEntropyLoss: target must have shape {expected} for input {tuple(input.shape)} "
+                    f"(classes in dim 1, as torch), got {tuple(target.shape)}; for class-last logits such as "
+                    "a GPT's (B, T, V) pass class_dim=-1"
+                )
         if self.class_dim == 1 and input.dim() > 2:
             # torch's (N, C, d1, ..., dk): one class-last row per position; 'none' gets target's shape back.
             rows = input.movedim(1, -1).reshape(-1, input.shape[1])

@@ -298,7 +298,10 @@ def hf_attention(
     mask, causal = attention_mask, False
     if mask is not None:
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
-            mask = mask.to(query.dtype)  # e.g. a float32 mask with bf16 queries under autocast
+            # e.g. a float32 mask with bf16 queries under autocast; its finfo(float32).min would round to -inf
+            # in bf16 (and empty a padding row), so it becomes the queries' own most negative value.
+            floor = torch.finfo(query.dtype).min
+            mask = torch.where(mask == float("-inf"), mask, mask.clamp_min(floor)).to(query.dtype)
         if causal_module and mask.shape[-2] == 1 and L > 1:
             mask = _and_causal(mask, L, S)
     elif causal_module and L > 1:
@@ -359,14 +362,15 @@ def causal_lm_loss(
     """transformers' ForCausalLMLoss on ops.cross_entropy: logits (B, T, V), labels (B, T) -> scalar.
 
     The labels are shifted, not the logits (no copy of them), and half-precision logits are not upcast first:
-    the kernels accumulate in fp32.
+    the kernels accumulate in fp32, and the loss comes back in fp32, as transformers' does.
     """
     if shift_labels is None:
         shift_labels = _shifted_labels(labels, ignore_index)
     rows, targets = logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device)
     return _reduce(
         lambda reduction: ops.cross_entropy(
-            rows, targets, ignore_index=ignore_index, reduction=reduction, backend=backend
+            rows, targets, ignore_index=ignore_index, reduction=reduction, out_dtype=torch.float32,
+            backend=backend,
         ),
         num_items_in_batch,
     )
@@ -404,7 +408,8 @@ def _fused_lm_forward(model, original_forward, backend, *args, **kwargs):
     targets = shift_labels.to(hidden.device)
     loss = _reduce(
         lambda reduction: ops.linear_cross_entropy(
-            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, backend=backend
+            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, out_dtype=torch.float32,
+            backend=backend,
         ),
         num_items_in_batch,
     )

@@ -128,14 +128,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def rng_state(device: torch.device) -> dict:
-    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    """torch's CPU RNG state and, on CUDA, that of this process's own GPU only: a resume on a machine (or a
+    rank) that sees a different set of GPUs must still be able to restore it."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints kept every visible GPU's state
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 class Trainer:
@@ -185,7 +194,7 @@ class Trainer:
         self.metrics = state.get("metrics", self.metrics)
         self.sampler.load_state_dict(state["rng"]["sampler"])
         own_rng = self.dist.rank_rng_state(state)
-        set_rng_state(own_rng or state["rng"])
+        set_rng_state(own_rng or state["rng"], self.device)
         if own_rng is None:
             self.dist.seed(self.cfg.seed + self.step)  # saved by another number of ranks: fresh per-rank RNG
 

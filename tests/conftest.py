@@ -42,6 +42,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_attention_config(monkeypatch):
+    # On a GPU, Triton attention autotunes 3-4 configs per kernel for every new dtype, head dim and
+    # causal/mask/dropout combination: seconds of compiling each, minutes over suites that sweep many
+    # combinations. Correctness needs the default config only; the benchmarks autotune. (The interpreter
+    # always runs one config.) The setting reaches the subprocesses the tests start.
+    monkeypatch.setenv("GPTFAST_ATTENTION_AUTOTUNE", "0")
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for suites of many tiny ops: on a loaded 2-core machine each op with two threads

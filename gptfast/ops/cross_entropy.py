@@ -73,15 +73,30 @@ def reduce(loss_rows: Tensor, target: Tensor, ignore_index: int, reduction: str)
     return total / (target != ignore_index).sum()
 
 
+def result_dtype(op: str, input: Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The loss's dtype: out_dtype when given; float32 for half-precision input under autocast (torch's autocast
+    runs cross_entropy in float32, and these custom ops are outside its lists); else input's dtype, as torch."""
+    if out_dtype is not None:
+        if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+            raise TypeError(f"{op}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+        return out_dtype
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return input.dtype
+
+
 def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, backend: str | None = None) -> Tensor:
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, out_dtype: torch.dtype | None = None,
+                  backend: str | None = None) -> Tensor:
     """Cross-entropy of class-last logits, as torch.nn.functional.cross_entropy, plus PaLM's z_loss.
 
     input: (C,), (N, C) or (B, T, C) logits, fp32/fp16/bf16/fp64. target: (), (N,) or (B, T) int64/int32
     class indices; rows whose target is ignore_index contribute nothing. Per row:
         loss = (1 - eps) * (lse - x[t]) + eps * (lse - mean(x)) + z_loss * lse^2,   lse = logsumexp(x)
     'mean' divides by the number of non-ignored rows (NaN when all are ignored, as torch); 'none' returns
-    target's shape. The result has input's dtype.
+    target's shape. The result has input's dtype (float32 for fp16/bf16 input under autocast, as torch's
+    autocast gives), or out_dtype: the row losses are fp32 inside, so out_dtype=torch.float32 reports a
+    half-precision model's loss unrounded, without upcasting its logits (as transformers' loss does).
 
     A target outside [0, C) that is not ignore_index raises IndexError on CPU tensors (every backend). On CUDA
     tensors the triton and cuda kernels give that row a NaN loss and a NaN gradient row instead (no host sync,
@@ -94,9 +109,10 @@ def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, re
         raise ValueError(f"{op}: input must be (C,), (N, C) or (B, T, C) logits, got shape {tuple(input.shape)}")
     check_target(op, target, input.shape[:-1], input.device)
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
+    dtype = result_dtype(op, input, out_dtype)
     if input.shape[-1] == 0:
         raise ValueError(f"{op}: input must have at least one class, got shape {tuple(input.shape)}")
     name = _library.resolve(op, input.device, backend, label_smoothing=ls, z_loss=z)
     logits = input.reshape(-1, input.shape[-1]).contiguous()
     loss_rows, _ = _library.fwd(op, name)(logits, target.reshape(-1).contiguous(), ignore_index, ls, z)
-    return reduce(loss_rows, target, ignore_index, reduction).to(input.dtype)
+    return reduce(loss_rows, target, ignore_index, reduction).to(dtype)

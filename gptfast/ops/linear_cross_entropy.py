@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _library
-from .cross_entropy import check_options, check_target, reduce, sum_rows
+from .cross_entropy import check_options, check_target, reduce, result_dtype, sum_rows
 
 OP = "linear_cross_entropy"
 
@@ -110,13 +110,15 @@ def default_chunk_size(rows: int, vocab: int, hidden: int, device: torch.device 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, chunk_size: int | None = None, backend: str | None = None) -> Tensor:
+                         z_loss: float = 0.0, chunk_size: int | None = None,
+                         out_dtype: torch.dtype | None = None, backend: str | None = None) -> Tensor:
     """cross_entropy(hidden @ weight.T + bias, target, ...) holding at most chunk_size rows of logits at once.
 
     hidden: (N, H) or (B, T, H); weight: (V, H); bias: (V,) or None; target: (N,) or (B, T) int64/int32.
     Same options, result and target contract (out-of-range targets, ignored rows) as ops.cross_entropy on the
     full logits. chunk_size rows of logits are live at a time (default: Liger's rule, about N * H / V rows, at
-    least 1024 on CUDA), so peak extra memory is O(chunk_size * V).
+    least 1024 on CUDA), so peak extra memory is O(chunk_size * V). The result's dtype follows
+    ops.cross_entropy's rule (hidden's, float32 for fp16/bf16 under autocast, or out_dtype).
     """
     op = OP
     _checks.tensor(op, "hidden", hidden)
@@ -138,6 +140,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     device = _checks.same_device(op, hidden=hidden, weight=weight, bias=bias)
     check_target(op, target, hidden.shape[:-1], device, "hidden")
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
+    dtype = result_dtype(op, hidden, out_dtype)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     t1 = target.reshape(-1).contiguous()
     rows, vocab = h2.shape[0], weight.shape[0]
@@ -155,6 +158,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     if needs_grad and reduction != "none" and rows > 0:
         reduced = getattr(torch.ops.gptfast, f"{OP}_reduced_{name}")
         loss, *_ = reduced(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, reduction == "mean")
-        return loss.to(hidden.dtype)
+        return loss.to(dtype)
     loss_rows, *_ = _library.fwd(op, name)(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, False)
-    return reduce(loss_rows, target, ignore_index, reduction).to(hidden.dtype)
+    return reduce(loss_rows, target, ignore_index, reduction).to(dtype)

@@ -486,15 +486,7 @@ def test_triton_refuses_what_it_cannot_run():
 GPU_CASES = [c for c in CASES if c[1] == "cuda"]
 
 
-@pytest.fixture
-def one_config(monkeypatch):
-    # Autotuning compiles every candidate for each of the many combinations below (minutes); correctness needs
-    # the default config only. The benchmarks autotune.
-    monkeypatch.setenv("GPTFAST_ATTENTION_AUTOTUNE", "0")
-
-
 @pytest.mark.gpu
-@pytest.mark.usefixtures("one_config")
 @pytest.mark.parametrize("backend,device", GPU_CASES, ids=ids(GPU_CASES))
 @pytest.mark.parametrize(
     "dtype,causal,shape",
@@ -523,7 +515,6 @@ def test_gpu_matches_reference(backend, device, dtype, causal, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("one_config")
 @pytest.mark.parametrize("backend,device", GPU_CASES, ids=ids(GPU_CASES))
 def test_gpu_masks_bf16(backend, device):
     bool_mask = torch.rand(2, 1, 500, 700) > 0.3
@@ -535,7 +526,6 @@ def test_gpu_masks_bf16(backend, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("one_config")
 @pytest.mark.parametrize("backend", [b for b, d in GPU_CASES if b in ("reference", "triton")])
 def test_gpu_dropout_same_mask(backend):
     B, H, L, S, D, p, scale = 2, 4, 300, 333, 64, 0.2, 0.125

@@ -295,3 +295,21 @@ def test_backend_that_cannot_run_names_reason():
     with pytest.raises(RuntimeError, match="gptfast backend 'cuda' cannot run cross_entropy: .+") as info:
         ops.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="cuda")
     assert isinstance(info.value, backends.BackendUnavailable)
+
+
+def test_loss_dtype_follows_torch_and_autocast():
+    # torch returns the input's dtype, and float32 under autocast (cross_entropy is on autocast's fp32 list);
+    # the custom ops sit outside autocast, so they apply the same rule themselves. out_dtype overrides it.
+    logits, target = torch.randn(6, 11).bfloat16(), torch.randint(0, 11, (6,))
+    hidden, weight = torch.randn(6, 8).bfloat16(), torch.randn(11, 8).bfloat16()
+    assert ops.cross_entropy(logits, target).dtype == torch.bfloat16 == F.cross_entropy(logits, target).dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.cross_entropy(logits, target).dtype == torch.float32
+        assert ops.cross_entropy(logits, target).dtype == torch.float32
+        assert ops.linear_cross_entropy(hidden, weight, target).dtype == torch.float32
+    exact = ops.cross_entropy(logits, target, out_dtype=torch.float32)
+    assert exact.dtype == torch.float32
+    torch.testing.assert_close(exact, F.cross_entropy(logits.float(), target), rtol=1e-6, atol=1e-6)
+    assert ops.linear_cross_entropy(hidden, weight, target, out_dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(TypeError, match=r"out_dtype must be a floating torch.dtype or None, got torch.int64"):
+        ops.cross_entropy(logits, target, out_dtype=torch.int64)
