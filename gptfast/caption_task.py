@@ -95,7 +95,9 @@ def _load(path: str, what: str) -> dict:
     return state
 
 
-def train_captions(cfg: TrainConfig, device: torch.device, ctx: distributed.Context = distributed.SINGLE) -> dict:
+def train_captions(
+    cfg: TrainConfig, device: torch.device, ctx: distributed.Context = distributed.SINGLE
+) -> dict:
     """Trains (or with cfg.resume continues) a MultimodalGPT on the captions task, then scores the test split.
 
     train.train calls it with the resolved device and this process's place in a torchrun job (ctx): the

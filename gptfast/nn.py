@@ -77,7 +77,8 @@ class CrossEntropyLoss(_nn.Module):
             )
         if class_dim not in (-1, 1):
             raise ValueError(
-                f"CrossEntropyLoss: class_dim must be 1 (torch's layout) or -1 (class-last), got {class_dim!r}"
+                "CrossEntropyLoss: class_dim must be 1 (torch's layout) or -1 (class-last), "
+                f"got {class_dim!r}"
             )
         if size_average is not None or reduce is not None:
             reduction = _Reduction.legacy_get_string(size_average, reduce)

@@ -96,16 +96,23 @@ def test_cross_entropy_loss_is_a_drop_in_for_torchs():
     logits, target = torch.randn(2, 7, 3, 4), torch.randint(0, 7, (2, 3, 4))
     target[0, 0] = -100
     for reduction in ("mean", "none"):
-        ours, theirs = nn.CrossEntropyLoss(reduction=reduction), torch.nn.CrossEntropyLoss(reduction=reduction)
+        ours, theirs = (
+            nn.CrossEntropyLoss(reduction=reduction),
+            torch.nn.CrossEntropyLoss(reduction=reduction),
+        )
         _check(ours, theirs, [logits, target])
     args = (None, None, 3, None, "sum", 0.1)  # ignore_index 3
     _check(nn.CrossEntropyLoss(*args), torch.nn.CrossEntropyLoss(*args), [logits, target.clamp_min(0)])
     with pytest.warns(UserWarning):  # torch's deprecated size_average/reduce, read as torch reads them
         legacy = nn.CrossEntropyLoss(size_average=False)
     assert legacy.reduction == "sum"
-    with pytest.raises(ValueError, match=r"target must have shape \(2, 3, 4\).*got \(2, 7, 3\).*class_dim=-1"):
+    with pytest.raises(
+        ValueError, match=r"target must have shape \(2, 3, 4\).*got \(2, 7, 3\).*class_dim=-1"
+    ):
         nn.CrossEntropyLoss()(logits, torch.randint(0, 7, (2, 7, 3)))  # as if the logits were class-last
-    with pytest.raises(ValueError, match=r"class_dim must be 1 \(torch's layout\) or -1 \(class-last\), got 2"):
+    with pytest.raises(
+        ValueError, match=r"class_dim must be 1 \(torch's layout\) or -1 \(class-last\), got 2"
+    ):
         nn.CrossEntropyLoss(class_dim=2)
     with pytest.raises(ValueError, match=r"weight \(per-class weights\) is not supported.*shape \(7,\)"):
         nn.CrossEntropyLoss(torch.rand(7))

@@ -472,7 +472,11 @@ ATTENTION_CASES = [
     ),
     (
         "head dim 64, NaN in a key row",
-        [torch.randn(1, 2, 9, 64), _set(torch.randn(1, 2, 9, 64), (0, 0, 6, 2), NAN), torch.randn(1, 2, 9, 64)],
+        [
+            torch.randn(1, 2, 9, 64),
+            _set(torch.randn(1, 2, 9, 64), (0, 0, 6, 2), NAN),
+            torch.randn(1, 2, 9, 64),
+        ],
         {},
         None,
     ),
@@ -571,7 +575,9 @@ def test_attention_finfo_min_padding_rows(backend, device, dtype):
         assert_close(g, r, t, f"{backend} {name}")
     if backend == "reference":  # the spec is softmax's own backward, whatever the upstream gradient
         dout[:, :, 1] = 1.0
-        got = grads(lambda *a: ops.scaled_dot_product_attention(*a[:3], attn_mask=a[3], backend=backend), dtype)
+        got = grads(
+            lambda *a: ops.scaled_dot_product_attention(*a[:3], attn_mask=a[3], backend=backend), dtype
+        )
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):  # torch's flash path on CPU gives such a row P = 1 per key

@@ -53,9 +53,9 @@ def batch(B=2, T=12, padding=False, device="cpu"):
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, 2] = -100  # an ignored label inside the sequence too
     if padding:
-        # Left padding: the last pad position (3) would be scored on the first real token, and a pad position's
-        # output is not defined by the model (every key is masked there; transformers' own attention paths and
-        # versions give it different values and gradients). Real data leaves it unscored as well.
+        # Left padding: the last pad position (3) would be scored on the first real token, and a pad
+        # position's output is not defined by the model (every key is masked there; transformers' own
+        # attention paths and versions give it different values and gradients). Real data leaves it unscored.
         labels[1, 4] = -100
     return ids, (mask if padding else None), labels
 
@@ -80,8 +80,9 @@ def check_parity(backend, device="cpu", dtype=torch.float32, padding=False, fuse
     if fused_loss:
         assert out[1] is None  # the fused loss never builds the logits
     else:
-        # A padding position's logits are not defined by the model: transformers' own attention paths differ
-        # there (CUDA sdpa unmasks fully padded rows, eager averages them), and no loss or gradient reads them.
+        # A padding position's logits are not defined by the model: transformers' own attention paths
+        # differ there (CUDA sdpa unmasks fully padded rows, eager averages them); no loss or gradient reads
+        # them.
         keep = (mask != 0) if mask is not None else torch.ones(out[1].shape[:2], dtype=torch.bool)
         keep = keep.to(out[1].device)
         assert_close(out[1][keep], ref[1][keep], torch_out[1][keep], "logits")

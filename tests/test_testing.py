@@ -1,4 +1,5 @@
-"""design.md's tolerance rule (gptfast.testing.closeness), which every kernel test and the benchmark rely on."""
+"""design.md's tolerance rule (gptfast.testing.closeness), which every kernel test and the bench rely on."""
+
 import math
 
 import pytest
@@ -33,7 +34,11 @@ def test_nan_and_inf_must_sit_where_the_reference_has_them():
     ref = torch.tensor([1.0, float("nan"), float("-inf")], dtype=torch.float64)
     good = torch.tensor([1.0, float("nan"), float("-inf")])
     assert testing.closeness(good, ref, good)
-    for bad in ([float("nan"), float("nan"), float("-inf")], [1.0, 0.0, float("-inf")], [1.0, float("nan"), float("inf")]):
+    for bad in (
+        [float("nan"), float("nan"), float("-inf")],
+        [1.0, 0.0, float("-inf")],
+        [1.0, float("nan"), float("inf")],
+    ):
         assert not testing.closeness(torch.tensor(bad), ref, good)
 
 

@@ -1,4 +1,5 @@
 """ops.cross_entropy: F.cross_entropy over class-last logits, with z_loss, on any backend."""
+
 import torch
 from torch import Tensor
 
@@ -74,8 +75,9 @@ def reduce(loss_rows: Tensor, target: Tensor, ignore_index: int, reduction: str)
 
 
 def result_dtype(op: str, input: Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
-    """The loss's dtype: out_dtype when given; float32 for half-precision input under autocast (torch's autocast
-    runs cross_entropy in float32, and these custom ops are outside its lists); else input's dtype, as torch."""
+    """The loss's dtype: out_dtype when given; float32 for half-precision input under autocast (torch's
+    autocast runs cross_entropy in float32, and these custom ops are outside its lists); else input's dtype,
+    as torch."""
     if out_dtype is not None:
         if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
             raise TypeError(f"{op}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
@@ -85,9 +87,17 @@ def result_dtype(op: str, input: Tensor, out_dtype: torch.dtype | None) -> torch
     return input.dtype
 
 
-def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, out_dtype: torch.dtype | None = None,
-                  backend: str | None = None) -> Tensor:
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
     """Cross-entropy of class-last logits, as torch.nn.functional.cross_entropy, plus PaLM's z_loss.
 
     input: (C,), (N, C) or (B, T, C) logits, fp32/fp16/bf16/fp64. target: (), (N,) or (B, T) int64/int32
@@ -106,7 +116,9 @@ def cross_entropy(input: Tensor, target: Tensor, *, ignore_index: int = -100, re
     op = "cross_entropy"
     _checks.tensor(op, "input", input)
     if input.dim() not in (1, 2, 3):
-        raise ValueError(f"{op}: input must be (C,), (N, C) or (B, T, C) logits, got shape {tuple(input.shape)}")
+        raise ValueError(
+            f"{op}: input must be (C,), (N, C) or (B, T, C) logits, got shape {tuple(input.shape)}"
+        )
     check_target(op, target, input.shape[:-1], input.device)
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
     dtype = result_dtype(op, input, out_dtype)

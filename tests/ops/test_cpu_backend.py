@@ -221,7 +221,8 @@ def test_nan_logits_propagate_like_torch():
         return y[:2], a.grad[:2], loss, b.grad
 
     ours = run(
-        lambda x: ops.softmax(x, backend="cpu"), lambda x: ops.cross_entropy(x, t, reduction="none", backend="cpu")
+        lambda x: ops.softmax(x, backend="cpu"),
+        lambda x: ops.cross_entropy(x, t, reduction="none", backend="cpu"),
     )
     theirs = run(lambda x: torch.softmax(x, -1), lambda x: F.cross_entropy(x, t, reduction="none"))
     for o, r in zip(ours, theirs):

@@ -557,7 +557,8 @@ def test_emulated_softmax_edge_rows(emu):
     assert_close(y, reference.softmax_fwd(xv.double(), 1.0, 0), torch.softmax(xv, -1), "softmax unaligned")
 
 
-@pytest.mark.parametrize("cols", [50, 5000, 13000])  # warp kernel, block kernel cached, block kernel re-reading
+# The warp kernel, the block kernel with the row cached, the block kernel re-reading it.
+@pytest.mark.parametrize("cols", [50, 5000, 13000])
 def test_emulated_softmax_nan_and_inf_rows(emu, cols):
     # A NaN or +inf in a row makes the whole row NaN, as torch: the kernels once clamped the row's sum with
     # fmaxf (which drops NaN) and turned such a row into huge finite numbers, or zeros next to one NaN.
@@ -568,7 +569,8 @@ def test_emulated_softmax_nan_and_inf_rows(emu, cols):
     y = torch.empty_like(x)
     emu.emu_softmax(1, _p(x), _p(None), _p(y), _I(4), _I(cols), _I(cols), _I(0), _I(cols), _F(1.0), _I(0), 0)
     assert y[:2].isnan().all()
-    assert_close(y[2], reference.softmax_fwd(x[2:3].double(), 1.0, 0)[0], torch.softmax(x[2], -1), "softmax row")
+    expected = reference.softmax_fwd(x[2:3].double(), 1.0, 0)[0]
+    assert_close(y[2], expected, torch.softmax(x[2], -1), "softmax row")
     assert torch.equal(y[3], torch.zeros(cols))  # fully masked: zeros, the documented contract
 
 
@@ -577,7 +579,8 @@ def test_emulated_attention_nan_scores_keep_lse_nan(emu):
     # key", giving exp(s + inf) garbage instead of NaN gradients).
     q, k, v = (torch.randn(1, 1, 8, 64, dtype=torch.float16) for _ in range(3))
     k[0, 0, 3, 5] = float("nan")
-    out, lse, dq, dk, dv = _emu_attention(emu, q, k, v, False, 0.125, torch.randn(1, 1, 8, 64, dtype=torch.float16))
+    dout = torch.randn(1, 1, 8, 64, dtype=torch.float16)
+    out, lse, dq, dk, dv = _emu_attention(emu, q, k, v, False, 0.125, dout)
     assert lse.isnan().all() and out.isnan().all()
     assert dq.isnan().all() and dk.isnan().all() and dv.isnan().all()  # as torch's math attention gives
 
