@@ -93,7 +93,7 @@ def refusal(backend: str, op: str, device, **features) -> str | None:
 
 def check(
     fn, spec, inputs, dtype, grads=None, view=None, name="", device="cpu", floor=None, expected=None,
-    expected_budget=True,
+    expected_budget=True, draws=None,
 ):
     """fn(*xs) against spec(*xs), where xs are `inputs` (fp32 or integer tensors, or anything else) moved to
     `device`, their floating ones converted to the dtype under test for fn and for torch's error budget, and
@@ -101,7 +101,7 @@ def check(
     gradient (default: every floating tensor). view(*xs) -> xs builds an odd layout (transposes, expands,
     storage offsets) out of the converted inputs; the views themselves are the leaves, so a stride-0 input
     gets its own elementwise gradient (not autograd's sum over the expanded dim). Returns fn's output and
-    gradients.
+    gradients (of `inputs`).
     The upstream gradient is random and exact in `dtype`, so all three runs see the same one.
 
     `expected`, when given, replaces spec for the expected value: the property tests hold every backend to
@@ -110,7 +110,38 @@ def check(
     one plain torch composition is a noisy statistic, and the long hypothesis profile failed the reference
     backend itself against torch alone about once in a few hundred draws. A kernel bug is far outside both.
     expected_budget=False leaves the reference backend's budget out: when fn is that backend, its own error
-    would be the yardstick and the check could not fail."""
+    would be the yardstick and the check could not fail.
+
+    `draws`, more input lists of the same shapes, pools the statistic: each max error (fn's and every
+    budget's) is taken over `inputs` and all the draws together. The rule compares two maxima, and over the
+    3 to 60 elements of a tiny property-test case one of them is a single lucky or unlucky rounding (the
+    third long run failed 5 of ~5,500 draws by 1.05x to 2.4x, the reference backend among them); over a
+    few independent draws both maxima settle, as they do on the large tensors the rule was written for."""
+    runs = [
+        _runs(fn, spec, xs, dtype, grads, view, device, expected, expected_budget)
+        for xs in [inputs, *(draws or [])]
+    ]
+    out, out_grads, _ = runs[0]
+    pooled = f" (pooled over {len(runs)} draws)" if len(runs) > 1 else ""
+    for i in range(1 + len(out_grads)):
+        what = "output" if i == 0 else f"gradient {i - 1}"
+        checked = [r[2][i] for r in runs]  # per draw: (fn's, expected, [budgets])
+        for got, _, _ in checked:
+            assert got.dtype == dtype, f"{name}: {what} has dtype {got.dtype}, expected {dtype}"
+        got, ref = _pool([c[0] for c in checked]), _pool([c[1] for c in checked])
+        same = [_pool([c[2][b] for c in checked]) for b in range(len(checked[0][2]))]
+        if not any(closeness(got, ref, s, floor) for s in same[1:]):
+            assert_close(got, ref, same[0], f"{name} {what}{pooled}", floor=floor)
+    return out, out_grads
+
+
+def _pool(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _runs(fn, spec, inputs, dtype, grads, view, device, expected, expected_budget):
+    """fn's output and gradients, and per checked tensor (output, then each gradient) the triple
+    (fn's, the expected value's, [each budget's])."""
     is_float = [isinstance(t, torch.Tensor) and t.is_floating_point() for t in inputs]
     grads = is_float if grads is None else grads
     upstream = None
@@ -134,16 +165,9 @@ def check(
             noise = torch.rand(out.shape, generator=torch.Generator().manual_seed(0))
             upstream = (noise + 0.5).to(dtype).float().to(device)
         got = torch.autograd.grad(out, leaves, upstream.to(out.dtype), allow_unused=True) if leaves else ()
-        return out.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got)]
+        return [out.detach()] + [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got)]
 
-    out, out_grads = run(fn, dtype)
-    ref, ref_grads = run(expected or spec, reference_dtype(dtype))
+    outs = run(fn, dtype)
+    refs = run(expected or spec, reference_dtype(dtype))
     budgets = [run(spec, dtype)] + ([run(expected, dtype)] if expected and expected_budget else [])
-    assert out.dtype == dtype, f"{name}: output dtype {out.dtype}, expected {dtype}"
-    for i, (got, r) in enumerate(zip([out, *out_grads], [ref, *ref_grads])):
-        what = "output" if i == 0 else f"gradient {i - 1}"
-        assert got.dtype == dtype, f"{name}: {what} has dtype {got.dtype}, expected {dtype}"
-        same = [b[0] if i == 0 else b[1][i - 1] for b in budgets]
-        if not any(closeness(got, r, s, floor) for s in same[1:]):
-            assert_close(got, r, same[0], f"{name} {what}", floor=floor)
-    return out, out_grads
+    return outs[0], outs[1:], [(o, r, [b[i] for b in budgets]) for i, (o, r) in enumerate(zip(outs, refs))]
