@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gptfast import ops
-from backends_under_test import cases, ids
+from backends_under_test import cases
 
 ALL_OPS = ("softmax", "cross_entropy", "linear_cross_entropy", "attention")
 BACKENDS = sorted({b for op in ALL_OPS for b, d in cases(op) if d == "cpu"})

@@ -56,7 +56,9 @@ def linear_cross_entropy(hidden, weight, target, bias=None, chunk_size=None, **o
 
 def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     """SDPA composed of torch ops in the inputs' dtype (no upcast), the baseline FlashAttention's tests use; a
-    row with no key left gives 0, as torch's SDPA does."""
+    row with no key left gives 0, as torch's SDPA does. (torch's CPU SDPA computes half inputs in fp32 and
+    rounds only its outputs, which no tensor-core kernel can match: those round P and dS to half for the
+    matmuls, as torch's CUDA flash kernel does.)"""
     L, S = q.shape[-2], k.shape[-2]
     if enable_gqa:
         k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))

@@ -5,8 +5,6 @@ Backends come from backends_under_test.cases("attention"): the reference always,
 on CPU (fp32 and fp16; bf16 only on a GPU), cpu/cuda when built. Interpreter shapes stay small.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +14,7 @@ from gptfast.ops import _library
 from gptfast.ops import reference as R
 from gptfast.testing import assert_close, reference_dtype
 from backends_under_test import cases, ids
+from torch_spec import attention as _attention_in_dtype
 
 CASES = cases("attention")
 CPU_CASES = [c for c in CASES if c[1] == "cpu"]
@@ -43,24 +42,6 @@ def _forward_backward(fn, q, k, v, dout):
     out = fn(q, k, v)
     out.backward(dout)
     return out.detach(), q.grad, k.grad, v.grad
-
-
-def _attention_in_dtype(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """Attention composed of torch ops run in the inputs' dtype, without upcasting: the baseline
-    FlashAttention's tests hold kernels to. (torch's CPU SDPA computes half inputs in fp32 and rounds only its
-    outputs, which no tensor-core kernel can match: those round P and dS to half for the matmuls, as torch's
-    CUDA flash kernel does.) A row with no key left gives 0, as in torch."""
-    L, S = q.shape[-2], k.shape[-2]
-    if enable_gqa:
-        k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
-    s = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if is_causal:
-        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    return p @ v
 
 
 def _require(backend, device, q, v, dtype, attn_mask=False, dropout=False):

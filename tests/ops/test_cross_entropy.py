@@ -14,6 +14,7 @@ from gptfast import backends, ops
 from gptfast.testing import assert_close, reference_dtype
 
 from backends_under_test import assert_compiles_like_eager, cases, ids
+from torch_spec import cross_entropy as torch_cross_entropy
 
 CASES = cases("cross_entropy")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -22,24 +23,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _skip_interpreted_bf16(backend, device, dtype):
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 Triton runs in the GPU tests")
-
-
-def torch_cross_entropy(x, target, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """The spec in plain torch: F.cross_entropy plus z_loss * lse^2 on rows whose target is not ignored."""
-    C = x.shape[-1]
-    rows = F.cross_entropy(
-        x.reshape(-1, C),
-        target.reshape(-1).long(),
-        ignore_index=ignore_index,
-        reduction="none",
-        label_smoothing=label_smoothing,
-    )
-    valid = target.reshape(-1) != ignore_index
-    if z_loss:
-        rows = rows + torch.where(valid, z_loss * torch.logsumexp(x.reshape(-1, C), -1) ** 2, 0.0)
-    if reduction == "none":
-        return rows.reshape(target.shape)
-    return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
 
 
 def check_against_torch(x, target, backend, **options):
