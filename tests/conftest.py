@@ -51,6 +51,25 @@ def _one_attention_config(monkeypatch):
     monkeypatch.setenv("GPTFAST_ATTENTION_AUTOTUNE", "0")
 
 
+@pytest.fixture(scope="session")
+def word_corpus(tmp_path_factory):
+    """word_corpus(n) -> the path of a text of n words drawn (seed 0) from a small Python-ish vocabulary, one
+    file per n for the session: what the training tests learn from in a few steps."""
+    made = {}
+
+    def make(n_words: int) -> str:
+        if n_words not in made:
+            path = tmp_path_factory.mktemp("data") / "corpus.txt"
+            g = torch.Generator().manual_seed(0)
+            words = ["alpha", "beta", "gamma", "delta", "def", "return", "\n", "    ", "(x)", ":"]
+            picks = torch.randint(0, len(words), (n_words,), generator=g).tolist()
+            path.write_text(" ".join(words[i] for i in picks))
+            made[n_words] = str(path)
+        return made[n_words]
+
+    return make
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for suites of many tiny ops: on a loaded 2-core machine each op with two threads

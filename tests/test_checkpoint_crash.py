@@ -42,13 +42,9 @@ train(TrainConfig(data=sys.argv[1], out=sys.argv[2], save_every=int(sys.argv[3])
 """
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "\n", "    ", "(x)", ":"]
-    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist()))
-    return str(path)
+@pytest.fixture
+def corpus(word_corpus):
+    return word_corpus(3000)
 
 
 def _env():

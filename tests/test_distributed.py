@@ -25,13 +25,9 @@ LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "\n", "    ", "(x)", ":"]
-    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (6000,), generator=g).tolist()))
-    return str(path)
+@pytest.fixture
+def text_file(word_corpus):
+    return word_corpus(6000)
 
 
 def train_args(text_file, out, *extra, device="cpu"):

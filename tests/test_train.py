@@ -16,12 +16,8 @@ MICRO = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
 @pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    torch.manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "\n", "    ", "(x)", ":"]
-    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,)).tolist()))
-    return str(path)
+def text_file(word_corpus):
+    return word_corpus(3000)
 
 
 def micro_config(tmp_path, text_file, **overrides) -> TrainConfig:
