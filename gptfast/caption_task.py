@@ -171,15 +171,16 @@ def train_captions(
     seconds = time.perf_counter() - start
     log(f"trained steps {start_step}..{result['step']} in {seconds:.0f} s", flush=True)
 
-    test = captions.make_split("test", options["test_images"], spec)
     scores = None
-    scorer = _unsharded(model, trainer.model, ctx, device)  # collective under FSDP; None off rank 0
-    if scorer is not None:
-        scores = captions.evaluate(scorer, test, spec)
-        trainer.metrics["test"] = scores
-    trainer.save()  # the end-of-run checkpoint again, now with the test scores
-    if scores is not None:
-        log(f"test split, {len(test)} images: {captions.format_scores(scores)}", flush=True)
+    if result["step"] == cfg.max_steps:  # a run stopped early (stop_after) is scored when it is resumed
+        test = captions.make_split("test", options["test_images"], spec)
+        scorer = _unsharded(model, trainer.model, ctx, device)  # collective under FSDP; None off rank 0
+        if scorer is not None:
+            scores = captions.evaluate(scorer, test, spec)
+            trainer.metrics["test"] = scores
+        trainer.save()  # the end-of-run checkpoint again, now with the test scores
+        if scores is not None:
+            log(f"test split, {len(test)} images: {captions.format_scores(scores)}", flush=True)
     log(f"saved {result['checkpoint']} at step {result['step']}", flush=True)
     return {**result, "test": scores, "train_seconds": seconds, "is_main": ctx.is_main}
 

@@ -310,17 +310,21 @@ def resolve_config(explicit: dict) -> TrainConfig:
     On resume every setting except those in TrainConfig.NOT_RESUMED comes from the checkpoint unless given
     explicitly, so `--resume` alone continues the same run with the same schedule, data and batches.
     """
-    cfg = TrainConfig(**explicit)
+    defaults = task_defaults(explicit.get("task", "text"))
+    cfg = TrainConfig(**{**defaults, **explicit})
     if not cfg.resume:
-        return TrainConfig(**{**task_defaults(cfg.task), **explicit})
+        return cfg
     saved = _load_for_resume(cfg.checkpoint_path())["train_config"]
     if "task" in explicit and explicit["task"] != saved.get("task", "text"):
         trained_on = saved.get("task", "text")
         raise UsageError(f"--task {explicit['task']}: the checkpoint was trained on task {trained_on!r}")
+    # The task's defaults stand for what is not resumed (its output folder); an explicit task option changes
+    # that one option, not the checkpoint's others.
     merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     for name in TrainConfig.NOT_RESUMED:
         merged.pop(name, None)
-    merged.update(explicit)
+    merged = {**defaults, **merged, **explicit}
+    merged["task_options"] = {**saved.get("task_options", {}), **explicit.get("task_options", {})}
     if "preset" in explicit and explicit["preset"] != saved.get("preset"):
         raise UsageError(
             f"--preset {explicit['preset']}: the checkpoint was trained with {saved.get('preset')!r}"

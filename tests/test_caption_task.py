@@ -22,20 +22,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+BASE = dict(
+    task="captions",
+    batch_size=8,
+    max_steps=4,
+    eval_every=2,
+    eval_iters=1,
+    save_every=0,
+    progress=False,
+    model_overrides=MICRO,
+    task_options={"test_images": 16},
+)
+
+
 def config(tmp_path, **overrides) -> TrainConfig:
-    base = dict(
-        task="captions",
-        out=str(tmp_path / "run"),
-        batch_size=8,
-        max_steps=4,
-        eval_every=2,
-        eval_iters=1,
-        save_every=0,
-        progress=False,
-        model_overrides=MICRO,
-        task_options={"test_images": 16},
-    )
-    return resolve_config({**base, **overrides})
+    return resolve_config({**BASE, "out": str(tmp_path / "run"), **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- learning
@@ -75,6 +76,19 @@ def test_resume_is_bit_exact(tmp_path):
     assert (
         a["metrics"]["val_loss"] == b["metrics"]["val_loss"] and a["metrics"]["test"] == b["metrics"]["test"]
     )
+
+
+def test_resume_finds_the_task_default_folder_and_keeps_the_saved_task_options(tmp_path, monkeypatch):
+    # `gptfast train --task captions --resume` with no --out: the checkpoint is in the task's default folder,
+    # and an option given again (--max-shapes) leaves the checkpoint's others (test_images 16) as they were.
+    monkeypatch.chdir(tmp_path)
+    stopped = train(resolve_config({**BASE, "out": caption_task.TRAIN_DEFAULTS["out"], "stop_after": 2}))
+    assert stopped["step"] == 2 and stopped["test"] is None  # scored when the run is finished, not before
+    assert "test" not in checkpoint.load(stopped["checkpoint"])["metrics"]
+    cfg = resolve_config({"task": "captions", "resume": True, "task_options": {"max_shapes": 2}})
+    assert cfg.out == caption_task.TRAIN_DEFAULTS["out"] and cfg.max_steps == 4
+    assert cfg.task_options == {"test_images": 16, "max_shapes": 2}
+    assert train(cfg)["test"]["images"] == 16
 
 
 def test_checkpoint_records_the_task_and_rebuilds_the_model(tmp_path):
