@@ -94,7 +94,6 @@ class CrossEntropyLoss(_nn.Module):
                     f"(classes in dim 1, as torch), got {tuple(target.shape)}; for class-last logits such as "
                     "a GPT's (B, T, V) pass class_dim=-1"
                 )
-        if self.class_dim == 1 and input.dim() > 2:
             # torch's (N, C, d1, ..., dk): one class-last row per position; 'none' gets target's shape back.
             rows = input.movedim(1, -1).reshape(-1, input.shape[1])
             loss = self._loss(rows, target.reshape(-1))

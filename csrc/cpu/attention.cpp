@@ -223,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 // ----------------------------------------------------------------------------------------------- backward
 struct BwdInputs {
   const Shapes& s;
-  // fp32; *t in transposed blocks (qt, doutt only for the split passes); lse +inf: no key left
+  // fp32; *t in transposed blocks (qt, v, doutt only for the split passes); lse +inf: no key left
   at::Tensor q, qt, k, kt, v, vt, dout, doutt, lse, delta;
   const Mask& mask;
   bool causal;
@@ -409,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                      fused ? at::Tensor() : fp32_transposed_blocks(q, kBlockQ),
                      fp32(k),
                      fp32_transposed_blocks(k, kBlockK),
-                     fp32(v),
+                     fused ? at::Tensor() : fp32(v),
                      fp32_transposed_blocks(v, kBlockK),
                      dof,
                      fused ? at::Tensor() : fp32_transposed_blocks(dout, kBlockQ),

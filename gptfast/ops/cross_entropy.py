@@ -32,17 +32,13 @@ def _backward(ctx, bwd, dloss, _dlse):
 _library.register_spec(_library.OpSpec("cross_entropy", _fake_fwd, _fake_bwd, _setup_context, _backward))
 
 
-def check_target(
-    op: str, target, rows_shape: torch.Size, device: torch.device, input_name: str = "input"
-) -> Tensor:
+def check_target(op: str, target, input: Tensor, input_name: str = "input") -> Tensor:
+    """target: index dtype, the shape of input's rows (all dims but the last), on input's device."""
     _checks.tensor(op, "target", target, _checks.INDEX_DTYPES)
-    if target.shape != rows_shape:
-        expected, got = tuple(rows_shape), tuple(target.shape)
+    if target.shape != input.shape[:-1]:
+        expected, got = tuple(input.shape[:-1]), tuple(target.shape)
         raise ValueError(f"{op}: target must have shape {expected} to match {input_name}, got {got}")
-    if target.device != device:
-        raise ValueError(
-            f"{op}: target must be on the same device as {input_name} ({device}), got {target.device}"
-        )
+    _checks.same_device(op, **{input_name: input, "target": target})
     return target
 
 
@@ -119,7 +115,7 @@ def cross_entropy(
         raise ValueError(
             f"{op}: input must be (C,), (N, C) or (B, T, C) logits, got shape {tuple(input.shape)}"
         )
-    check_target(op, target, input.shape[:-1], input.device)
+    check_target(op, target, input)
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
     dtype = result_dtype(op, input, out_dtype)
     if input.shape[-1] == 0:

@@ -138,7 +138,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     device = _checks.same_device(op, hidden=hidden, weight=weight, bias=bias)
-    check_target(op, target, hidden.shape[:-1], device, "hidden")
+    check_target(op, target, hidden, "hidden")
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
     dtype = result_dtype(op, hidden, out_dtype)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
