@@ -27,6 +27,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from .model import IGNORE_INDEX  # the loss skips padding
+
 SIZES = ("small", "large")
 COLOURS = {
     "red": (0.90, 0.15, 0.10),
@@ -59,7 +61,6 @@ POSITION_WORDS = ("top", "bottom", "left", "right", "center")
 VOCAB = (PAD, BOS, EOS, *GRAMMAR_WORDS, *SIZES, *COLOURS, *SHAPES, *POSITION_WORDS)
 WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 PAD_ID, BOS_ID, EOS_ID = WORD_ID[PAD], WORD_ID[BOS], WORD_ID[EOS]
-IGNORE_INDEX = -100  # the loss skips padding (ops.cross_entropy's default ignore_index)
 
 SPLITS = ("train", "val", "test", "fresh")  # "fresh": images that `gptfast generate` captions
 SEED_BITS = 28

@@ -116,11 +116,12 @@ def _fsync_dir(directory: str) -> None:
 def _verify(path: str) -> bool:
     """Checks the trailer's SHA-256 against the archive before it; False when there is no trailer."""
     size = os.path.getsize(path)
+    if size < _TRAILER_SIZE:
+        return False
     with open(path, "rb") as f:
-        if size >= _TRAILER_SIZE:
-            f.seek(size - _TRAILER_SIZE)
-            tail = f.read()
-        if size < _TRAILER_SIZE or not tail.startswith(TRAILER):
+        f.seek(size - _TRAILER_SIZE)
+        tail = f.read()
+        if not tail.startswith(TRAILER):
             return False
         f.seek(0)
         sha, left = hashlib.sha256(), size - _TRAILER_SIZE

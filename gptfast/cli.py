@@ -229,8 +229,9 @@ def _caption_images(args, state: dict, device) -> int:
     from .caption_task import FRESH_IMAGES, caption_fresh_images, captioner_from_state, check_seed
     from .train import UsageError
 
-    for flag, value in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens)):
-        if value:
+    text_only = {"--prompt": args.prompt != "", "--max-new-tokens": args.max_new_tokens is not None}
+    for flag, given in text_only.items():
+        if given:
             raise UsageError(f"{flag}: a caption starts from the image alone and ends at its <eos>")
     check_seed(args.seed)
     model, spec = captioner_from_state(state, args.checkpoint, device, args.backend)

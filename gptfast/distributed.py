@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .model import IGNORE_INDEX  # the targets the models' losses skip
+
 ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-IGNORE_INDEX = -100  # the targets the models' losses skip (ops.cross_entropy's default)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from . import backends, ops
 from .nn import CausalSelfAttention, KVCache
 
 POS_ENCODINGS = ("sinusoidal", "learned")
+IGNORE_INDEX = -100  # the targets the loss skips (padding, an image prefix): ops.cross_entropy's default
 INIT_STD = 0.02  # GPT-2's init std for every weight matrix and embedding
 # The sinusoidal encoding has entries of size ~1 and the token embeddings start at INIT_STD: added as is,
 # position drowns the token 50 to 1 and training crawls (tiny preset: val loss 3.06 instead of 2.34 after
@@ -189,10 +190,13 @@ class GPT(_nn.Module):
                 # Custom ops are outside autocast's lists: cast as autocast would for the lm_head matmul.
                 dtype = torch.get_autocast_dtype(h.device.type)
                 h, weight = h.to(dtype), weight.to(dtype)
-            loss = ops.linear_cross_entropy(h, weight, targets, backend=self.config.backend)
+            loss = ops.linear_cross_entropy(
+                h, weight, targets, ignore_index=IGNORE_INDEX, backend=self.config.backend
+            )
             return None, loss
         logits = self.lm_head(h)  # (B, T, V)
-        return logits, ops.cross_entropy(logits, targets, backend=self.config.backend)
+        loss = ops.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, backend=self.config.backend)
+        return logits, loss
 
     def _embed(self, idx: Tensor, prefix_embeds: Tensor | None, start: int) -> Tensor:
         """Prefix, then token embeddings, plus positions start..start+P+T-1, then dropout: (B, P + T, C)."""

@@ -176,15 +176,16 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        rng = rng_state(self.device)
         return {
             **self.extra,
             "model": self.dist.model_state_dict(self.model),
             "optimizer": self.dist.optimizer_state_dict(self.model, self.optimizer),
             "step": self.step,
-            "rng": {**rng_state(self.device), "sampler": self.sampler.state_dict()},
-            "train_config": {k: v for k, v in dataclasses.asdict(self.cfg).items()},
+            "rng": {**rng, "sampler": self.sampler.state_dict()},
+            "train_config": dataclasses.asdict(self.cfg),
             "metrics": self.metrics,
-            **self.dist.checkpoint_extra(self.model, rng_state(self.device)),
+            **self.dist.checkpoint_extra(self.model, rng),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -174,6 +174,9 @@ def test_cli_errors(trained, capsys, tmp_path):
     )
     _one_line_error(capsys, ["generate", "--checkpoint", ckpt, "--prompt", "a"], "--prompt: a caption starts")
     _one_line_error(
+        capsys, ["generate", "--checkpoint", ckpt, "--max-new-tokens", "0"], "--max-new-tokens: a caption starts"
+    )
+    _one_line_error(
         capsys, ["train", "--out", trained, "--resume", "--task", "text"], "trained on task 'captions'"
     )
     _one_line_error(capsys, ["train", "--max-shapes", "2"], "--max-shapes: only the captions task")
