@@ -19,7 +19,7 @@ from . import backends, captions, checkpoint, distributed
 from .captions import CaptionSpec
 from .model import GPTConfig
 from .multimodal import MultimodalGPT
-from .train import TrainConfig, Trainer, UsageError
+from .train import TrainConfig, Trainer, UsageError, model_config
 
 # 1000 steps of 64 images of one or two shapes reach >= 90% on every attribute of the test split (README).
 TRAIN_DEFAULTS = {
@@ -60,18 +60,13 @@ def check_seed(seed: int) -> None:
         raise UsageError(f"--seed: the captions task takes seeds in [0, 2^{captions.SEED_BITS}), got {seed}")
 
 
-def build_captioner(cfg: TrainConfig, options: dict) -> MultimodalGPT:
-    """A fresh MultimodalGPT: cfg.preset's GPT with the caption vocabulary and cfg's overrides."""
-    overrides = dict(
-        cfg.model_overrides,
-        vocab_size=len(captions.VOCAB),
-        backend=cfg.backend,
-        fused_loss=cfg.fused_loss,
-    )
-    if cfg.dropout is not None:
-        overrides["dropout"] = cfg.dropout
+def build_captioner(cfg: TrainConfig, options: dict, saved: dict | None = None) -> MultimodalGPT:
+    """The run's MultimodalGPT: a checkpoint's (`saved`: its state) or cfg.preset's GPT with the caption
+    vocabulary, cfg's overrides and `options`' image geometry (train.model_config). Weights not loaded."""
+    if saved is not None:
+        return MultimodalGPT(model_config(cfg, saved["config"]), **saved["image"])
+    config = model_config(cfg, vocab_size=len(captions.VOCAB))
     try:
-        config = GPTConfig.preset(cfg.preset, **overrides)
         return MultimodalGPT(config, options["image_size"], options["patch_size"])
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -115,18 +110,12 @@ def train_captions(
         raise UsageError(str(e)) from None
 
     torch.manual_seed(cfg.seed)  # model init; on resume the RNG state is restored from the checkpoint below
-    if state is not None:
-        if state["data"]["spec"] != spec.to_dict():
-            raise UsageError(
-                f"--resume: the checkpoint was trained on {state['data']['spec']}, these settings give "
-                f"{spec.to_dict()}"
-            )
-        runtime = {"backend": cfg.backend, "fused_loss": cfg.fused_loss}
-        if cfg.dropout is not None:
-            runtime["dropout"] = cfg.dropout
-        model, _ = model_from_checkpoint(state, **runtime)
-    else:
-        model = build_captioner(cfg, options)
+    if state is not None and state["data"]["spec"] != spec.to_dict():
+        raise UsageError(
+            f"--resume: the checkpoint was trained on {state['data']['spec']}, these settings give "
+            f"{spec.to_dict()}"
+        )
+    model = build_captioner(cfg, options, state)
     model.to(device)
     ctx.seed(cfg.seed)
     sampler = ctx.shard(captions.CaptionSampler(spec, cfg.batch_size, cfg.seed))

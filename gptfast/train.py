@@ -349,12 +349,17 @@ def _load_for_resume(path: str) -> dict:
         raise UsageError(f"--resume: {e}") from None
 
 
-def build_model(cfg: TrainConfig) -> GPT:
-    overrides = dict(cfg.model_overrides, backend=cfg.backend, fused_loss=cfg.fused_loss)
+def model_config(cfg: TrainConfig, saved: dict | None = None, **fixed) -> GPTConfig:
+    """The run's GPTConfig: a checkpoint's (`saved`), or cfg.preset's with cfg.model_overrides and a task's
+    `fixed` fields (its vocabulary); then cfg's backend, fused_loss and dropout, which leave the weights as
+    they are and so may change on resume."""
+    runtime = {"backend": cfg.backend, "fused_loss": cfg.fused_loss}
     if cfg.dropout is not None:
-        overrides["dropout"] = cfg.dropout
+        runtime["dropout"] = cfg.dropout
     try:
-        return GPT(GPTConfig.preset(cfg.preset, **overrides))
+        if saved is not None:
+            return GPTConfig(**{**saved, **runtime})
+        return GPTConfig.preset(cfg.preset, **{**cfg.model_overrides, **fixed, **runtime})
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -396,13 +401,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Context) -> 
         raise UsageError(str(e)) from None
 
     torch.manual_seed(cfg.seed)  # model init; on resume the RNG state is restored from the checkpoint below
-    if state is not None:
-        runtime = {"backend": cfg.backend, "fused_loss": cfg.fused_loss}
-        if cfg.dropout is not None:
-            runtime["dropout"] = cfg.dropout
-        model = GPT(GPTConfig(**{**state["config"], **runtime}))
-    else:
-        model = build_model(cfg)
+    model = GPT(model_config(cfg, state["config"] if state is not None else None))
     ctx.seed(cfg.seed)
     block = model.config.block_size
     try:
