@@ -310,7 +310,7 @@ def hf_attention(
         else:
             # The L queries are the last of S positions (a KV cache): bottom-right aligned, where SDPA's
             # is_causal is top-left aligned.
-            mask = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=S - L)
+            mask = _bottom_right_causal(L, S, query.device)
     out = ops.scaled_dot_product_attention(
         query,
         key,
@@ -325,9 +325,14 @@ def hf_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _bottom_right_causal(L: int, S: int, device) -> Tensor:
+    """(L, S) bool: query i, the (S - L + i)-th position, sees keys j <= S - L + i."""
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal=S - L)
+
+
 def _and_causal(padding: Tensor, L: int, S: int) -> Tensor:
     """A padding mask (..., 1, S), bool or additive, and the bottom-right aligned causal mask (L, S)."""
-    causal = torch.ones(L, S, dtype=torch.bool, device=padding.device).tril(diagonal=S - L)
+    causal = _bottom_right_causal(L, S, padding.device)
     if padding.dtype == torch.bool:
         return padding & causal
     return torch.where(causal, padding, torch.finfo(padding.dtype).min)  # (..., L, S)
