@@ -177,16 +177,19 @@ def test_launch_errors_are_one_line(tmp_path, text_file, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_captions_train_under_torchrun(tmp_path):
-    # The captions task shares the text task's distributed path: DDP for two steps, then an FSDP resume, whose
-    # test-split captioning runs on rank 0 alone from the gathered weights (FSDP cannot generate sharded).
+    # The captions task shares the text task's distributed path: DDP for one step (a run stopped early is not
+    # scored), then an FSDP resume, whose test-split captioning runs on rank 0 alone from the gathered weights
+    # (FSDP cannot generate sharded); and a whole DDP run, captioned by rank 0's replica.
     args = ["train", "--task", "captions", "--max-steps", "2", "--batch-size", "8", "--eval-every", "1",
             "--eval-iters", "1", "--no-progress"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     split = tmp_path / "split"
     log = torchrun([*args, "--out", str(split), "--stop-after", "1"])
-    assert "2 ranks (DDP)" in log and log.count("test split") == 1
+    assert "2 ranks (DDP)" in log and "test split" not in log
     log = torchrun(["train", "--out", str(split), "--resume", "--fsdp", "--no-progress"])
     assert "2 ranks (FSDP)" in log and log.count("test split, 1000 images") == 1
+    log = torchrun([*args, "--out", str(tmp_path / "ddp")])
+    assert "2 ranks (DDP)" in log and log.count("test split, 1000 images") == 1
     single, whole = (checkpoint.load(str(tmp_path / d / "ckpt.pt")) for d in ("single", "split"))
     assert whole["task"] == "captions" and whole["step"] == 2
     assert whole["metrics"]["test"].keys() == single["metrics"]["test"].keys()
