@@ -3,10 +3,26 @@
 // cross_entropy.cu read the chunk's logits once for the loss and then overwrite them in place with the
 // gradient, so one chunk of logits is the only (chunk_size, V) buffer ever live.
 //
-// The chunk math runs in fp32 (fp64 for fp64 inputs), as the reference's does: hidden chunks and the weight
-// are read in that type (the weight converted once per call for fp16/bf16; a no-op for fp32), and dweight /
-// dbias accumulate in it across chunks before the one final cast. This favours matching the reference over
-// matmul speed.
+// Precision of each step:
+// - fp16/bf16 inputs: the three matmuls take their operands in the input dtype, on tensor cores with fp32
+//   accumulation (cuBLAS through ATen's out_dtype overloads mm.dtype / addmm.dtype_out, torch >= 2.8); no
+//   fp32 copy of the weight or of a hidden chunk is made (except for fp16 under allow_fp16_accumulation,
+//   which cuBLAS refuses with an fp32 result: that case takes the fp32 path below; see check_inputs).
+//   1. logits = h_chunk @ W^T, written by cuBLAS in fp32 (at::mm(.., at::kFloat)); the bias is converted to
+//      fp32 once per call and added to the fp32 logits (add_: mm.dtype then add_ costs the same passes
+//      over the logits as addmm.dtype, whose fp32-bias form not every torch >= 2.8 accepts).
+//   2. loss, lse and dlogits from those fp32 logits (in place, fp32 math).
+//   3. dlogits rounded once to the input dtype (one elementwise pass), then dhidden rows = dlogits @ W with
+//      an fp32 result rounded once to the input dtype, and dweight += dlogits^T @ h_chunk accumulated by
+//      cuBLAS into an fp32 (V, H) buffer across chunks (addmm.dtype_out with that buffer as self and out;
+//      see accumulate() for torch builds that refuse an fp32 self). dbias sums the fp32 dlogits in fp32.
+//   This is what torch's unfused fp16/bf16 path does for the matmuls (input-dtype operands, fp32
+//   accumulation), while the logits, loss, lse and the dweight/dbias accumulators stay fp32 where torch's
+//   are in the input dtype: besides the final casts of the gradients to the input dtype, the one rounding
+//   is that of dlogits, which torch's path has too, so the error stays within torch's own (design.md's
+//   tolerance rule).
+// - fp32 inputs: fp32 matmuls (as the reference), fp32 accumulators. fp64 inputs: all fp64. The chunk
+//   logits, the CE kernels and the accumulators are the same for every input dtype (fp32, or fp64).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,11 +42,13 @@ constexpr const char* kFwd = "linear_cross_entropy_fwd (cuda)";
 constexpr const char* kBwd = "linear_cross_entropy_bwd (cuda)";
 
 struct Inputs {
-  at::ScalarType math;  // fp32, or fp64 for fp64 inputs
-  at::Tensor hidden;    // (M, H) contiguous, input dtype
-  at::Tensor weight;    // (V, H) contiguous, math type
-  at::Tensor bias;      // (V,) math type, undefined without bias
-  at::Tensor target;    // (M,) contiguous
+  at::ScalarType math;     // logits, loss/lse and accumulators: fp32, or fp64 for fp64 inputs
+  at::ScalarType operand;  // the matmuls' operand type: hidden's dtype (see check_inputs)
+  bool low;                // operand is fp16/bf16 (operand != math)
+  at::Tensor hidden;       // (M, H) contiguous, input dtype
+  at::Tensor weight;       // (V, H) contiguous, operand type
+  at::Tensor bias;         // (V,) math type, undefined without bias
+  at::Tensor target;       // (M,) contiguous
 };
 
 Inputs check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
@@ -49,7 +67,15 @@ Inputs check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at
               ": target must be int64 or int32, got ", target.scalar_type());
   TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
   const at::ScalarType math = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Inputs in{math, hidden.contiguous(), weight.to(math).contiguous(), at::Tensor(), target.contiguous()};
+  // Operands in hidden's dtype. Exception: fp16 under torch.backends.cuda.matmul.allow_fp16_accumulation,
+  // where cuBLAS refuses fp16 operands with an fp32 result; those take the fp32 path (fp32 copies of the
+  // weight and of each hidden chunk, fp32 GEMMs), as every fp16/bf16 input did before.
+  at::ScalarType operand = hidden.scalar_type();
+  if (operand == at::kHalf && at::globalContext().allowFP16AccumulationCuBLAS()) operand = math;
+  // The weight's conversion is a no-op for the public op (which requires weight.dtype == hidden.dtype),
+  // except on that fp16 fallback.
+  Inputs in{math, operand, operand != math, hidden.contiguous(), weight.to(operand).contiguous(), at::Tensor(),
+            target.contiguous()};
   if (bias.has_value() && bias->defined()) {
     check_same_device(hidden, *bias, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
@@ -59,9 +85,14 @@ Inputs check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at
   return in;
 }
 
-// Logits (math type) of rows [start, start + n): hidden[start:start+n] @ weight^T + bias.
+// Logits (math type) of a chunk of hidden rows: h_chunk @ weight^T + bias.
 at::Tensor chunk_logits(const Inputs& in, const at::Tensor& h_chunk) {
-  return in.bias.defined() ? at::addmm(in.bias, h_chunk, in.weight.t()) : at::mm(h_chunk, in.weight.t());
+  if (!in.low) {
+    return in.bias.defined() ? at::addmm(in.bias, h_chunk, in.weight.t()) : at::mm(h_chunk, in.weight.t());
+  }
+  at::Tensor logits = at::mm(h_chunk, in.weight.t(), at::kFloat);  // fp16/bf16 operands, fp32 result
+  if (in.bias.defined()) logits.add_(in.bias);
+  return logits;
 }
 
 CrossEntropyParams chunk_params(const Inputs& in, const at::Tensor& logits, int64_t start, int64_t ignore_index,
@@ -82,12 +113,46 @@ CrossEntropyParams chunk_params(const Inputs& in, const at::Tensor& logits, int6
   return p;
 }
 
-// With dlogits of a chunk in hand: dhidden rows = dlogits @ W, dweight += dlogits^T h, dbias += colsum.
+// Whether this torch's addmm.dtype_out takes an fp32 `self` with fp16/bf16 mat1/mat2, which is what
+// accumulating into the fp32 dweight in place needs. The overload's CUDA kernel as added in torch 2.8
+// refuses it ("self and mat2 must have the same dtype"); pytorch#167931 (Nov 2025) lets self be in
+// out_dtype, and torch 2.11 takes it (kernels/linear_cross_entropy.py, the Triton backend, relies on it
+// there). Probed rather than gated on a version, once per process, with empty tensors: the dtype checks
+// run, no kernel is launched and nothing is synchronised (safe under CUDA graph capture).
+bool addmm_takes_fp32_self(const at::Tensor& acc, const at::Tensor& mat) {
+  static const bool ok = [&] {
+    at::Tensor out = at::empty({0, 0}, acc.options());
+    const at::Tensor m = at::empty({0, 0}, mat.options());
+    try {
+      at::addmm_out(out, out, m, m, at::kFloat);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// With dlogits (math type) of a chunk in hand: dhidden rows = dlogits @ W, dweight += dlogits^T h,
+// dbias += colsum(dlogits). dweight and dbias are math-type accumulators.
 void accumulate(const Inputs& in, const at::Tensor& dlogits, const at::Tensor& h_chunk, int64_t start,
                 at::Tensor& dhidden, at::Tensor& dweight, at::Tensor& dbias) {
-  dhidden.narrow(0, start, dlogits.size(0)).copy_(at::mm(dlogits, in.weight));
-  dweight.addmm_(dlogits.t(), h_chunk);
   if (in.bias.defined()) dbias.add_(dlogits.sum(0));
+  at::Tensor rows = dhidden.narrow(0, start, dlogits.size(0));
+  if (!in.low) {
+    rows.copy_(at::mm(dlogits, in.weight));
+    dweight.addmm_(dlogits.t(), h_chunk);
+    return;
+  }
+  const at::Tensor dl = dlogits.to(in.operand);   // the one rounding of dlogits
+  rows.copy_(at::mm(dl, in.weight, at::kFloat));  // fp32 result, rounded once into dhidden
+  if (addmm_takes_fp32_self(dweight, dl)) {
+    at::addmm_out(dweight, dweight, dl.t(), h_chunk, at::kFloat);  // cuBLAS beta = 1 into the fp32 buffer
+  } else {
+    // Older torch: no in-place fp32 accumulate for fp16/bf16 operands, so this allocates a fresh (V, H)
+    // fp32 product per chunk and adds it (same precision, more memory traffic and a transient V x H x 4 B).
+    dweight.add_(at::mm(dl.t(), h_chunk, at::kFloat));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
@@ -108,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   for (int64_t start = 0; start < M; start += chunk_size) {
     const int64_t n = std::min(chunk_size, M - start);
-    // 1. This chunk's fp32 logits.
-    const at::Tensor h_chunk = in.hidden.narrow(0, start, n).to(in.math);
+    // 1. This chunk's logits (math type).
+    const at::Tensor h_chunk = in.hidden.narrow(0, start, n).to(in.operand);  // a view, except on the fp16 fallback
     at::Tensor logits = chunk_logits(in, h_chunk);
     // 2. loss and lse rows from one read of the logits.
     CrossEntropyParams p = chunk_params(in, logits, start, ignore_index, label_smoothing, z_loss);
@@ -147,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd(
   for (int64_t start = 0; start < M; start += chunk_size) {
     const int64_t n = std::min(chunk_size, M - start);
     // 1. Recompute this chunk's logits, 2. overwrite them with dlogits, 3. the matmuls.
-    const at::Tensor h_chunk = in.hidden.narrow(0, start, n).to(in.math);
+    const at::Tensor h_chunk = in.hidden.narrow(0, start, n).to(in.operand);
     at::Tensor logits = chunk_logits(in, h_chunk);
     CrossEntropyParams p = chunk_params(in, logits, start, ignore_index, label_smoothing, z_loss);
     p.lse_in = advance(l, start);

@@ -266,12 +266,13 @@ def test_cross_entropy_past_2_31_elements():
 
 # ------------------------------------------------------------------------------------ linear cross entropy
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_matches_reference(dtype, bias, reduction):
     # 37 rows in chunks of 16 (a ragged last chunk), V = 1001 (odd: scalar CE path), H = 64.
     # 'mean'/'sum' run the gradient-in-forward path, 'none' the recompute-in-backward path.
+    # fp16/bf16 run the input-dtype GEMMs with fp32 logits and accumulators; dweight accumulates over 3 chunks.
     _require_cuda_backend("linear_cross_entropy")
     M, H, V = 37, 64, 1001
     h = torch.randn(M, H, device="cuda", dtype=dtype)
