@@ -1,84 +1,90 @@
-// Attention forward (FlashAttention-2 on tensor cores, WMMA) and backward (tiled, fp32 math) for fp16/bf16,
-// head dims 64 and 128, GQA, causal (top-left) or not, any sequence lengths. See README.md for the launch
-// shapes.
+// Attention forward (FlashAttention-2 on tensor cores: mma.sync m16n8k16 with ldmatrix and cp.async) and
+// backward (the same on tensor cores) for fp16/bf16, head dims 64 and 128, GQA, causal (top-left) or not, any
+// sequence lengths. See README.md for the launch shapes.
 //
-// Forward, per block of kBlockM = 64 queries of one (batch, head), 4 warps each owning 16 query rows:
-//   for each tile of kBlockN = 64 keys (up to the diagonal when causal):
-//     1. S = Q K^T                 (WMMA m16n16k16, fp32 accumulators, stored to shared memory)
-//     2. s = scale * S, masked to -inf past the keys' end and above the diagonal;
-//        m_new = max(m, rowmax s), p = exp(s - m_new), l = l * exp(m - m_new) + rowsum p
-//     3. O = exp(m - m_new) O + P V (WMMA for P V, P rounded to the input dtype as FlashAttention does;
-//        the tile's P V goes through shared memory so that each lane can rescale its half row of O,
-//        which it keeps in fp32 registers: WMMA does not say which accumulator element is which row)
-//   out = O / l, lse = m + log l   (out = 0 and lse = -inf for a row with no key)
+// Forward, per block of kBlockM = 128 queries of one (batch, head), 4 warps each owning 32 query rows (two
+// 16-row MMA tiles, so every K and V fragment read from shared memory feeds two MMAs):
+//   for each tile of kBlockN = 64 keys (32 at head dim 128; up to the diagonal when causal):
+//     1. S = Q K^T in fp32 registers (the C fragments), Q and K read from shared memory by ldmatrix
+//     2. s = S * scale * log2(e), masked to -inf past the keys' end and above the diagonal (only on the
+//        tiles that need it); per row: m_new = max(m, rowmax s), p = 2^(s - m_new),
+//        l = l 2^(m - m_new) + rowsum p, O = 2^(m - m_new) O. A row's scores of a tile sit in the 4 lanes
+//        of a quad, so its max is two shuffles; l stays a per-lane partial sum until the end.
+//     3. O += P V: P is rounded to the input dtype (as FlashAttention does) and reused from the S
+//        registers as A fragments (the C layout of two 8-key blocks is the A layout of one 16-key step);
+//        V is read by ldmatrix.trans.
+//   The copies overlap the math: V of tile j loads during step 1, K of tile j + 1 during steps 2 and 3.
+//   out = O / l, lse = m ln 2 + log l   (out = 0 and lse = -inf for a row with no key)
 //
-// Backward, per block of kBwdBlockN = 32 keys of one (batch, kv head), looping over the query heads of its
-// group and the query blocks that can see these keys, with delta_i = rowsum(dO_i * O_i) precomputed:
-//   p_ij  = exp(scale q_i.k_j - lse_i)            (0 where masked)
-//   dp_ij = dO_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
-//   dV_j += sum_i p_ij dO_i,   dK_j += scale sum_i ds_ij q_i    (registers, no atomics: the block owns j)
-//   dQ_i += scale sum_j ds_ij k_j                              (fp32 atomicAdd: many key blocks share i)
-#include <mma.h>
-
+// Backward (FlashAttention-2's), per block of 64 keys of one (batch, kv head), 4 warps each owning 16 keys,
+// looping over the query heads of its GQA group and the steps of kBlockM queries that can see these keys,
+// with delta_i = rowsum(dO_i * O_i) precomputed by a small kernel:
+//   1. S^T = K Q^T                                   (keys are the MMA rows, so steps 2-5 stay in registers)
+//   2. p_ji = 2^(scale log2(e) s_ji - log2(e) lse_i)  (0 where masked)
+//   3. dV_j += sum_i p_ji dO_i                        (P^T reused from the C fragments as A fragments)
+//   4. dp_ji = v_j . dO_i,  ds_ji = p_ji (dp_ji - delta_i)
+//   5. dK_j += sum_i ds_ji q_i                        (dK, dV in registers, no atomics: the block owns j;
+//                                                      scale applied once at the end)
+//   6. dQ_i += scale sum_j ds_ji k_j                   (dS^T through shared memory, read back transposed by
+//                                                      ldmatrix.trans; fp32 atomicAdd: key blocks share i)
+// P and dS are rounded to the input dtype before their MMAs, as FlashAttention does.
 #include <algorithm>
 
 #include "attention_params.h"
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace gptfast::cuda {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int kBlockM = 64;
-constexpr int kBlockN = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kPadHalf = 8;   // row padding of half tiles: keeps WMMA's 32-byte alignment, spreads banks
-constexpr int kPadFloat = 4;  // same for fp32 tiles
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
-// Shared-memory layout of the forward kernel, in elements of each tile's type.
+// Forward tiles. Rows of the Q, K and V tiles are padded by 8 elements (16 bytes): the eight 16-byte rows
+// one ldmatrix phase reads then start 4 banks apart and never conflict.
 template <int D>
-struct FwdSmem {
-  static constexpr int kQld = D + kPadHalf;        // Q, K, V tiles: T[rows][kQld]
-  static constexpr int kSld = kBlockN + kPadFloat;  // scores: float[kBlockM][kSld]
-  static constexpr int kPld = kBlockN + kPadHalf;   // probabilities: T[kBlockM][kPld]
-  static constexpr int kOld = D + kPadFloat;        // one tile's P V: float[kBlockM][kOld]
-  static constexpr int64_t kQBytes = int64_t(kBlockM) * kQld * 2;
-  static constexpr int64_t kKBytes = int64_t(kBlockN) * kQld * 2;
-  static constexpr int64_t kSBytes = int64_t(kBlockM) * kSld * 4;
-  static constexpr int64_t kPBytes = int64_t(kBlockM) * kPld * 2;
-  static constexpr int64_t kOBytes = int64_t(kBlockM) * kOld * 4;
-  static constexpr int64_t kBytes = kQBytes + 2 * kKBytes + kSBytes + kPBytes + kOBytes;
+struct FwdTile {
+  static constexpr int kMTiles = 2;  // 16-row MMA tiles per warp
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kBlockM = kWarpRows * kWarps;
+  // 32 keys at head dim 128 keep S (32 rows x 32 keys) and O (32 x 128) in registers without spilling.
+  static constexpr int kBlockN = D == 128 ? 32 : 64;
+  static constexpr int kLd = D + 8;
+  static constexpr int64_t kBytes = int64_t(kBlockM + 2 * kBlockN) * kLd * 2;
 };
 
 __device__ __forceinline__ int64_t offset(const Strides& s, int64_t b, int64_t h, int64_t row) {
   return b * s.batch + h * s.head + row * s.row;
 }
 
-// Copies rows [row0, row0 + ROWS) of a (rows, D) matrix into a shared tile T[ROWS][ld] with 16-byte
-// accesses; rows at or past `rows` become zeros, so they add nothing to the products.
-template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int64_t row_stride, int row0, int rows) {
+// Starts copying rows [row0, row0 + ROWS) of a (rows, D) matrix into tile[ROWS][ld], 16 bytes per cp.async;
+// rows at or past `rows` become zeros, so they add nothing to the products (and no NaN from garbage).
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t row_stride, int row0,
+                                                int rows) {
   constexpr int kChunks = D / 8;  // 8 elements of 2 bytes = 16 bytes
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += blockDim.x) {
+  static_assert(ROWS * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
+    const int idx = it * kThreads + static_cast<int>(threadIdx.x);
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row0 + r < rows) val = *reinterpret_cast<const uint4*>(src + (row0 + r) * row_stride + c);
-    *reinterpret_cast<uint4*>(tile + r * ld + c) = val;
+    const bool in = row0 + r < rows;
+    cp_async_16(tile + r * ld + c, in ? src + int64_t(row0 + r) * row_stride + c : src, in);
   }
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
-  using L = FwdSmem<D>;
+  using F = FwdTile<D>;
+  constexpr int kMT = F::kMTiles, kBlockM = F::kBlockM, kBlockN = F::kBlockN, kLd = F::kLd;
+  constexpr int kNB = kBlockN / 8;  // 8-key column blocks of S
+  constexpr int kDB = D / 8;        // 8-wide column blocks of O
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
-  T* ks = reinterpret_cast<T*>(smem + L::kQBytes);
-  T* vs = reinterpret_cast<T*>(smem + L::kQBytes + L::kKBytes);
-  float* ss = reinterpret_cast<float*>(smem + L::kQBytes + 2 * L::kKBytes);
-  T* ps = reinterpret_cast<T*>(smem + L::kQBytes + 2 * L::kKBytes + L::kSBytes);
-  float* pvs = reinterpret_cast<float*>(smem + L::kQBytes + 2 * L::kKBytes + L::kSBytes + L::kPBytes);
+  T* ks = qs + kBlockM * kLd;
+  T* vs = ks + kBlockN * kLd;
 
   // Heaviest causal query blocks (the last ones) start first.
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
@@ -89,149 +95,182 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, hk, 0);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  // Softmax ownership: lane pair (2r, 2r + 1) holds row 16 * warp + r, one half of its columns each.
-  const int row = 16 * warp + lane / 2, half = lane % 2;
-  const int qi = m0 + row;  // this lane's query index
-
-  load_tile<T, kBlockM, D>(qs, L::kQld, q, p.q_strides.row, m0, p.len_q);
-  float m_i = -INFINITY, l_i = 0.0f;
-  float o_acc[D / 2];  // this lane's half row of the fp32 output accumulator O
-#pragma unroll
-  for (int d = 0; d < D / 2; ++d) o_acc[d] = 0.0f;
-  __syncthreads();
-  // The warp's 16 query rows stay in registers as A fragments for every key tile (4 registers each).
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(qf[kk], qs + 16 * warp * L::kQld + kk * 16, L::kQld);
+  const int g = lane / 4, t = lane % 4;  // this lane's rows g, g + 8 and columns 2t, 2t + 1 of each C tile
+  const int warp_row0 = warp * F::kWarpRows;
+  // ldmatrix row addresses of this lane (see mma.cuh): A tiles of Q, B tiles of K (two 8-key blocks at
+  // once) and of V (transposed; two 8-wide column blocks at once).
+  const T* q_lane = qs + (warp_row0 + lane % 16) * kLd + (lane / 16) * 8;
+  const T* k_lane = ks + (lane % 8 + (lane / 16) * 8) * kLd + ((lane / 8) % 2) * 8;
+  const T* v_lane = vs + (lane % 8 + ((lane / 8) % 2) * 8) * kLd + (lane / 16) * 8;
 
   const int n_end = p.causal ? min(p.len_k, m0 + kBlockM) : p.len_k;
-  for (int n0 = 0; n0 < n_end; n0 += kBlockN) {
-    __syncthreads();  // every warp is done with the previous K and V tiles
-    load_tile<T, kBlockN, D>(ks, L::kQld, k, p.k_strides.row, n0, p.len_k);
-    load_tile<T, kBlockN, D>(vs, L::kQld, v, p.v_strides.row, n0, p.len_k);
-    __syncthreads();
+  load_tile_async<kBlockM, D>(qs, kLd, q, p.q_strides.row, m0, p.len_q);
+  if (n_end > 0) load_tile_async<kBlockN, D>(ks, kLd, k, p.k_strides.row, 0, p.len_k);
+  cp_async_commit();
 
-    // 1. S = Q K^T for this warp's 16 rows: K^T read as a column-major B operand from K's rows.
+  float o[kMT][kDB][4];
+  float m_i[kMT][2], l_i[kMT][2];  // per row (g, g + 8 of each tile): running max (log2 units), partial sum
 #pragma unroll
-    for (int nf = 0; nf < kBlockN / 16; ++nf) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(bt, ks + nf * 16 * L::kQld + kk * 16, L::kQld);
-        wmma::mma_sync(acc, qf[kk], bt, acc);
-      }
-      wmma::store_matrix_sync(ss + 16 * warp * L::kSld + nf * 16, acc, L::kSld, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // 2. Online softmax of this lane's half row; masked scores are -inf and give p = 0.
-    float* srow = ss + row * L::kSld + half * (kBlockN / 2);
-    float tile_max = -INFINITY;
-#pragma unroll 8
-    for (int c = 0; c < kBlockN / 2; ++c) {
-      const int kj = n0 + half * (kBlockN / 2) + c;
-      const bool keep = kj < p.len_k && !(p.causal && kj > qi);
-      const float s = keep ? srow[c] * p.scale : -INFINITY;
-      srow[c] = s;
-      tile_max = fmaxf(tile_max, s);
-    }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
-    const float m_new = fmaxf(m_i, tile_max);
-    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key yet: exp(-inf - 0) = 0, never NaN
-    const float alpha = __expf(m_i - m_use);
-    T* prow = ps + row * L::kPld + half * (kBlockN / 2);
-    float row_sum = 0.0f;
-#pragma unroll 8
-    for (int c = 0; c < kBlockN / 2; ++c) {
-      const float pv = __expf(srow[c] - m_use);
-      prow[c] = from_float<T>(pv);
-      row_sum += pv;
-    }
-    row_sum += __shfl_xor_sync(kFullMask, row_sum, 1);
-    l_i = l_i * alpha + row_sum;
-    m_i = m_new;
-    __syncwarp();
-
-    // 3. This tile's P V for the warp's 16 rows (fresh accumulators, parked in the warp's slice of pvs),
-    //    then O = alpha * O + P V by each lane on its half row held in registers.
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf[kBlockN / 16];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) wmma::load_matrix_sync(pf[kk], ps + 16 * warp * L::kPld + kk * 16, L::kPld);
-#pragma unroll
-    for (int df = 0; df < D / 16; ++df) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(bv, vs + kk * 16 * L::kQld + df * 16, L::kQld);
-        wmma::mma_sync(acc, pf[kk], bv, acc);
-      }
-      wmma::store_matrix_sync(pvs + 16 * warp * L::kOld + df * 16, acc, L::kOld, wmma::mem_row_major);
-    }
-    __syncwarp();
-    const float* pvrow = pvs + row * L::kOld + half * (D / 2);
-#pragma unroll
-    for (int d = 0; d < D / 2; ++d) o_acc[d] = o_acc[d] * alpha + pvrow[d];
-    __syncwarp();  // the next tile's stores into pvs wait for these reads
+    for (int db = 0; db < kDB; ++db) o[mt][db][0] = o[mt][db][1] = o[mt][db][2] = o[mt][db][3] = 0.0f;
+    m_i[mt][0] = m_i[mt][1] = -INFINITY;
+    l_i[mt][0] = l_i[mt][1] = 0.0f;
   }
+  const float scale_log2 = p.scale * kLog2e;
 
-  // 4. out = O / l (16-byte stores), lse = m + log l; a row with no key (l = 0) gives 0 and -inf. A NaN l
-  //    (NaN in the scores) keeps lse NaN, so the backward's recomputed P is NaN and not exp(s + inf).
-  if (qi < p.len_q) {
-    const bool dead = l_i == 0.0f;
-    const float inv_l = dead ? 0.0f : 1.0f / l_i;
-    T* out = static_cast<T*>(p.out) + offset(p.out_strides, b, h, qi);
+  for (int n0 = 0; n0 < n_end; n0 += kBlockN) {
+    cp_async_wait<0>();
+    __syncthreads();  // K tile n0 is in for every thread, and every warp is done with the previous V tile
+    load_tile_async<kBlockN, D>(vs, kLd, v, p.v_strides.row, n0, p.len_k);
+    cp_async_commit();
+
+    // 1. S = Q K^T for this warp's 32 rows.
+    float s[kMT][kNB][4];
 #pragma unroll
-    for (int d = 0; d < D / 2; d += 8) {
-      Vec<T, 8> pack;
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) pack.v[e] = from_float<T>(o_acc[d + e] * inv_l);
-      *reinterpret_cast<Vec<T, 8>*>(out + half * (D / 2) + d) = pack;
+      for (int nb = 0; nb < kNB; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], q_lane + mt * 16 * kLd + kk * 16);
+#pragma unroll
+      for (int nb = 0; nb < kNB; nb += 2) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, k_lane + nb * 8 * kLd + kk * 16);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(s[mt][nb], a[mt], bk[0], bk[1]);
+          mma_16816<T>(s[mt][nb + 1], a[mt], bk[2], bk[3]);
+        }
+      }
     }
-    if (half == 0) {
-      const float lse = dead ? -INFINITY : m_i + static_cast<float>(log(static_cast<double>(l_i)));
-      p.lse[(int64_t(b) * p.heads_q + h) * p.len_q + qi] = lse;
+
+    // 2. Scaled, masked scores and the online softmax. Only the key tile crossing len_k and the tiles on
+    //    the causal diagonal mask anything.
+    const bool masked = n0 + kBlockN > p.len_k || (p.causal && n0 + kBlockN - 1 > m0);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int qi = m0 + warp_row0 + mt * 16 + g + hr * 8;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = s[mt][nb][2 * hr + e] * scale_log2;
+            if (masked) {
+              const int kj = n0 + nb * 8 + 2 * t + e;
+              if (kj >= p.len_k || (p.causal && kj > qi)) x = -INFINITY;
+            }
+            s[mt][nb][2 * hr + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+        const float m_new = fmaxf(m_i[mt][hr], mx);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key yet: 2^(-inf - 0) = 0, never NaN
+        const float alpha = exp2f(m_i[mt][hr] - m_use);
+        float row_sum = 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = exp2f(s[mt][nb][2 * hr + e] - m_use);
+            s[mt][nb][2 * hr + e] = pv;
+            row_sum += pv;
+          }
+        }
+        l_i[mt][hr] = l_i[mt][hr] * alpha + row_sum;
+        m_i[mt][hr] = m_new;
+#pragma unroll
+        for (int db = 0; db < kDB; ++db) {
+          o[mt][db][2 * hr] *= alpha;
+          o[mt][db][2 * hr + 1] *= alpha;
+        }
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V tile n0 is in, and every warp is done with K tile n0
+    if (n0 + kBlockN < n_end) {
+      load_tile_async<kBlockN, D>(ks, kLd, k, p.k_strides.row, n0 + kBlockN, p.len_k);
+      cp_async_commit();
+    }
+
+    // 3. O += P V, 16 keys per step.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int db = 0; db < kDB; db += 2) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, v_lane + kk * 16 * kLd + db * 8);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(o[mt][db], a[mt], bv[0], bv[1]);
+          mma_16816<T>(o[mt][db + 1], a[mt], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // with no key tile, the Q copy is still owed
+
+  // 4. out = O / l, lse = m ln 2 + log l; a row with no key (l = 0) gives 0 and -inf. A NaN l (NaN in the
+  //    scores) keeps lse NaN, so the backward's recomputed P is NaN and not exp(s + inf).
+  T* out = static_cast<T*>(p.out) + offset(p.out_strides, b, h, 0);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = l_i[mt][hr];
+      l += __shfl_xor_sync(kFullMask, l, 1);
+      l += __shfl_xor_sync(kFullMask, l, 2);
+      const int qi = m0 + warp_row0 + mt * 16 + g + hr * 8;
+      if (qi >= p.len_q) continue;
+      const bool dead = l == 0.0f;
+      const float inv_l = dead ? 0.0f : 1.0f / l;
+      T* row = out + int64_t(qi) * p.out_strides.row + 2 * t;
+#pragma unroll
+      for (int db = 0; db < kDB; ++db) {
+        const uint32_t pair = pack2<T>(o[mt][db][2 * hr] * inv_l, o[mt][db][2 * hr + 1] * inv_l);
+        *reinterpret_cast<uint32_t*>(row + db * 8) = pair;
+      }
+      if (t == 0) {
+        const float lse = dead ? -INFINITY : m_i[mt][hr] * kLn2 + static_cast<float>(log(static_cast<double>(l)));
+        p.lse[(int64_t(b) * p.heads_q + h) * p.len_q + qi] = lse;
+      }
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------- backward
-constexpr int kBwdBlockN = 32;
-constexpr int kBwdBlockM = 32;
-constexpr int kBwdThreads = 256;
-
-// Shared-memory layout of the backward kernel, fp32 tiles with one float of padding per row so that a
-// warp reading a column of K (or V) hits 32 different banks.
+// Backward tiles: kBlockN = 64 keys per block, 16 per warp; kBlockM query rows per step. Q, dO, K, V and dS
+// rows are padded by 8 elements, as in the forward, for conflict-free ldmatrix.
 template <int D>
-struct BwdSmem {
-  static constexpr int kLd = D + 1;
-  static constexpr int kPld = kBwdBlockN + 1;
-  static constexpr int64_t kFloats =
-      2 * int64_t(kBwdBlockN) * kLd + 2 * int64_t(kBwdBlockM) * kLd + 2 * int64_t(kBwdBlockM) * kPld + 2 * kBwdBlockM;
-  static constexpr int64_t kBytes = kFloats * 4;
+struct BwdTile {
+  static constexpr int kBlockN = 16 * kWarps;
+  // 32 query rows at head dim 128 keep dK, dV (16 keys x 128 each), S^T and dS^T in registers unspilled.
+  static constexpr int kBlockM = D == 128 ? 32 : 64;
+  // The dQ step: warp w takes query rows 16 (w % kQTiles) + [0, 16) and column part w / kQTiles of D.
+  static constexpr int kQTiles = kBlockM / 16;
+  static constexpr int kDParts = kWarps / kQTiles;
+  static constexpr int kLd = D + 8;
+  static constexpr int kDsLd = kBlockM + 8;
+  static constexpr int64_t kBytes =
+      (int64_t(2 * kBlockN + 2 * kBlockM) * kLd + int64_t(kBlockN) * kDsLd) * 2 + 2 * kBlockM * 4;
 };
-
-// Rows [row0, row0 + ROWS) of a (rows, D) matrix of T into an fp32 tile float[ROWS][ld], zeros past `rows`.
-template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_tile_f32(float* tile, int ld, const T* src, int64_t row_stride, int row0,
-                                              int rows) {
-  constexpr int kChunks = D / 8;
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += blockDim.x) {
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    Vec<T, 8> pack;
-    if (row0 + r < rows) {
-      pack = *reinterpret_cast<const Vec<T, 8>*>(src + (row0 + r) * row_stride + c);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) tile[r * ld + c + e] = to_float(pack.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) tile[r * ld + c + e] = 0.0f;
-    }
-  }
-}
 
 // delta[b, h, i] = sum_d dout[b, h, i, d] * out[b, h, i, d]: one warp per row.
 template <typename T, int D>
@@ -252,113 +291,220 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kBwdThreads) attention_bwd_kernel(const AttentionParams p) {
-  using L = BwdSmem<D>;
-  constexpr int kPerThread = kBwdBlockN * D / kBwdThreads;  // dK, dV entries each thread accumulates
+__global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const AttentionParams p) {
+  using F = BwdTile<D>;
+  constexpr int kBlockN = F::kBlockN, kBlockM = F::kBlockM, kLd = F::kLd, kDsLd = F::kDsLd;
+  constexpr int kMB = kBlockM / 8;  // 8-query column blocks of S^T
+  constexpr int kDB = D / 8;        // 8-wide column blocks of dK, dV
   extern __shared__ __align__(128) unsigned char smem[];
-  float* kt = reinterpret_cast<float*>(smem);
-  float* vt = kt + kBwdBlockN * L::kLd;
-  float* qt = vt + kBwdBlockN * L::kLd;
-  float* dot = qt + kBwdBlockM * L::kLd;
-  float* pt = dot + kBwdBlockM * L::kLd;
-  float* dst = pt + kBwdBlockM * L::kPld;
-  float* lse_t = dst + kBwdBlockM * L::kPld;
-  float* delta_t = lse_t + kBwdBlockM;
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + kBlockN * kLd;
+  T* qs = vs + kBlockN * kLd;
+  T* dos = qs + kBlockM * kLd;
+  T* dss = dos + kBlockM * kLd;  // dS^T of the step, [key][query]
+  float* lse_s = reinterpret_cast<float*>(dss + kBlockN * kDsLd);  // lse * log2(e)
+  float* delta_s = lse_s + kBlockM;
 
-  const int n0 = blockIdx.x * kBwdBlockN;
+  const int n0 = blockIdx.x * kBlockN;
   const int hk = blockIdx.y, b = blockIdx.z;
   const int group = p.heads_q / p.heads_kv;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int key0 = n0 + 16 * warp;  // this warp's 16 keys; its lane holds rows key0 + g and key0 + g + 8
+  const float scale_log2 = p.scale * kLog2e;
 
-  load_tile_f32<T, kBwdBlockN, D>(kt, L::kLd, static_cast<const T*>(p.k) + offset(p.k_strides, b, hk, 0),
-                                  p.k_strides.row, n0, p.len_k);
-  load_tile_f32<T, kBwdBlockN, D>(vt, L::kLd, static_cast<const T*>(p.v) + offset(p.v_strides, b, hk, 0),
-                                  p.v_strides.row, n0, p.len_k);
-  float dk_acc[kPerThread], dv_acc[kPerThread];
+  // ldmatrix row addresses of this lane (see mma.cuh).
+  const T* k_a = ks + (16 * warp + lane % 16) * kLd + (lane / 16) * 8;   // K rows as A (S^T = K Q^T)
+  const T* v_a = vs + (16 * warp + lane % 16) * kLd + (lane / 16) * 8;   // V rows as A (dP^T = V dO^T)
+  const int b_row = lane % 8 + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;
+  const T* q_b = qs + b_row * kLd + b_col;                               // Q^T, dO^T as B
+  const T* do_b = dos + b_row * kLd + b_col;
+  const int t_row = lane % 8 + ((lane / 8) % 2) * 8, t_col = (lane / 16) * 8;
+  const T* q_bt = qs + t_row * kLd + t_col;                              // Q, dO as B (.trans)
+  const T* do_bt = dos + t_row * kLd + t_col;
+  const T* k_bt = ks + t_row * kLd + t_col;                              // K as B of dQ = dS K (.trans)
+  const int q_tile = warp % F::kQTiles, d_lo = (warp / F::kQTiles) * (D / F::kDParts);
+  const T* ds_at = dss + (lane % 8 + (lane / 16) * 8) * kDsLd + 16 * q_tile + ((lane / 8) % 2) * 8;  // dS as A
+
+  const T* kg = static_cast<const T*>(p.k) + offset(p.k_strides, b, hk, 0);
+  const T* vg = static_cast<const T*>(p.v) + offset(p.v_strides, b, hk, 0);
+  load_tile_async<kBlockN, D>(ks, kLd, kg, p.k_strides.row, n0, p.len_k);
+  load_tile_async<kBlockN, D>(vs, kLd, vg, p.v_strides.row, n0, p.len_k);
+  cp_async_commit();
+
+  float dk[kDB][4], dv[kDB][4];
 #pragma unroll
-  for (int e = 0; e < kPerThread; ++e) dk_acc[e] = dv_acc[e] = 0.0f;
+  for (int db = 0; db < kDB; ++db)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dk[db][j] = dv[db][j] = 0.0f;
 
   // Causal: query i sees key j only when i >= j, so query blocks before the one holding n0 see nothing.
-  const int m_start = p.causal ? (n0 / kBwdBlockM) * kBwdBlockM : 0;
+  const int m_start = p.causal ? (n0 / kBlockM) * kBlockM : 0;
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const T* q = static_cast<const T*>(p.q) + offset(p.q_strides, b, h, 0);
-    const T* dout = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, h, 0);
+    const T* qg = static_cast<const T*>(p.q) + offset(p.q_strides, b, h, 0);
+    const T* dog = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, h, 0);
     const int64_t bh_row = (int64_t(b) * p.heads_q + h) * p.len_q;
-    for (int m0 = m_start; m0 < p.len_q; m0 += kBwdBlockM) {
-      __syncthreads();  // the previous query block's tiles are no longer read
-      load_tile_f32<T, kBwdBlockM, D>(qt, L::kLd, q, p.q_strides.row, m0, p.len_q);
-      load_tile_f32<T, kBwdBlockM, D>(dot, L::kLd, dout, p.dout_strides.row, m0, p.len_q);
-      if (tid < kBwdBlockM) {
+    for (int m0 = m_start; m0 < p.len_q; m0 += kBlockM) {
+      __syncthreads();  // every warp is done with the previous step's Q, dO, dS, lse and delta
+      load_tile_async<kBlockM, D>(qs, kLd, qg, p.q_strides.row, m0, p.len_q);
+      load_tile_async<kBlockM, D>(dos, kLd, dog, p.dout_strides.row, m0, p.len_q);
+      cp_async_commit();
+      if (tid < kBlockM) {
         const bool in = m0 + tid < p.len_q;
-        lse_t[tid] = in ? p.lse[bh_row + m0 + tid] : 0.0f;
-        delta_t[tid] = in ? p.delta[bh_row + m0 + tid] : 0.0f;
+        lse_s[tid] = in ? p.lse[bh_row + m0 + tid] * kLog2e : 0.0f;
+        delta_s[tid] = in ? p.delta[bh_row + m0 + tid] : 0.0f;
       }
+      cp_async_wait<0>();
       __syncthreads();
 
-      // 1. p_ij and ds_ij for the 32 x 32 tile.
-      for (int idx = tid; idx < kBwdBlockM * kBwdBlockN; idx += kBwdThreads) {
-        const int mi = idx / kBwdBlockN, nj = idx % kBwdBlockN;
-        const int i = m0 + mi, j = n0 + nj;
-        const bool keep = i < p.len_q && j < p.len_k && !(p.causal && j > i);
-        float s = 0.0f, dp = 0.0f;
-#pragma unroll 8
-        for (int d = 0; d < D; ++d) {
-          s += qt[mi * L::kLd + d] * kt[nj * L::kLd + d];
-          dp += dot[mi * L::kLd + d] * vt[nj * L::kLd + d];
-        }
-        const float pij = keep ? __expf(s * p.scale - lse_t[mi]) : 0.0f;
-        pt[mi * L::kPld + nj] = pij;
-        dst[mi * L::kPld + nj] = pij * (dp - delta_t[mi]);
-      }
-      __syncthreads();
-
-      // 2. dV_j += sum_i p_ij dO_i and dK_j += sum_i ds_ij q_i (scale applied once at the end).
+      // 1. S^T = K Q^T for this warp's 16 keys (rows) and the step's queries (columns).
+      float st[kMB][4];
 #pragma unroll
-      for (int e = 0; e < kPerThread; ++e) {
-        const int idx = tid + e * kBwdThreads;
-        const int nj = idx / D, d = idx % D;
-        float dv = 0.0f, dk = 0.0f;
-#pragma unroll 8
-        for (int mi = 0; mi < kBwdBlockM; ++mi) {
-          dv += pt[mi * L::kPld + nj] * dot[mi * L::kLd + d];
-          dk += dst[mi * L::kPld + nj] * qt[mi * L::kLd + d];
+      for (int mb = 0; mb < kMB; ++mb) st[mb][0] = st[mb][1] = st[mb][2] = st[mb][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, k_a + kk * 16);
+#pragma unroll
+        for (int mb = 0; mb < kMB; mb += 2) {
+          uint32_t bq[4];
+          ldmatrix_x4(bq, q_b + mb * 8 * kLd + kk * 16);
+          mma_16816<T>(st[mb], a, bq[0], bq[1]);
+          mma_16816<T>(st[mb + 1], a, bq[2], bq[3]);
         }
-        dv_acc[e] += dv;
-        dk_acc[e] += dk;
       }
 
-      // 3. dQ_i += scale sum_j ds_ij k_j, added to the fp32 accumulator shared with other key blocks.
-      for (int idx = tid; idx < kBwdBlockM * D; idx += kBwdThreads) {
-        const int mi = idx / D, d = idx % D;
-        if (m0 + mi >= p.len_q) continue;
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int nj = 0; nj < kBwdBlockN; ++nj) acc += dst[mi * L::kPld + nj] * kt[nj * L::kLd + d];
-        atomicAdd(p.dq_accum + (bh_row + m0 + mi) * D + d, acc * p.scale);
+      // 2. P^T = 2^(S^T scale log2(e) - lse log2(e)), 0 where masked (and for query rows past len_q).
+      const bool masked = m0 + kBlockM > p.len_q || n0 + kBlockN > p.len_k || (p.causal && n0 + kBlockN - 1 > m0);
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int mi = mb * 8 + 2 * t + j % 2;
+          float pv = exp2f(st[mb][j] * scale_log2 - lse_s[mi]);
+          if (masked) {
+            const int qi = m0 + mi, kj = key0 + g + 8 * (j / 2);
+            if (qi >= p.len_q || kj >= p.len_k || (p.causal && kj > qi)) pv = 0.0f;
+          }
+          st[mb][j] = pv;
+        }
+      }
+
+      // 3. dV += P^T dO, P^T rounded to the input dtype (the C layout of two 8-query blocks is the A layout
+      //    of one 16-query step, as in the forward's P V).
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
+                               pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                               pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+#pragma unroll
+        for (int db = 0; db < kDB; db += 2) {
+          uint32_t bo[4];
+          ldmatrix_x4_trans(bo, do_bt + kk * 16 * kLd + db * 8);
+          mma_16816<T>(dv[db], a, bo[0], bo[1]);
+          mma_16816<T>(dv[db + 1], a, bo[2], bo[3]);
+        }
+      }
+
+      // 4. dP^T = V dO^T, then dS^T = P^T (dP^T - delta) with delta_i = rowsum(dO_i O_i).
+      float ds[kMB][4];
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) ds[mb][0] = ds[mb][1] = ds[mb][2] = ds[mb][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, v_a + kk * 16);
+#pragma unroll
+        for (int mb = 0; mb < kMB; mb += 2) {
+          uint32_t bo[4];
+          ldmatrix_x4(bo, do_b + mb * 8 * kLd + kk * 16);
+          mma_16816<T>(ds[mb], a, bo[0], bo[1]);
+          mma_16816<T>(ds[mb + 1], a, bo[2], bo[3]);
+        }
+      }
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ds[mb][j] = st[mb][j] * (ds[mb][j] - delta_s[mb * 8 + 2 * t + j % 2]);
+
+      // 5. dK += dS^T Q (scale applied once at the end), and dS^T to shared memory for step 6.
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(ds[2 * kk][0], ds[2 * kk][1]), pack2<T>(ds[2 * kk][2], ds[2 * kk][3]),
+                               pack2<T>(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
+                               pack2<T>(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
+        T* ds_row = dss + (16 * warp + g) * kDsLd + kk * 16 + 2 * t;
+        *reinterpret_cast<uint32_t*>(ds_row) = a[0];
+        *reinterpret_cast<uint32_t*>(ds_row + 8 * kDsLd) = a[1];
+        *reinterpret_cast<uint32_t*>(ds_row + 8) = a[2];
+        *reinterpret_cast<uint32_t*>(ds_row + 8 * kDsLd + 8) = a[3];
+#pragma unroll
+        for (int db = 0; db < kDB; db += 2) {
+          uint32_t bq[4];
+          ldmatrix_x4_trans(bq, q_bt + kk * 16 * kLd + db * 8);
+          mma_16816<T>(dk[db], a, bq[0], bq[1]);
+          mma_16816<T>(dk[db + 1], a, bq[2], bq[3]);
+        }
+      }
+      __syncthreads();  // all of dS^T is in shared memory
+
+      // 6. dQ += scale dS K for this warp's 16 query rows and columns [d_lo, d_lo + D / kDParts), over the
+      //    block's 64 keys in 16-wide column chunks, added to the fp32 accumulator the key blocks share.
+      uint32_t a[kBlockN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) ldmatrix_x4_trans(a[kk], ds_at + kk * 16 * kDsLd);
+      const int q_lo = m0 + 16 * q_tile + g;
+      float* dq_lo = p.dq_accum + (bh_row + q_lo) * D + 2 * t;
+#pragma unroll
+      for (int db = d_lo / 8; db < (d_lo + D / F::kDParts) / 8; db += 2) {
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, k_bt + kk * 16 * kLd + db * 8);
+          mma_16816<T>(acc[0], a[kk], bk[0], bk[1]);
+          mma_16816<T>(acc[1], a[kk], bk[2], bk[3]);
+        }
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (q_lo < p.len_q) {
+            atomicAdd(dq_lo + (db + c) * 8, acc[c][0] * p.scale);
+            atomicAdd(dq_lo + (db + c) * 8 + 1, acc[c][1] * p.scale);
+          }
+          if (q_lo + 8 < p.len_q) {
+            atomicAdd(dq_lo + 8 * D + (db + c) * 8, acc[c][2] * p.scale);
+            atomicAdd(dq_lo + 8 * D + (db + c) * 8 + 1, acc[c][3] * p.scale);
+          }
+        }
       }
     }
   }
+  cp_async_wait<0>();  // with no query step, the K and V copies are still owed
 
-  // 4. This block owns keys [n0, n0 + 32) of kv head hk: write dK = scale * sum ds q and dV.
+  // 7. This block owns keys [n0, n0 + 64) of kv head hk: dK = scale sum_i dS^T q_i and dV, in the dtype.
   const int64_t kv_row = (int64_t(b) * p.heads_kv + hk) * p.len_k;
 #pragma unroll
-  for (int e = 0; e < kPerThread; ++e) {
-    const int idx = tid + e * kBwdThreads;
-    const int nj = idx / D, d = idx % D;
-    if (n0 + nj < p.len_k) {
-      static_cast<T*>(p.dk)[(kv_row + n0 + nj) * D + d] = from_float<T>(dk_acc[e] * p.scale);
-      static_cast<T*>(p.dv)[(kv_row + n0 + nj) * D + d] = from_float<T>(dv_acc[e]);
+  for (int hr = 0; hr < 2; ++hr) {
+    const int kj = key0 + g + 8 * hr;
+    if (kj >= p.len_k) continue;
+    T* dk_row = static_cast<T*>(p.dk) + (kv_row + kj) * D + 2 * t;
+    T* dv_row = static_cast<T*>(p.dv) + (kv_row + kj) * D + 2 * t;
+#pragma unroll
+    for (int db = 0; db < kDB; ++db) {
+      *reinterpret_cast<uint32_t*>(dk_row + db * 8) =
+          pack2<T>(dk[db][2 * hr] * p.scale, dk[db][2 * hr + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_row + db * 8) = pack2<T>(dv[db][2 * hr], dv[db][2 * hr + 1]);
     }
   }
 }
 
 template <typename T, int D>
 cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int64_t kSmem = FwdSmem<D>::kBytes;
+  constexpr int64_t kSmem = FwdTile<D>::kBytes;
   cudaError_t err = cudaFuncSetAttribute(attention_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kSmem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.len_q, kBlockM)), p.heads_q, p.batch);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.len_q, FwdTile<D>::kBlockM)), p.heads_q, p.batch);
   attention_fwd_kernel<T, D><<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -373,23 +519,23 @@ cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   if (p.len_k == 0) return cudaSuccess;
-  constexpr int64_t kSmem = BwdSmem<D>::kBytes;
+  constexpr int64_t kSmem = BwdTile<D>::kBytes;
   cudaError_t err = cudaFuncSetAttribute(attention_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kSmem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.len_k, kBwdBlockN)), p.heads_kv, p.batch);
-  attention_bwd_kernel<T, D><<<grid, kBwdThreads, kSmem, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.len_k, BwdTile<D>::kBlockN)), p.heads_kv, p.batch);
+  attention_bwd_kernel<T, D><<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 int64_t attention_fwd_smem_bytes(int head_dim) {
-  return head_dim == 64 ? FwdSmem<64>::kBytes : FwdSmem<128>::kBytes;
+  return head_dim == 64 ? FwdTile<64>::kBytes : FwdTile<128>::kBytes;
 }
 
 int64_t attention_bwd_smem_bytes(int head_dim) {
-  return head_dim == 64 ? BwdSmem<64>::kBytes : BwdSmem<128>::kBytes;
+  return head_dim == 64 ? BwdTile<64>::kBytes : BwdTile<128>::kBytes;
 }
 
 cudaError_t attention_fwd_launch(const AttentionParams& params, cudaStream_t stream) {

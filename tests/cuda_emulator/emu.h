@@ -1,9 +1,10 @@
 // CPU emulation of the CUDA execution model, just enough to run csrc/cuda/*.cu on a machine without a GPU
 // (tests/ops/test_cuda_backend.py, section "CPU emulation"): one std::thread per CUDA thread, blocks one
 // after another, std::barrier for __syncthreads/__syncwarp, shuffles through a per-warp buffer, dynamic
-// shared memory filled with garbage, and WMMA fragments that hold the whole 16x16 tile in every lane
-// (fp32 products and sums, as the tensor cores). __expf is the exact expf here, so this checks the
-// kernels' indexing, masking, synchronisation and algebra, not the GPU's approximate intrinsics.
+// shared memory filled with garbage, cp.async copies that land only when waited for, and ldmatrix / mma.sync
+// on the fragment layouts the PTX ISA defines (exchanged through a per-warp buffer). __expf is the exact
+// expf here, so this checks the kernels' indexing, fragment layouts, masking, synchronisation and algebra,
+// not the GPU's approximate intrinsics.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -40,6 +41,7 @@ struct EmuBlock {
   std::barrier<>* block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>>* warp_barriers;
   std::vector<double>* shfl_buf;  // 32 per warp, wide enough for float and double
+  std::vector<unsigned char>* lane_buf;  // 64 bytes per lane: operands of warp-collective instructions
   unsigned char* smem;
 };
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -77,9 +79,10 @@ void emu_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStr
         std::vector<std::unique_ptr<std::barrier<>>> warps;
         for (unsigned w = 0; w < (n + 31) / 32; ++w) warps.emplace_back(new std::barrier<>(32));
         std::vector<double> shfl(32 * warps.size());
+        std::vector<unsigned char> lanes(2048 * warps.size());
         // Garbage in shared memory, as on a GPU: catches reads of never-written tiles.
         for (size_t i = 0; i < smem_bytes; ++i) smem[i] = 0xFF;
-        EmuBlock eb{&bar, &warps, &shfl, smem};
+        EmuBlock eb{&bar, &warps, &shfl, &lanes, smem};
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < n; ++t) {
           threads.emplace_back([&, t] {
@@ -95,46 +98,98 @@ void emu_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStr
       }
 }
 
-namespace nvcuda::wmma {
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  float x[256];
+// ---------------------------------------------------------------- csrc/cuda/mma.cuh, from the PTX definitions
+// cp.async: a thread's copies land when it waits for their group, the latest a GPU may land them, so a tile
+// read before its wait (or before the __syncthreads after it) reads the garbage still there.
+struct EmuCopy {
+  void* dst;
+  const void* src;
+  bool fill;
 };
-inline float tof(float v) { return v; }
-inline float tof(__half v) { return __half2float(v); }
-inline float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename F> void fill_fragment(F& f, float v) { for (auto& e : f.x) e = v; }
-template <typename Use, typename T, typename L>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = tof(std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
+inline thread_local std::vector<std::vector<EmuCopy>> emu_committed;  // oldest first
+inline thread_local std::vector<EmuCopy> emu_open_group;
+
+inline void cp_async_16(void* dst, const void* src, bool fill) { emu_open_group.push_back({dst, src, fill}); }
+inline void cp_async_commit() {
+  emu_committed.push_back(std::move(emu_open_group));
+  emu_open_group.clear();
 }
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-}
-template <typename T, typename LA, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  float out[256];
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 16; ++n) {
-      float s = c.x[m * 16 + n];
-      for (int k = 0; k < 16; ++k) s += a.x[m * 16 + k] * b.x[k * 16 + n];
-      out[m * 16 + n] = s;
+template <int N>
+void cp_async_wait() {
+  while (emu_committed.size() > size_t(N)) {
+    for (const EmuCopy& c : emu_committed.front()) {
+      if (c.fill) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
     }
-  std::memcpy(d.x, out, sizeof out);
+    emu_committed.erase(emu_committed.begin());
+  }
 }
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
-  __syncwarp();  // every lane has finished reading the old values (a real store is one warp-wide step)
-  if (threadIdx.x % 32 == 0)
-    for (int r = 0; r < 16; ++r)
-      for (int c = 0; c < 16; ++c) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
+
+// Every lane's value of a warp-collective operand, as the hardware sees them all at once.
+template <typename V>
+void emu_warp_gather(const V& mine, V (&all)[32]) {
+  static_assert(sizeof(V) <= 64, "lane_buf holds 64 bytes per lane");
+  unsigned char* buf = emu_block->lane_buf->data() + 2048 * (threadIdx.x / 32);
+  __syncwarp();
+  std::memcpy(buf + 64 * (threadIdx.x % 32), &mine, sizeof(V));
+  __syncwarp();
+  for (int i = 0; i < 32; ++i) std::memcpy(&all[i], buf + 64 * i, sizeof(V));
+  __syncwarp();
 }
-}  // namespace nvcuda::wmma
+
+inline uint32_t emu_b16(const void* row, int e) {
+  uint16_t v;
+  std::memcpy(&v, static_cast<const unsigned char*>(row) + 2 * e, 2);
+  return v;
+}
+
+// Matrix i is the 8 x 8 block whose rows lanes 8i..8i+7 address; lane l gets row l / 4, elements 2 (l % 4)
+// and 2 (l % 4) + 1 (of the transpose with .trans).
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const void* rows[32];
+  emu_warp_gather(row, rows);
+  const int l = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i) {
+    const void* src = rows[8 * i + l / 4];
+    r[i] = emu_b16(src, 2 * (l % 4)) | emu_b16(src, 2 * (l % 4) + 1) << 16;
+  }
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  const void* rows[32];
+  emu_warp_gather(row, rows);
+  const int l = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i)
+    r[i] = emu_b16(rows[8 * i + 2 * (l % 4)], l / 4) | emu_b16(rows[8 * i + 2 * (l % 4) + 1], l / 4) << 16;
+}
+
+template <typename T>
+float emu_half_bits(uint32_t reg, int upper) {
+  const uint16_t bits = static_cast<uint16_t>(upper ? reg >> 16 : reg & 0xFFFF);
+  T x;
+  std::memcpy(&x, &bits, 2);
+  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
+  else return __bfloat162float(x);
+}
+
+// d += A B on the m16n8k16 fragments: A[r][k] is in lane (r % 8) * 4 + (k % 8) / 2, register
+// r / 8 + 2 (k / 8), half k % 2; B[k][n] in lane 4 n + (k % 8) / 2, register k / 8, half k % 2; this lane's
+// d[j] is C[l / 4 + 8 (j / 2)][2 (l % 4) + j % 2]. Exact products, fp32 sums, as the tensor cores.
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  struct Regs {
+    uint32_t a[4], b[2];
+  };
+  Regs all[32];
+  emu_warp_gather(Regs{{a[0], a[1], a[2], a[3]}, {b0, b1}}, all);
+  const int l = threadIdx.x % 32;
+  for (int j = 0; j < 4; ++j) {
+    const int r = l / 4 + 8 * (j / 2), n = 2 * (l % 4) + j % 2;
+    float acc = d[j];
+    for (int k = 0; k < 16; ++k) {
+      const float av = emu_half_bits<T>(all[(r % 8) * 4 + (k % 8) / 2].a[r / 8 + 2 * (k / 8)], k % 2);
+      const float bv = emu_half_bits<T>(all[4 * n + (k % 8) / 2].b[k / 8], k % 2);
+      acc += av * bv;
+    }
+    d[j] = acc;
+  }
+}

@@ -453,7 +453,7 @@ def test_unsupported_cuda_takes_every_option_of_the_row_ops(op):
 
 # ------------------------------------------------------------------------------ CPU emulation (any machine)
 # The kernel files themselves, run on the CPU through tests/cuda_emulator/emu.h (threads for CUDA threads,
-# barriers, emulated shuffles and WMMA), called through their plain launchers. This checks what a GPU run
+# barriers, emulated shuffles, cp.async, ldmatrix and mma.sync), called through their plain launchers. This checks what a GPU run
 # would: indexing, masks, strides, GQA, block skipping, synchronisation and the algebra, on machines
 # without a GPU. "torch in the same dtype" is stood in for by the reference run on the low-precision tensors
 # (fp32 math, output rounded to the dtype); the GPU tests above use torch's own kernels.
@@ -471,7 +471,7 @@ _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 def _emulable(source: str) -> str:
     """A kernel file rewritten for emu.h: launches through emu_launch, dynamic shared memory from emu_smem."""
-    s = source.replace("#include <mma.h>", "")
+    s = source.replace('#include "mma.cuh"', "")  # emu.h defines its primitives
     s = s.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"')
     s = s.replace("extern __shared__ __align__(128) unsigned char smem[];", "unsigned char* smem = emu_smem();")
     s = s.replace("extern __shared__ float cache[];", "float* cache = reinterpret_cast<float*>(emu_smem());")
@@ -668,6 +668,7 @@ def _emu_attention(emu, q, k, v, causal, scale, dout=None):
         (1, 4, 2, 100, 33, 128, True),  # L > S causal: rows past S see every key
         (1, 1, 1, 65, 129, 128, False),  # ragged query and key tiles
         (1, 3, 1, 1, 1, 64, False),  # one query, one key
+        (2, 1, 1, 160, 160, 128, True),  # two forward query blocks of 128 (the last ragged), batch strides
     ],
 )
 def test_emulated_attention(emu, B, Hq, Hk, L, S, D, causal, dtype):
