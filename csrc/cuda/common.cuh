@@ -100,6 +100,28 @@ __device__ __forceinline__ void load_vec(const T* row, int64_t c, int64_t cols, 
   }
 }
 
+// Loads VEC raw elements of `row` from column c (zeros at or past `cols`), kept in T to save registers.
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> load_raw(const T* row, int64_t c, int64_t cols) {
+  if (c + VEC <= cols) return *reinterpret_cast<const Vec<T, VEC>*>(row + c);
+  Vec<T, VEC> out;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out.v[e] = c + e < cols ? row[c + e] : from_float<T>(0.0f);
+  return out;
+}
+
+// Elements e and e + 1 of a raw vector as fp32 (one paired conversion for fp16/bf16, e even).
+template <typename T, int VEC>
+__device__ __forceinline__ float2 raw_pair(const Vec<T, VEC>& r, int e) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&r.v[e]));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r.v[e]));
+  } else {
+    return make_float2(to_float(r.v[e]), to_float(r.v[e + 1]));
+  }
+}
+
 // Stores VEC values to `row` from column c, converted to T; elements at or past `cols` are not written.
 template <typename T, int VEC, typename Acc>
 __device__ __forceinline__ void store_vec(T* row, int64_t c, int64_t cols, const Acc (&in)[VEC]) {
@@ -157,6 +179,28 @@ __device__ __forceinline__ void online_add(Acc& m, Acc& s, Acc x) {
   }
 }
 
+// Adds VEC values to the running (max, sum) pair with one rescale for the vector, not a compare and branch
+// per element. A NaN makes the sum NaN through its exp, as with online_add; a +inf max takes online_add's
+// element by element path, so +inf rows behave exactly as there.
+template <typename Acc, int VEC>
+__device__ __forceinline__ void online_add_vec(Acc& m, Acc& s, const Acc (&v)[VEC]) {
+  Acc vm = v[0];
+#pragma unroll
+  for (int e = 1; e < VEC; ++e) vm = vm > v[e] ? vm : v[e];
+  const Acc mn = m > vm ? m : vm;
+  if (mn == -INFINITY) return;
+  if (mn == INFINITY) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) online_add(m, s, v[e]);
+    return;
+  }
+  Acc add = 0;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) add += acc_exp(v[e] - mn);
+  s = s * acc_exp(m - mn) + add;
+  m = mn;
+}
+
 template <typename Acc>
 __device__ __forceinline__ void warp_online_merge(Acc& m, Acc& s) {
 #pragma unroll
@@ -179,6 +223,17 @@ __device__ __forceinline__ Acc block_sum(Acc x, Acc* scratch) {
   __syncthreads();
   x = lane < warps ? scratch[lane] : Acc(0);
   return warp_sum(x);
+}
+
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  x = warp_max(x);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < warps ? scratch[lane] : -INFINITY;
+  return warp_max(x);
 }
 
 template <typename Acc>

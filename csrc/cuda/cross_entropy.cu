@@ -1,8 +1,8 @@
 // Cross-entropy forward and backward over the rows of (rows, cols) logits: fp32 math for fp32/fp16/bf16
 // logits, fp64 math (and fp64 loss/lse) for fp64 logits.
 //
-// Forward: one block per row reads the row once, keeping per thread an online (max, sum of exp) pair and
-// the plain sum of the logits (for label smoothing); the block merges them and thread 0 reads the target
+// Forward: one block per row reads the row once, keeping per thread an online (max, sum of exp) pair
+// (rescaled once per 16-byte vector) and the plain sum of the logits (for label smoothing); the block merges them and thread 0 reads the target
 // logit and writes loss and lse. Backward: a 2-D grid (rows x column chunks) writes
 // dlogits = dloss * (p (1 + 2 z lse) - eps / V - (1 - eps) [j == t]) in one pass; it reads each logit
 // once and may overwrite it (linear_cross_entropy runs it in place on each chunk's logits).
@@ -31,14 +31,19 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_fwd_kernel(const Cr
   __shared__ Acc scratch[2 * kWarpSize];
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-    // 1. One read of the row: online (max, sum exp) and sum of logits per thread.
+    // 1. One read of the row: online (max, sum exp) and sum of logits per thread, one rescale per full
+    //    vector; unrolled so that several loads are in flight per thread.
     Acc m = -INFINITY, s = 0, total = 0;
+#pragma unroll 4
     for (int64_t c = int64_t(threadIdx.x) * VEC; c < p.cols; c += int64_t(blockDim.x) * VEC) {
       Acc v[VEC];
       load_vec<T, VEC>(x, c, p.cols, v, Acc(0));
+      if (c + VEC <= p.cols) {
+        online_add_vec(m, s, v);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        if (c + e < p.cols) {
+        for (int e = 0; e < VEC; ++e) total += v[e];
+      } else {
+        for (int e = 0; e < VEC && c + e < p.cols; ++e) {
           online_add(m, s, v[e]);
           total += v[e];
         }

@@ -66,6 +66,9 @@ inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fe
 
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cudaGetLastError() cudaSuccess
+#define cudaGetDevice(device) (*(device) = 0, cudaSuccess)
+// An H100/H200's opt-in limit per block (227 KB).
+#define cudaDeviceGetAttribute(value, attr, device) (*(value) = 232448, cudaSuccess)
 
 template <typename Kernel, typename P>
 void emu_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, const P& p) {

@@ -69,9 +69,12 @@ def _check_softmax(x: torch.Tensor, scale: float, causal: bool, dim: int = -1) -
         (3, 7),  # odd columns: row stride not a multiple of 16 bytes, so the scalar warp kernel runs
         (64, 1000),  # aligned rows of a typical vocab-like width: 16-byte warp kernel
         (5, 2048),  # the widest row that stays in one warp's registers
-        (4, 2049),  # one column past it: block kernel, scalar (unaligned) path, row cached in shared memory
-        (2, 8000),  # block kernel, forward cached in shared memory, backward (y and dy) re-read
-        (3, 40000),  # long aligned rows: block kernel with 16-byte accesses and a ragged tail
+        (4, 2049),  # one column past it: a block per row, row in registers, scalar (unaligned) path
+        (2, 8000),  # a block per row, row in registers, 16-byte accesses
+        (2, 20000),  # fp32 backward: block kernel with y and dy cached in shared memory; half: registers
+        (2, 32768),  # the longest forward row kept in registers (the 32k x 32k benchmark's row)
+        (3, 40000),  # online block kernel, forward cached (fp16/bf16) or read twice (fp32), ragged tail
+        (2, 70000),  # too long to cache in any dtype: every pass reads global memory
         (2, 3, 17, 17),  # a stack of causal (L, L) score matrices: causal_rows = 17 wraps over rows
         (1, 2, 33, 300),  # L < N causal score matrix (top-left aligned)
     ],
@@ -474,8 +477,7 @@ def _emulable(source: str) -> str:
     s = source.replace('#include "mma.cuh"', "")  # emu.h defines its primitives
     s = s.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"')
     s = s.replace("extern __shared__ __align__(128) unsigned char smem[];", "unsigned char* smem = emu_smem();")
-    s = s.replace("extern __shared__ float cache[];", "float* cache = reinterpret_cast<float*>(emu_smem());")
-    s = re.sub(r"([A-Za-z_]\w*<[^<>;]*>)<<<(.*?)>>>\((\w+)\);", r"emu_launch(\1, \2, \3);", s)
+    s = re.sub(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\((\w+)\);", r"emu_launch(\1, \2, \3);", s)
     assert "<<<" not in s and "extern __shared__" not in s, "a launch or shared declaration emu.h cannot run"
     return s
 
@@ -525,9 +527,11 @@ def _low_ref(fn, *args):
         (3, 7, 0),  # scalar warp kernel
         (9, 1000, 0),  # 16-byte warp kernel
         (5, 2048, 3),  # widest warp row, causal wrapping every 3 rows
-        (4, 2049, 0),  # block kernel, cached, scalar
-        (3, 8000, 2),  # block kernel: forward cached, backward re-reads
-        (2, 13000, 0),  # block kernel, nothing cached
+        (4, 2049, 0),  # a block per row in registers, scalar
+        (3, 8000, 2),  # a block per row in registers, 16-byte, causal
+        (2, 13000, 0),  # fp32 backward: online block kernel, y and dy cached in their dtype
+        (2, 20000, 7),  # fp32 backward past the cache: y and dy read twice; half backward cached
+        (2, 40000, 0),  # forward past the registers: online block kernel, cached (half) or read twice (fp32)
         (6, 300, 33),  # causal with L < N
     ],
 )
@@ -638,6 +642,27 @@ def test_emulated_cross_entropy_in_place_and_bad_targets(emu):
     assert loss[0].isfinite() and loss[1].isnan() and loss[2].isnan()
     g = _emu_ce(emu, 0, x, t, -100, 0.0, 0.0, lse=lse, dloss=torch.ones(3), out=torch.empty_like(x))
     assert g[0].isfinite().all() and g[1].isnan().all() and g[2].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cross_entropy_nan_and_inf_logits(emu, dtype):
+    # The forward folds whole 16-byte vectors into the running (max, sum) pair: a NaN anywhere in a row
+    # (mid-vector, or in the ragged tail past the last full vector) must still make that row's loss and lse
+    # NaN; a +inf logit makes them NaN too (the block merge meets inf - inf; torch gives +inf: both are
+    # non-finite, never a finite wrong loss); a -inf one changes nothing.
+    x = torch.randn(5, 3001).to(dtype)
+    x[0, 1000] = float("nan")
+    x[1, 3000] = float("nan")
+    x[2, 17] = float("inf")
+    x[3, 5] = float("-inf")
+    t = torch.tensor([3, 4, 5, 6, 7])
+    loss, lse = _emu_ce(emu, 1, x, t, -100, 0.0, 0.0)
+    assert loss[:2].isnan().all() and lse[:2].isnan().all()
+    assert lse[2].isnan() and loss[2].isnan()
+    ref_loss, ref_lse = reference.cross_entropy_fwd(x[3:].double(), t[3:], -100, 0.0, 0.0)
+    tor = _torch_ce(_leaf(x[3:]), t[3:], -100, "none", 0.0, 0.0).float()
+    assert_close(loss[3:], ref_loss, tor, "ce loss next to -inf")
+    assert_close(lse[3:], ref_lse, torch.logsumexp(x[3:], dim=-1).float(), "ce lse next to -inf")
 
 
 def _emu_attention(emu, q, k, v, causal, scale, dout=None):
