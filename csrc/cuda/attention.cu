@@ -345,7 +345,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
     const T* dog = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, h, 0);
     const int64_t bh_row = (int64_t(b) * p.heads_q + h) * p.len_q;
     for (int m0 = m_start; m0 < p.len_q; m0 += kBlockM) {
-      __syncthreads();  // every warp is done with the previous step's Q, dO, dS, lse and delta
+      // Not needed for correctness (the previous step last read Q, dO, lse and delta before its dS barrier, and
+      // the dS tile its step 6 reads is rewritten only after the barrier below), but without it ptxas overlaps
+      // the steps and spills at head dim 128.
+      __syncthreads();
       load_tile_async<kBlockM, D>(qs, kLd, qg, p.q_strides.row, m0, p.len_q);
       load_tile_async<kBlockM, D>(dos, kLd, dog, p.dout_strides.row, m0, p.len_q);
       cp_async_commit();
@@ -355,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
         delta_s[tid] = in ? p.delta[bh_row + m0 + tid] : 0.0f;
       }
       cp_async_wait<0>();
-      __syncthreads();
+      __syncthreads();  // this step's tiles are in, and every warp is done with the previous step's dS
 
       // 1. S^T = K Q^T for this warp's 16 keys (rows) and the step's queries (columns).
       float st[kMB][4];

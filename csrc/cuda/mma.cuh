@@ -1,5 +1,7 @@
 // Tensor-core and async-copy primitives for sm_80+ as inline PTX: cp.async (16 bytes, zero fill), ldmatrix
-// (x4, plain and transposed) and mma.sync m16n8k16 with fp32 accumulators. CUDA headers only.
+// (x4, plain and transposed) and mma.sync m16n8k16 with fp32 accumulators. CUDA headers only. The copies
+// and shared-memory reads carry "memory" clobbers, so the compiler never moves plain shared-memory accesses
+// across them (the kernels also separate every hand-off with __syncthreads).
 //
 // Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with g = lane / 4 and
 // t = lane % 4; each .b32 register holds two 16-bit elements, the lower column (or k) in the low half:
@@ -28,27 +30,30 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 // (src must still be a valid address).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* src, bool fill) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(src),
-               "r"(fill ? 16 : 0));
+               "r"(fill ? 16 : 0)
+               : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(smem_row)));
+               : "r"(smem_address(smem_row))
+               : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(smem_row)));
+               : "r"(smem_address(smem_row))
+               : "memory");
 }
 
 // d += A B for one 16 x 8 x 16 tile; T is __half or __nv_bfloat16.

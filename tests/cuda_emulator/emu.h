@@ -102,8 +102,18 @@ void emu_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStr
 }
 
 // ---------------------------------------------------------------- csrc/cuda/mma.cuh, from the PTX definitions
-// cp.async: a thread's copies land when it waits for their group, the latest a GPU may land them, so a tile
-// read before its wait (or before the __syncthreads after it) reads the garbage still there.
+// What the hardware would fault on or leave undefined (a misaligned cp.async or ldmatrix address) sets
+// emu_fault; the harness's entry points then return an error instead of a result.
+inline std::atomic<int> emu_fault{0};
+inline void emu_check_aligned16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fault.store(1);
+}
+
+// cp.async: by default a thread's copies land when it waits for their group, the latest a GPU may land them,
+// so a tile read before its wait (or before the __syncthreads after it) reads the garbage still there. With
+// emu_eager_copies they land at issue, the earliest: a copy into a tile that another warp may still be
+// reading (no __syncthreads in between) then corrupts that warp's reads.
+inline std::atomic<bool> emu_eager_copies{false};
 struct EmuCopy {
   void* dst;
   const void* src;
@@ -112,7 +122,16 @@ struct EmuCopy {
 inline thread_local std::vector<std::vector<EmuCopy>> emu_committed;  // oldest first
 inline thread_local std::vector<EmuCopy> emu_open_group;
 
-inline void cp_async_16(void* dst, const void* src, bool fill) { emu_open_group.push_back({dst, src, fill}); }
+inline void emu_land(const EmuCopy& c) {
+  if (c.fill) std::memcpy(c.dst, c.src, 16);
+  else std::memset(c.dst, 0, 16);
+}
+inline void cp_async_16(void* dst, const void* src, bool fill) {
+  emu_check_aligned16(dst);
+  emu_check_aligned16(src);
+  if (emu_eager_copies.load()) emu_land({dst, src, fill});
+  else emu_open_group.push_back({dst, src, fill});
+}
 inline void cp_async_commit() {
   emu_committed.push_back(std::move(emu_open_group));
   emu_open_group.clear();
@@ -120,10 +139,7 @@ inline void cp_async_commit() {
 template <int N>
 void cp_async_wait() {
   while (emu_committed.size() > size_t(N)) {
-    for (const EmuCopy& c : emu_committed.front()) {
-      if (c.fill) std::memcpy(c.dst, c.src, 16);
-      else std::memset(c.dst, 0, 16);
-    }
+    for (const EmuCopy& c : emu_committed.front()) emu_land(c);
     emu_committed.erase(emu_committed.begin());
   }
 }
@@ -149,6 +165,7 @@ inline uint32_t emu_b16(const void* row, int e) {
 // Matrix i is the 8 x 8 block whose rows lanes 8i..8i+7 address; lane l gets row l / 4, elements 2 (l % 4)
 // and 2 (l % 4) + 1 (of the transpose with .trans).
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  emu_check_aligned16(row);
   const void* rows[32];
   emu_warp_gather(row, rows);
   const int l = threadIdx.x % 32;
@@ -158,6 +175,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   }
 }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  emu_check_aligned16(row);
   const void* rows[32];
   emu_warp_gather(row, rows);
   const int l = threadIdx.x % 32;

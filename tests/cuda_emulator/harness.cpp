@@ -5,15 +5,18 @@
 #include "cross_entropy_params.h"
 #include "attention_params.h"
 using namespace gptfast::cuda;
+// A launcher's status, or 99 when the emulation saw a fault the hardware would not forgive (emu.h).
+static int emu_status(cudaError_t rc) { return emu_fault.exchange(0) ? 99 : int(rc); }
 extern "C" {
+void emu_set_eager_copies(int eager) { emu_eager_copies.store(eager != 0); }
 int emu_softmax(int fwd, const void* a, const void* b, void* out, int64_t rows, int64_t cols, int64_t sa, int64_t sb,
                 int64_t so, float scale, int64_t causal_rows, int dtype) {
   SoftmaxParams p;
   p.dtype = DType(dtype);
   p.rows = rows; p.cols = cols; p.scale = scale; p.causal_rows = causal_rows; p.out = out; p.out_row_stride = so;
-  if (fwd) { p.x = a; p.x_row_stride = sa; return softmax_fwd_launch(p, nullptr); }
+  if (fwd) { p.x = a; p.x_row_stride = sa; return emu_status(softmax_fwd_launch(p, nullptr)); }
   p.y = a; p.y_row_stride = sa; p.dy = b; p.dy_row_stride = sb;
-  return softmax_bwd_launch(p, nullptr);
+  return emu_status(softmax_bwd_launch(p, nullptr));
 }
 int emu_ce(int fwd, const void* logits, int64_t ls, const void* target, int t32, float* loss, float* lse,
            const float* lse_in, const float* dloss, void* dlogits, int64_t ds, int64_t rows, int64_t cols,
@@ -23,7 +26,7 @@ int emu_ce(int fwd, const void* logits, int64_t ls, const void* target, int t32,
   p.logits = logits; p.logits_row_stride = ls; p.target = target; p.target_int32 = t32; p.loss = loss; p.lse = lse;
   p.lse_in = lse_in; p.dloss = dloss; p.dlogits = dlogits; p.dlogits_row_stride = ds; p.rows = rows; p.cols = cols;
   p.ignore_index = ignore; p.label_smoothing = smooth; p.z_loss = z;
-  return fwd ? cross_entropy_fwd_launch(p, nullptr) : cross_entropy_bwd_launch(p, nullptr);
+  return emu_status(fwd ? cross_entropy_fwd_launch(p, nullptr) : cross_entropy_bwd_launch(p, nullptr));
 }
 // strides: 3 per tensor (batch, head, row) for q, k, v, out, dout
 int emu_attn(int fwd, const void* q, const void* k, const void* v, void* out, float* lse, const int64_t* st,
@@ -35,6 +38,6 @@ int emu_attn(int fwd, const void* q, const void* k, const void* v, void* out, fl
   p.out_strides = {st[9], st[10], st[11]}; p.dout_strides = {st[12], st[13], st[14]};
   p.batch = B; p.heads_q = Hq; p.heads_kv = Hk; p.len_q = L; p.len_k = S; p.head_dim = D; p.scale = scale;
   p.causal = causal; p.dtype = DType(dtype); p.dout = dout; p.delta = delta; p.dq_accum = dq; p.dk = dk; p.dv = dv;
-  return fwd ? attention_fwd_launch(p, nullptr) : attention_bwd_launch(p, nullptr);
+  return emu_status(fwd ? attention_fwd_launch(p, nullptr) : attention_bwd_launch(p, nullptr));
 }
 }

@@ -331,7 +331,7 @@ def _check_attention(q, k, v, causal, scale=None):
 @pytest.mark.parametrize(
     "B,Hq,Hk,L,S",
     [
-        (2, 4, 4, 128, 128),  # whole 64-query / 64-key tiles, square
+        (2, 4, 4, 128, 128),  # whole tiles: one 128-query forward block, two 64-key backward blocks
         (1, 2, 2, 97, 203),  # odd lengths, L < S: masked tails in both tiles, causal sees the top-left corner
         (2, 8, 2, 200, 77),  # GQA 4:1 and L > S: causal rows past S see every key
         (1, 3, 1, 1, 1),  # one query, one key, GQA 3:1
@@ -711,6 +711,18 @@ def test_emulated_attention(emu, B, Hq, Hk, L, S, D, causal, dtype):
     assert_close(lse, rlse, rlse, "attention lse", floor=1e-5)
     for name, g, r, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, low_grads):
         assert_close(g, r, t, f"attention {name}")
+
+
+@pytest.mark.parametrize("B,Hq,Hk,L,S,D", [(1, 2, 1, 150, 150, 64), (1, 1, 1, 70, 200, 128)])
+def test_emulated_attention_with_copies_landing_at_issue(emu, B, Hq, Hk, L, S, D):
+    # The default emulation lands each cp.async at its wait (the latest the hardware may); this lands them at
+    # issue (the earliest), so a copy into a K, V, Q or dO tile that another warp still reads would corrupt it.
+    # Causal, several key tiles forward and several query steps backward, at both head dims.
+    emu.emu_set_eager_copies(1)
+    try:
+        test_emulated_attention(emu, B, Hq, Hk, L, S, D, True, torch.float16)
+    finally:
+        emu.emu_set_eager_copies(0)
 
 
 def _attention_math(q, k, v, causal, scale):
