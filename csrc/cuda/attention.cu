@@ -75,6 +75,64 @@ __device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, i
   }
 }
 
+// Warp-level tile products on the m16n8k16 fragments (see mma.cuh) for MT 16-row tiles of C per warp; each
+// B fragment is loaded once and feeds all MT tiles.
+//
+// acc[mt][nb] = A B^T over K = 16 KSTEPS: row r of A's tile mt at a_lane + (16 mt + r) LD, row n of B at
+// b_lane + n LD, where a_lane and b_lane are this lane's ldmatrix addresses for a plain A load and a plain
+// load of two 8-row blocks of B.
+template <typename T, int MT, int NB, int KSTEPS, int LD>
+__device__ __forceinline__ void warp_mma_abt(float (&acc)[MT][NB][4], const T* a_lane, const T* b_lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) acc[mt][nb][0] = acc[mt][nb][1] = acc[mt][nb][2] = acc[mt][nb][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_lane + mt * 16 * LD + kk * 16);
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b_lane + nb * 8 * LD + kk * 16);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][nb], a[mt], bf[0], bf[1]);
+        mma_16816<T>(acc[mt][nb + 1], a[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// acc[mt][db] += P B over K = 8 KB, with P given as C fragments p[mt][kb] (rounded to T here: the C layout of
+// two 8-column blocks is the A layout of one 16-deep step) and row k of B at b_lane + k LD, read by
+// ldmatrix.trans two 8-column blocks at a time.
+template <typename T, int MT, int KB, int DB, int LD>
+__device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][DB][4], const float (&pc)[MT][KB][4], const T* b_lane) {
+#pragma unroll
+  for (int kk = 0; kk < KB / 2; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a[mt][0] = pack2<T>(pc[mt][2 * kk][0], pc[mt][2 * kk][1]);
+      a[mt][1] = pack2<T>(pc[mt][2 * kk][2], pc[mt][2 * kk][3]);
+      a[mt][2] = pack2<T>(pc[mt][2 * kk + 1][0], pc[mt][2 * kk + 1][1]);
+      a[mt][3] = pack2<T>(pc[mt][2 * kk + 1][2], pc[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int db = 0; db < DB; db += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, b_lane + kk * 16 * LD + db * 8);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][db], a[mt], bf[0], bf[1]);
+        mma_16816<T>(acc[mt][db + 1], a[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
   using F = FwdTile<D>;
@@ -127,26 +185,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
     // 1. S = Q K^T for this warp's 32 rows.
     float s[kMT][kNB][4];
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], q_lane + mt * 16 * kLd + kk * 16);
-#pragma unroll
-      for (int nb = 0; nb < kNB; nb += 2) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, k_lane + nb * 8 * kLd + kk * 16);
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          mma_16816<T>(s[mt][nb], a[mt], bk[0], bk[1]);
-          mma_16816<T>(s[mt][nb + 1], a[mt], bk[2], bk[3]);
-        }
-      }
-    }
+    warp_mma_abt<T, kMT, kNB, D / 16, kLd>(s, q_lane, k_lane);
 
     // 2. Scaled, masked scores and the online softmax. Only the key tile crossing len_k and the tiles on
     //    the causal diagonal mask anything.
@@ -202,28 +241,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       cp_async_commit();
     }
 
-    // 3. O += P V, 16 keys per step.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int db = 0; db < kDB; db += 2) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, v_lane + kk * 16 * kLd + db * 8);
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          mma_16816<T>(o[mt][db], a[mt], bv[0], bv[1]);
-          mma_16816<T>(o[mt][db + 1], a[mt], bv[2], bv[3]);
-        }
-      }
-    }
+    // 3. O += P V.
+    warp_mma_pb<T, kMT, kNB, kDB, kLd>(o, s, v_lane);
   }
   cp_async_wait<0>();  // with no key tile, the Q copy is still owed
 
@@ -332,11 +351,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
   load_tile_async<kBlockN, D>(vs, kLd, vg, p.v_strides.row, n0, p.len_k);
   cp_async_commit();
 
-  float dk[kDB][4], dv[kDB][4];
+  float dk[1][kDB][4], dv[1][kDB][4];  // one 16-key tile per warp
 #pragma unroll
   for (int db = 0; db < kDB; ++db)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) dk[db][j] = dv[db][j] = 0.0f;
+    for (int j = 0; j < 4; ++j) dk[0][db][j] = dv[0][db][j] = 0.0f;
 
   // Causal: query i sees key j only when i >= j, so query blocks before the one holding n0 see nothing.
   const int m_start = p.causal ? (n0 / kBlockM) * kBlockM : 0;
@@ -361,21 +380,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
       __syncthreads();  // this step's tiles are in, and every warp is done with the previous step's dS
 
       // 1. S^T = K Q^T for this warp's 16 keys (rows) and the step's queries (columns).
-      float st[kMB][4];
-#pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) st[mb][0] = st[mb][1] = st[mb][2] = st[mb][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, k_a + kk * 16);
-#pragma unroll
-        for (int mb = 0; mb < kMB; mb += 2) {
-          uint32_t bq[4];
-          ldmatrix_x4(bq, q_b + mb * 8 * kLd + kk * 16);
-          mma_16816<T>(st[mb], a, bq[0], bq[1]);
-          mma_16816<T>(st[mb + 1], a, bq[2], bq[3]);
-        }
-      }
+      float st[1][kMB][4];
+      warp_mma_abt<T, 1, kMB, D / 16, kLd>(st, k_a, q_b);
 
       // 2. P^T = 2^(S^T scale log2(e) - lse log2(e)), 0 where masked (and for query rows past len_q).
       const bool masked = m0 + kBlockM > p.len_q || n0 + kBlockN > p.len_k || (p.causal && n0 + kBlockN - 1 > m0);
@@ -384,70 +390,34 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int mi = mb * 8 + 2 * t + j % 2;
-          float pv = exp2f(st[mb][j] * scale_log2 - lse_s[mi]);
+          float pv = exp2f(st[0][mb][j] * scale_log2 - lse_s[mi]);
           if (masked) {
             const int qi = m0 + mi, kj = key0 + g + 8 * (j / 2);
             if (qi >= p.len_q || kj >= p.len_k || (p.causal && kj > qi)) pv = 0.0f;
           }
-          st[mb][j] = pv;
+          st[0][mb][j] = pv;
         }
       }
 
-      // 3. dV += P^T dO, P^T rounded to the input dtype (the C layout of two 8-query blocks is the A layout
-      //    of one 16-query step, as in the forward's P V).
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
-                               pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                               pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-#pragma unroll
-        for (int db = 0; db < kDB; db += 2) {
-          uint32_t bo[4];
-          ldmatrix_x4_trans(bo, do_bt + kk * 16 * kLd + db * 8);
-          mma_16816<T>(dv[db], a, bo[0], bo[1]);
-          mma_16816<T>(dv[db + 1], a, bo[2], bo[3]);
-        }
-      }
+      // 3. dV += P^T dO, P^T rounded to the input dtype.
+      warp_mma_pb<T, 1, kMB, kDB, kLd>(dv, st, do_bt);
 
       // 4. dP^T = V dO^T, then dS^T = P^T (dP^T - delta) with delta_i = rowsum(dO_i O_i).
-      float ds[kMB][4];
-#pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) ds[mb][0] = ds[mb][1] = ds[mb][2] = ds[mb][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, v_a + kk * 16);
-#pragma unroll
-        for (int mb = 0; mb < kMB; mb += 2) {
-          uint32_t bo[4];
-          ldmatrix_x4(bo, do_b + mb * 8 * kLd + kk * 16);
-          mma_16816<T>(ds[mb], a, bo[0], bo[1]);
-          mma_16816<T>(ds[mb + 1], a, bo[2], bo[3]);
-        }
-      }
+      float ds[1][kMB][4];
+      warp_mma_abt<T, 1, kMB, D / 16, kLd>(ds, v_a, do_b);
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) ds[mb][j] = st[mb][j] * (ds[mb][j] - delta_s[mb * 8 + 2 * t + j % 2]);
+        for (int j = 0; j < 4; ++j) ds[0][mb][j] = st[0][mb][j] * (ds[0][mb][j] - delta_s[mb * 8 + 2 * t + j % 2]);
 
-      // 5. dK += dS^T Q (scale applied once at the end), and dS^T to shared memory for step 6.
+      // 5. dK += dS^T Q (scale applied once at the end), and dS^T, rounded as step 5 rounds it, to shared
+      //    memory for step 6 (lane (g, t) holds rows g, g + 8 and columns 2t, 2t + 1 of each 8-query block).
+      warp_mma_pb<T, 1, kMB, kDB, kLd>(dk, ds, q_bt);
 #pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(ds[2 * kk][0], ds[2 * kk][1]), pack2<T>(ds[2 * kk][2], ds[2 * kk][3]),
-                               pack2<T>(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
-                               pack2<T>(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
-        T* ds_row = dss + (16 * warp + g) * kDsLd + kk * 16 + 2 * t;
-        *reinterpret_cast<uint32_t*>(ds_row) = a[0];
-        *reinterpret_cast<uint32_t*>(ds_row + 8 * kDsLd) = a[1];
-        *reinterpret_cast<uint32_t*>(ds_row + 8) = a[2];
-        *reinterpret_cast<uint32_t*>(ds_row + 8 * kDsLd + 8) = a[3];
-#pragma unroll
-        for (int db = 0; db < kDB; db += 2) {
-          uint32_t bq[4];
-          ldmatrix_x4_trans(bq, q_bt + kk * 16 * kLd + db * 8);
-          mma_16816<T>(dk[db], a, bq[0], bq[1]);
-          mma_16816<T>(dk[db + 1], a, bq[2], bq[3]);
-        }
+      for (int mb = 0; mb < kMB; ++mb) {
+        T* ds_row = dss + (16 * warp + g) * kDsLd + mb * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(ds_row) = pack2<T>(ds[0][mb][0], ds[0][mb][1]);
+        *reinterpret_cast<uint32_t*>(ds_row + 8 * kDsLd) = pack2<T>(ds[0][mb][2], ds[0][mb][3]);
       }
       __syncthreads();  // all of dS^T is in shared memory
 
@@ -495,8 +465,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
 #pragma unroll
     for (int db = 0; db < kDB; ++db) {
       *reinterpret_cast<uint32_t*>(dk_row + db * 8) =
-          pack2<T>(dk[db][2 * hr] * p.scale, dk[db][2 * hr + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_row + db * 8) = pack2<T>(dv[db][2 * hr], dv[db][2 * hr + 1]);
+          pack2<T>(dk[0][db][2 * hr] * p.scale, dk[0][db][2 * hr + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_row + db * 8) = pack2<T>(dv[0][db][2 * hr], dv[0][db][2 * hr + 1]);
     }
   }
 }
