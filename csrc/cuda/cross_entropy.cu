@@ -95,7 +95,9 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const Cr
     const Acc coef = ignored ? Acc(0) : dl * (Acc(1) + Acc(2) * z * lse);
     const Acc smooth = ignored ? Acc(0) : dl * eps / static_cast<Acc>(p.cols);
     const Acc hit = ignored ? Acc(0) : dl * (Acc(1) - eps);
-    // 2. One pass over the row's columns (this block's share of them).
+    // 2. One pass over the row's columns (this block's share of them), unrolled so that a thread's loads of
+    //    its kBwdColChunksPerThread vectors are in flight together.
+#pragma unroll 4
     for (int64_t c = col_start; c < p.cols; c += col_step) {
       Acc v[VEC];
       load_vec<T, VEC>(x, c, p.cols, v, Acc(0));
