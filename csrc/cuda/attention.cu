@@ -1,10 +1,10 @@
 // Attention forward (FlashAttention-2 on tensor cores: mma.sync m16n8k16 with ldmatrix and cp.async) and
-// backward (the same on tensor cores) for fp16/bf16, head dims 64 and 128, GQA, causal (top-left) or not, any
-// sequence lengths. See README.md for the launch shapes.
+// backward (the same on tensor cores) for fp16/bf16, head dims 32, 64, 96 and 128, GQA, causal (top-left) or
+// not, any sequence lengths. See README.md for the launch shapes.
 //
 // Forward, per block of kBlockM = 128 queries of one (batch, head), 4 warps each owning 32 query rows (two
 // 16-row MMA tiles, so every K and V fragment read from shared memory feeds two MMAs):
-//   for each tile of kBlockN = 64 keys (32 at head dim 128; up to the diagonal when causal):
+//   for each tile of kBlockN = 64 keys (32 above head dim 64; up to the diagonal when causal):
 //     1. S = Q K^T in fp32 registers (the C fragments), Q and K read from shared memory by ldmatrix
 //     2. s = S * scale * log2(e), masked to -inf past the keys' end and above the diagonal (only on the
 //        tiles that need it); per row: m_new = max(m, rowmax s), p = 2^(s - m_new),
@@ -49,8 +49,8 @@ struct FwdTile {
   static constexpr int kMTiles = 2;  // 16-row MMA tiles per warp
   static constexpr int kWarpRows = 16 * kMTiles;
   static constexpr int kBlockM = kWarpRows * kWarps;
-  // 32 keys at head dim 128 keep S (32 rows x 32 keys) and O (32 x 128) in registers without spilling.
-  static constexpr int kBlockN = D == 128 ? 32 : 64;
+  // 32 keys above head dim 64 keep S (32 rows x 32 keys) and O (32 x D) in registers without spilling.
+  static constexpr int kBlockN = D > 64 ? 32 : 64;
   static constexpr int kLd = D + 8;
   static constexpr int64_t kBytes = int64_t(kBlockM + 2 * kBlockN) * kLd * 2;
 };
@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 template <int D>
 struct BwdTile {
   static constexpr int kBlockN = 16 * kWarps;
-  // 32 query rows at head dim 128 keep dK, dV (16 keys x 128 each), S^T and dS^T in registers unspilled.
-  static constexpr int kBlockM = D == 128 ? 32 : 64;
+  // 32 query rows above head dim 64 keep dK, dV (16 keys x D each), S^T and dS^T in registers unspilled.
+  static constexpr int kBlockM = D > 64 ? 32 : 64;
   // The dQ step: warp w takes query rows 16 (w % kQTiles) + [0, 16) and column part w / kQTiles of D.
   static constexpr int kQTiles = kBlockM / 16;
   static constexpr int kDParts = kWarps / kQTiles;
@@ -504,11 +504,11 @@ cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t attention_fwd_smem_bytes(int head_dim) {
-  return head_dim == 64 ? FwdTile<64>::kBytes : FwdTile<128>::kBytes;
+  return GPTFAST_HEADDIM_SWITCH(head_dim, D, [&] { return FwdTile<D>::kBytes; });
 }
 
 int64_t attention_bwd_smem_bytes(int head_dim) {
-  return head_dim == 64 ? BwdTile<64>::kBytes : BwdTile<128>::kBytes;
+  return GPTFAST_HEADDIM_SWITCH(head_dim, D, [&] { return BwdTile<D>::kBytes; });
 }
 
 cudaError_t attention_fwd_launch(const AttentionParams& params, cudaStream_t stream) {

@@ -50,7 +50,8 @@ AttentionParams check_inputs(const at::Tensor& q, const at::Tensor& k, const at:
               v.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
   const int64_t Hk = k.size(1), S = k.size(2);
-  TORCH_CHECK(D == 64 || D == 128, op, ": the cuda backend takes head dim 64 or 128, got ", D,
+  TORCH_CHECK(D == 32 || D == 64 || D == 96 || D == 128, op,
+              ": the cuda backend takes head dim 32, 64, 96 or 128, got ", D,
               "; use backend='triton' or 'reference'");
   TORCH_CHECK(k.size(0) == B && k.size(3) == D, op, ": k must be (", B, ", Hk, S, ", D, "), got ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(),

@@ -16,7 +16,7 @@ struct Strides {
   int64_t row = 0;
 };
 
-// q (B, Hq, L, D), k and v (B, Hk, S, D), out (B, Hq, L, D) of `dtype` (fp16 or bf16), D = 64 or 128;
+// q (B, Hq, L, D), k and v (B, Hk, S, D), out (B, Hq, L, D) of `dtype` (fp16 or bf16), D = 32, 64, 96 or 128;
 // query head h reads kv head h / (Hq / Hk). lse (B, Hq, L) fp32 contiguous: logsumexp of the scaled,
 // masked scores, -inf for a row with no key. causal keeps key j for query i when j <= i (top-left).
 // Every pointer is 16-byte aligned and every stride a multiple of 8 elements (the binding makes it so).

@@ -296,11 +296,19 @@ __device__ __forceinline__ void block_online_merge(Acc& m, Acc& s, Acc* scratch)
     return __VA_ARGS__();                                           \
   }()
 
-// HEADDIM_SWITCH(d, D, ...) runs the body with constexpr D = 64 or 128 (the binding refuses others).
+// HEADDIM_SWITCH(d, D, ...) runs the body with constexpr D = 32, 64, 96 or 128 (the binding refuses others).
 #define GPTFAST_HEADDIM_SWITCH(HEAD_DIM, D, ...)                    \
   [&] {                                                             \
+    if (HEAD_DIM == 32) {                                           \
+      constexpr int D = 32;                                         \
+      return __VA_ARGS__();                                         \
+    }                                                               \
     if (HEAD_DIM == 64) {                                           \
       constexpr int D = 64;                                         \
+      return __VA_ARGS__();                                         \
+    }                                                               \
+    if (HEAD_DIM == 96) {                                           \
+      constexpr int D = 96;                                         \
       return __VA_ARGS__();                                         \
     }                                                               \
     constexpr int D = 128;                                          \

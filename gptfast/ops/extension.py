@@ -29,7 +29,7 @@ def unsupported_cpu(op: str, **features) -> str | None:
     return None
 
 
-_CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+_CUDA_ATTENTION_HEAD_DIMS = (32, 64, 96, 128)
 _FIX = "use backend='triton' or 'reference'"
 
 
@@ -38,8 +38,8 @@ def unsupported_cuda(op: str, **features) -> str | None:
 
     softmax, cross_entropy and linear_cross_entropy take every option on fp32/fp16/bf16, and the two
     cross-entropies fp64 too (the public ops pass no dtype here; the softmax kernel refuses float64 with a
-    clear error). attention runs fp16/bf16 with head dim 64 or 128, value dim equal to the head dim, no
-    attn_mask and no dropout, and not in deterministic mode when gradients are needed.
+    clear error). attention runs fp16/bf16 with head dim 32, 64, 96 or 128, value dim equal to the head dim,
+    no attn_mask and no dropout, and not in deterministic mode when gradients are needed.
     """
     if op != "attention":
         return None
@@ -57,7 +57,7 @@ def unsupported_cuda(op: str, **features) -> str | None:
         return f"the cuda attention kernel takes float16 or bfloat16, got {str(dtype).replace('torch.', '')}; {_FIX}"
     head_dim, value_dim = features.get("head_dim"), features.get("value_dim")
     if head_dim is not None and head_dim not in _CUDA_ATTENTION_HEAD_DIMS:
-        return f"the cuda attention kernel takes head dim 64 or 128, got {head_dim}; {_FIX}"
+        return f"the cuda attention kernel takes head dim 32, 64, 96 or 128, got {head_dim}; {_FIX}"
     if value_dim is not None and head_dim is not None and value_dim != head_dim:
         return f"the cuda attention kernel needs value dim == head dim, got {value_dim} and {head_dim}; {_FIX}"
     return None

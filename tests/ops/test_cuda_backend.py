@@ -327,7 +327,7 @@ def _check_attention(q, k, v, causal, scale=None):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
 @pytest.mark.parametrize(
     "B,Hq,Hk,L,S",
     [
@@ -409,7 +409,7 @@ def test_attention_refusals_through_the_public_op(make, why):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,D,Dv,why",
-    [(torch.float32, 64, 64, "float16 or bfloat16"), (torch.float16, 96, 96, "head dim"), (torch.float16, 64, 128, "value dim")],
+    [(torch.float32, 64, 64, "float16 or bfloat16"), (torch.float16, 80, 80, "head dim"), (torch.float16, 64, 128, "value dim")],
 )
 def test_attention_shape_and_dtype_refusals(dtype, D, Dv, why):
     _require_cuda_backend("attention")
@@ -694,6 +694,8 @@ def _emu_attention(emu, q, k, v, causal, scale, dout=None):
         (1, 1, 1, 65, 129, 128, False),  # ragged query and key tiles
         (1, 3, 1, 1, 1, 64, False),  # one query, one key
         (2, 1, 1, 160, 160, 128, True),  # two forward query blocks of 128 (the last ragged), batch strides
+        (1, 2, 2, 90, 75, 32, True),  # head dim 32: two-step products, 64-key tiles
+        (1, 2, 1, 70, 140, 96, False),  # head dim 96: six 16-deep steps, 32-key tiles, dQ split in 48-wide halves
     ],
 )
 def test_emulated_attention(emu, B, Hq, Hk, L, S, D, causal, dtype):
