@@ -213,27 +213,26 @@ __device__ __forceinline__ void warp_online_merge(Acc& m, Acc& s) {
 
 // Block-wide reductions for blocks of up to 1024 threads (a multiple of 32). Every thread gets the result.
 // `scratch` holds 32 floats (64 for the pair); the leading __syncthreads makes back-to-back calls safe.
-template <typename Acc>
-__device__ __forceinline__ Acc block_sum(Acc x, Acc* scratch) {
+// warp_reduce is the warp-level reduction (warp_sum, warp_max), identity its neutral element.
+template <typename Acc, typename WarpReduce>
+__device__ __forceinline__ Acc block_reduce(Acc x, Acc* scratch, Acc identity, WarpReduce warp_reduce) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  x = warp_sum(x);
+  x = warp_reduce(x);
   __syncthreads();
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  x = lane < warps ? scratch[lane] : Acc(0);
-  return warp_sum(x);
+  x = lane < warps ? scratch[lane] : identity;
+  return warp_reduce(x);
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc x, Acc* scratch) {
+  return block_reduce(x, scratch, Acc(0), [](Acc v) { return warp_sum(v); });
 }
 
 __device__ __forceinline__ float block_max(float x, float* scratch) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  x = warp_max(x);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  x = lane < warps ? scratch[lane] : -INFINITY;
-  return warp_max(x);
+  return block_reduce(x, scratch, -INFINITY, [](float v) { return warp_max(v); });
 }
 
 template <typename Acc>

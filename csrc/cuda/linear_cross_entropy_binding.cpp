@@ -12,10 +12,11 @@
 //      fp32 once per call and added to the fp32 logits (add_: mm.dtype then add_ costs the same passes
 //      over the logits as addmm.dtype, whose fp32-bias form not every torch >= 2.8 accepts).
 //   2. loss, lse and dlogits from those fp32 logits (in place, fp32 math).
-//   3. dlogits rounded once to the input dtype (one elementwise pass), then dhidden rows = dlogits @ W with
-//      an fp32 result rounded once to the input dtype, and dweight += dlogits^T @ h_chunk accumulated by
-//      cuBLAS into an fp32 (V, H) buffer across chunks (addmm.dtype_out with that buffer as self and out;
-//      see accumulate() for torch builds that refuse an fp32 self). dbias sums the fp32 dlogits in fp32.
+//   3. dlogits rounded once to the input dtype (one elementwise pass), then dhidden rows = dlogits @ W
+//      written by cuBLAS straight into dhidden (fp32 accumulation, one rounding), and
+//      dweight += dlogits^T @ h_chunk accumulated by cuBLAS into an fp32 (V, H) buffer across chunks
+//      (addmm.dtype_out with that buffer as self and out; see accumulate() for torch builds that refuse an
+//      fp32 self). dbias sums the fp32 dlogits in fp32.
 //   This is what torch's unfused fp16/bf16 path does for the matmuls (input-dtype operands, fp32
 //   accumulation), while the logits, loss, lse and the dweight/dbias accumulators stay fp32 where torch's
 //   are in the input dtype: besides the final casts of the gradients to the input dtype, the one rounding
@@ -144,8 +145,8 @@ void accumulate(const Inputs& in, const at::Tensor& dlogits, const at::Tensor& h
     dweight.addmm_(dlogits.t(), h_chunk);
     return;
   }
-  const at::Tensor dl = dlogits.to(in.operand);   // the one rounding of dlogits
-  rows.copy_(at::mm(dl, in.weight, at::kFloat));  // fp32 result, rounded once into dhidden
+  const at::Tensor dl = dlogits.to(in.operand);  // the one rounding of dlogits
+  at::mm_out(rows, dl, in.weight);  // cuBLAS accumulates in fp32 and rounds once into dhidden's rows
   if (addmm_takes_fp32_self(dweight, dl)) {
     at::addmm_out(dweight, dweight, dl.t(), h_chunk, at::kFloat);  // cuBLAS beta = 1 into the fp32 buffer
   } else {
