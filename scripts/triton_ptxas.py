@@ -1,0 +1,94 @@
+"""Registers and spills of the Triton kernels as ptxas builds them for the H200 (sm_90a), on a CPU machine.
+
+The interpreter says nothing about register pressure, and a kernel that spills is slow however well its
+config is chosen. This compiles the kernels' compile cases with triton.compile for GPUTarget("cuda", 90, 32),
+runs the PTX through `ptxas -v` (nvcc's, as Triton's own build does) and prints one line per case: registers,
+spill stores/loads and shared memory. It is how the autotune candidate lists in kernels/*.py were pruned.
+
+    python scripts/triton_ptxas.py [--all] [--filter SUBSTRING ...] [--jobs N]
+
+--all uses each module's ALL_COMPILE_CASES (every autotune candidate) where it has one. Run it without
+TRITON_INTERPRET=1; it exits non-zero if a case fails to compile.
+"""
+
+import argparse
+import importlib
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+_PTXAS_LINE = re.compile(r"Used (\d+) registers")
+_SPILL_LINE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def _cases(use_all: bool):
+    import gptfast.kernels
+
+    for info in pkgutil.iter_modules(gptfast.kernels.__path__):
+        module = importlib.import_module(f"gptfast.kernels.{info.name}")
+        cases = getattr(module, "ALL_COMPILE_CASES", None) if use_all else None
+        for case in cases or getattr(module, "COMPILE_CASES", ()):
+            yield f"{info.name}:{case['name']}", module.__name__, case["name"], use_all
+
+
+def _report(job) -> tuple[str, str]:
+    key, module_name, case_name, use_all = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    module = importlib.import_module(module_name)
+    cases = (getattr(module, "ALL_COMPILE_CASES", None) if use_all else None) or module.COMPILE_CASES
+    case = next(c for c in cases if c["name"] == case_name)
+    try:
+        src = triton.compiler.ASTSource(case["fn"], case["signature"], case["constexprs"], case.get("attrs"))
+        out = triton.compile(
+            src,
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]},
+        )
+    except Exception as e:  # noqa: BLE001 - reported per case
+        return key, f"COMPILE ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(out.asm["ptx"])
+        proc = subprocess.run(
+            ["ptxas", "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    text = proc.stdout + proc.stderr
+    regs = _PTXAS_LINE.search(text)
+    spills = _SPILL_LINE.search(text)
+    smem = _SMEM.search(text)
+    if proc.returncode != 0 or not regs:
+        return key, f"PTXAS ERROR {text.strip().splitlines()[-1][:200] if text.strip() else proc.returncode}"
+    spill = f"spill {spills.group(1)}/{spills.group(2)} B" if spills else "spill ?"
+    shared = f"smem {int(smem.group(1)) // 1024} KB" if smem else "smem 0 KB"
+    return key, f"regs {regs.group(1):>3}  {spill:<16} {shared}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="every autotune candidate (ALL_COMPILE_CASES)")
+    parser.add_argument("--filter", nargs="*", default=[], help="keep cases whose name has every substring")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the compiler cannot run under the interpreter")
+    jobs = [j for j in _cases(args.all) if all(s in j[0] for s in args.filter)]
+    failed = 0
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for key, line in pool.map(_report, jobs):
+            failed += "ERROR" in line
+            print(f"{key:<72} {line}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
