@@ -144,6 +144,7 @@ def _attn_fwd_inner(
     MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     """Folds key blocks [lo, hi) into (acc, l_i, m_i). BOUNDARY blocks get the causal and the key-tail masks.
 
@@ -156,7 +157,12 @@ def _attn_fwd_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
         v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # With FOLD_SCALE (scale > 0, no additive mask) the scores stay unscaled until the exponent: the
+        # scaled row max is the raw max times the scale, and scale * s - m is one FMA per score instead of a
+        # multiply and a subtract (the softmax, not the MMAs, bounds this loop on Hopper).
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if not FOLD_SCALE:
+            qk = qk * qk_scale
         if MASK_KIND != 0:
             in_bounds = offs_m[:, None] < L
             if BOUNDARY:
@@ -171,10 +177,16 @@ def _attn_fwd_inner(
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row with no key seen yet has m = -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
+        if FOLD_SCALE:
+            p = tl.exp2(qk * qk_scale - m_safe[:, None])
+        else:
+            p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -233,11 +245,13 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(L, BLOCK_M), Hq, B). MASK_KIND: 0 none, 1 bool (True keeps), 2 additive float. L_BUCKET and
-    S_BUCKET only key the autotuner (as in the backward kernels)."""
+    """Grid (cdiv(L, BLOCK_M), Hq, B). MASK_KIND: 0 none, 1 bool (True keeps), 2 additive float. FOLD_SCALE:
+    qk_scale > 0 and MASK_KIND != 2 (see _attn_fwd_inner). L_BUCKET and S_BUCKET only key the autotuner (as
+    in the backward kernels)."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         # Later query blocks see more keys: start them first so the grid does not end on a long straggler.
@@ -320,6 +334,7 @@ def _attn_fwd_kernel(
         MASK_KIND,
         HAS_DROPOUT,
         PRECISION,
+        FOLD_SCALE,
     )
     full_hi64 = full_hi.to(tl.int64)
     acc, l_i, m_i = _attn_fwd_inner(
@@ -356,6 +371,7 @@ def _attn_fwd_kernel(
         MASK_KIND,
         HAS_DROPOUT,
         PRECISION,
+        FOLD_SCALE,
     )
 
     # A row with no key left has l = 0: its output is 0 and its lse -inf, as torch gives.
@@ -1087,6 +1103,7 @@ def attention_fwd(
         scale * LOG2E,
         dropout_scale,
         threshold,
+        FOLD_SCALE=bool(scale > 0) and mask_kind != 2,
         **meta,
     )
     return out, lse
@@ -1222,6 +1239,7 @@ _CONSTEXPRS = (
     "MASK_KIND",
     "HAS_DROPOUT",
     "PRECISION",
+    "FOLD_SCALE",
     "BLOCK_M",
     "BLOCK_N",
 )
@@ -1297,6 +1315,8 @@ def _compile_case(
         BLOCK_M=config[0],
         BLOCK_N=config[1],
     )
+    if kind == "fwd":
+        constexprs["FOLD_SCALE"] = mask_kind != 2
     name = (
         f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
         f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}"

@@ -250,6 +250,15 @@ def test_backend_custom_scale(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_backend_negative_scale(backend, device):
+    # A negative scale flips which score is the row max: triton's forward keeps raw scores until the exponent
+    # only for scale > 0, so this runs its other path, causal for the masked tail blocks too.
+    _check_against_reference(
+        backend, device, *_qkv(1, 2, 2, 19, 21, 16), torch.float32, scale=-0.45, is_causal=True
+    )
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_backend_bool_mask(backend, device, dtype):
     mask = torch.rand(2, 1, 33, 45) > 0.3  # stride 0 over heads; 33 x 45 leaves tails in both dims
