@@ -65,6 +65,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def autotune_enabled() -> bool:
+    """False when GPTFAST_AUTOTUNE=0: the Triton kernels then run each candidate list's first config, untimed.
+    Every candidate costs a compile (seconds) per dtype and shape bucket, which a test suite sweeping many
+    combinations cannot afford; benchmarks and training leave it on. Read at call time."""
+    return os.environ.get("GPTFAST_AUTOTUNE", "1") != "0"
+
+
 @functools.cache
 def _extension_error() -> str | None:
     try:

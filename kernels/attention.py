@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from gptfast import backends
+
 LOG2E = 1.4426950408889634
 # The kernels read these as compile-time constants (triton only lets jit code see constexpr globals).
 _LOG2E = tl.constexpr(LOG2E)
@@ -992,17 +994,10 @@ _TABLES = {
 _TUNED: dict = {}
 
 
-def autotune_enabled() -> bool:
-    """False when GPTFAST_ATTENTION_AUTOTUNE=0: then each list's first config runs, untimed. Every candidate
-    costs a compile (seconds) per dtype, head dim and causal/mask/dropout combination, which a test suite
-    sweeping many combinations cannot afford; benchmarks and training leave it on. Read at call time."""
-    return os.environ.get("GPTFAST_ATTENTION_AUTOTUNE", "1") != "0"
-
-
 def _tuned(kind: str, q: Tensor, meta: dict):
     """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing
     needs pruning at call time (torch.compile traces these launches)."""
-    tune = autotune_enabled()
+    tune = backends.autotune_enabled()
     key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])), tune)
     if key not in _TUNED:
         table, kernel = _TABLES[kind]

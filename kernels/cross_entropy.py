@@ -32,6 +32,7 @@ import triton.language as tl
 
 from gptfast.ops import _checks
 
+from . import _tuning
 from .softmax import acc_dtype, launch, num_warps_for, with_alignment
 
 FWD_BLOCK = 8192  # vocab columns per step of the forward's online loop
@@ -59,11 +60,13 @@ def _cross_entropy_fwd_kernel(
     ignore_index,
     label_smoothing,
     z_loss,
+    ROWS_BUCKET,
     BLOCK: tl.constexpr,
     SMOOTHING: tl.constexpr,
     GRAD_IN_PLACE: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """Grid (M,). ROWS_BUCKET (M's power of two) only keys the autotuner."""
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride
     # fp32 scalar arguments would round eps / V and z for fp64 logits
@@ -121,9 +124,11 @@ def _cross_entropy_bwd_kernel(
     ignore_index,
     label_smoothing,
     z_loss,
+    ROWS_BUCKET,
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """Grid (M, cdiv(V, BLOCK)). ROWS_BUCKET only keys the autotuner."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     label_smoothing = label_smoothing + tl.zeros((), ACC)
@@ -140,6 +145,26 @@ def _cross_entropy_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+# (BLOCK, num_warps) the GPU autotuner times beside the default (BLOCK = min(next_pow2(V), default block) at
+# num_warps_for(BLOCK)). One program per row holds few rows in flight per SM when the row's block is wide and
+# its warps many; smaller blocks on fewer warps keep more rows' loads in flight, at more loop steps (forward)
+# or programs (backward) per row. 8 to 32 values a thread, which ptxas builds without spills.
+_FWD_TRIES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16))
+_BWD_TRIES = ((2048, 4), (4096, 4), (8192, 8), (8192, 16))
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _candidates(V: int, default_block: int, tries) -> list[dict]:
+    """The default config first, then the tries whose block does not pass the padded vocab."""
+    first = min(_bucket(V), default_block)
+    configs = [dict(BLOCK=first, num_warps=num_warps_for(first))]
+    configs += [dict(BLOCK=b, num_warps=w) for b, w in tries if b <= _bucket(V)]
+    return _tuning.unique(configs)
+
+
 def _check_rows(logits: torch.Tensor) -> torch.Tensor:
     # Rows may be strided (a slice of a wider buffer); each row must be contiguous.
     return logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -168,23 +193,16 @@ def cross_entropy_forward(
     lse = logits.new_empty(M, dtype=acc) if lse is None else lse
     if M == 0:
         return loss, lse
-    block = block or min(triton.next_power_of_2(V), FWD_BLOCK)
-    launch(_cross_entropy_fwd_kernel)[(M,)](
-        logits,
-        target,
-        loss,
-        lse,
-        logits.stride(0),
-        V,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        BLOCK=block,
-        SMOOTHING=label_smoothing > 0.0,
-        GRAD_IN_PLACE=grad_in_place,
-        ACC=acc_dtype(logits.dtype),
-        num_warps=num_warps_for(block),
-    )
+    args = (logits, target, loss, lse, logits.stride(0), V, ignore_index, label_smoothing, z_loss, _bucket(M))
+    flags = dict(SMOOTHING=label_smoothing > 0.0, GRAD_IN_PLACE=grad_in_place, ACC=acc_dtype(logits.dtype))
+    # The in-place forward is never timed against itself: each timing run would overwrite the logits again.
+    cands = _candidates(V, FWD_BLOCK, _FWD_TRIES) if block is None and not grad_in_place else []
+    if len(cands) > 1 and _tuning.enabled():
+        tuned = _tuning.autotuned(_cross_entropy_fwd_kernel, cands, ["V", "ROWS_BUCKET", "SMOOTHING"])
+        launch(tuned)[(M,)](*args, **flags)
+    else:
+        block = block or min(triton.next_power_of_2(V), FWD_BLOCK)
+        launch(_cross_entropy_fwd_kernel)[(M,)](*args, BLOCK=block, **flags, num_warps=num_warps_for(block))
     return loss, lse
 
 
@@ -204,26 +222,22 @@ def cross_entropy_backward(
         raise ValueError("cross_entropy_backward: out needs contiguous rows")
     logits = _check_rows(logits)
     M, V = logits.shape
+    # Only a fresh output is autotuned: out=logits is in place, which timing runs would compound.
+    cands = _candidates(V, BWD_BLOCK, _BWD_TRIES) if block is None and out is None else []
     out = torch.empty_like(logits) if out is None else out
     if M == 0:
         return out
-    block = block or min(triton.next_power_of_2(V), BWD_BLOCK)
-    launch(_cross_entropy_bwd_kernel)[(M, triton.cdiv(V, block))](
-        dloss.contiguous(),
-        logits,
-        target,
-        lse.contiguous(),
-        out,
-        logits.stride(0),
-        out.stride(0),
-        V,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        BLOCK=block,
-        ACC=acc_dtype(logits.dtype),
-        num_warps=num_warps_for(block),
-    )
+    args = (dloss.contiguous(), logits, target, lse.contiguous(), out, logits.stride(0), out.stride(0), V)
+    args += (ignore_index, label_smoothing, z_loss, _bucket(M))
+    acc = acc_dtype(logits.dtype)
+    if len(cands) > 1 and _tuning.enabled():
+        tuned = _tuning.autotuned(_cross_entropy_bwd_kernel, cands, ["V", "ROWS_BUCKET"])
+        launch(tuned)[lambda meta: (M, triton.cdiv(V, meta["BLOCK"]))](*args, ACC=acc)
+    else:
+        block = block or min(triton.next_power_of_2(V), BWD_BLOCK)
+        launch(_cross_entropy_bwd_kernel)[(M, triton.cdiv(V, block))](
+            *args, BLOCK=block, ACC=acc, num_warps=num_warps_for(block)
+        )
     return out
 
 
@@ -252,66 +266,66 @@ def cross_entropy_bwd(
 
 
 # ---------------------------------------------------------------------------------- sm_90a compile grid
+_SCALARS = {
+    "V": "i32",
+    "ignore_index": "i32",
+    "label_smoothing": "fp32",
+    "z_loss": "fp32",
+    "ROWS_BUCKET": "i32",
+}
+
+
+def _fwd_case(dtype, tdtype, block, num_warps, smoothing=False, in_place=False) -> dict:
+    consts = dict(BLOCK=block, SMOOTHING=smoothing, GRAD_IN_PLACE=in_place, ACC=tl.float32)
+    pointers = {"logits_ptr": f"*{dtype}", "target_ptr": f"*{tdtype}"}
+    pointers.update(loss_ptr="*fp32", lse_ptr="*fp32")
+    return dict(
+        name=f"cross_entropy_fwd_{dtype}_{tdtype}_B{block}w{num_warps}_ls{int(smoothing)}_ip{int(in_place)}",
+        fn=_cross_entropy_fwd_kernel,
+        signature={**pointers, "stride": "i32", **_SCALARS, **{k: "constexpr" for k in consts}},
+        constexprs=consts,
+        num_warps=num_warps,
+        num_stages=3,
+    )
+
+
+def _bwd_case(dtype, tdtype, block, num_warps) -> dict:
+    consts = dict(BLOCK=block, ACC=tl.float32)
+    pointers = {
+        "dloss_ptr": "*fp32",
+        "logits_ptr": f"*{dtype}",
+        "target_ptr": f"*{tdtype}",
+        "lse_ptr": "*fp32",
+        "dlogits_ptr": f"*{dtype}",
+    }
+    strides = {"stride": "i32", "out_stride": "i32"}
+    return dict(
+        name=f"cross_entropy_bwd_{dtype}_{tdtype}_B{block}w{num_warps}",
+        fn=_cross_entropy_bwd_kernel,
+        signature={**pointers, **strides, **_SCALARS, **{k: "constexpr" for k in consts}},
+        constexprs=consts,
+        num_warps=num_warps,
+        num_stages=3,
+    )
+
+
 def _compile_cases() -> list[dict]:
+    """The default blocks for every dtype, target dtype and flag combination (small vocabularies, their next
+    power of two, up to the caps), and every autotune try in bf16."""
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
         for tdtype in ("i64", "i32"):
-            # vocab blocks the launchers pick: small vocabularies (next power of two) up to the 8192 cap;
             # every flag combination with int64 targets, the plain forward with int32 ones
+            flags = [(a, b) for a in (False, True) for b in (False, True)] if tdtype == "i64" else [(0, 0)]
             for block in (128, 1024, FWD_BLOCK):
-                for smoothing in (False, True) if tdtype == "i64" else (False,):
-                    for in_place in (False, True) if tdtype == "i64" else (False,):
-                        consts = dict(
-                            BLOCK=block, SMOOTHING=smoothing, GRAD_IN_PLACE=in_place, ACC=tl.float32
-                        )
-                        sig = {
-                            "logits_ptr": f"*{dtype}",
-                            "target_ptr": f"*{tdtype}",
-                            "loss_ptr": "*fp32",
-                            "lse_ptr": "*fp32",
-                            "stride": "i32",
-                            "V": "i32",
-                            "ignore_index": "i32",
-                            "label_smoothing": "fp32",
-                            "z_loss": "fp32",
-                            **{k: "constexpr" for k in consts},
-                        }
-                        cases.append(
-                            dict(
-                                name=f"cross_entropy_fwd_{dtype}_{tdtype}_B{block}_ls{int(smoothing)}_ip{int(in_place)}",
-                                fn=_cross_entropy_fwd_kernel,
-                                signature=sig,
-                                constexprs=consts,
-                                num_warps=num_warps_for(block),
-                                num_stages=3,
-                            )
-                        )
-            for block in (128, 1024, BWD_BLOCK) if tdtype == "i64" else (BWD_BLOCK,):
-                consts = dict(BLOCK=block, ACC=tl.float32)
-                sig = {
-                    "dloss_ptr": "*fp32",
-                    "logits_ptr": f"*{dtype}",
-                    "target_ptr": f"*{tdtype}",
-                    "lse_ptr": "*fp32",
-                    "dlogits_ptr": f"*{dtype}",
-                    "stride": "i32",
-                    "out_stride": "i32",
-                    "V": "i32",
-                    "ignore_index": "i32",
-                    "label_smoothing": "fp32",
-                    "z_loss": "fp32",
-                    **{k: "constexpr" for k in consts},
-                }
-                cases.append(
-                    dict(
-                        name=f"cross_entropy_bwd_{dtype}_{tdtype}_B{block}",
-                        fn=_cross_entropy_bwd_kernel,
-                        signature=sig,
-                        constexprs=consts,
-                        num_warps=num_warps_for(block),
-                        num_stages=3,
+                for smoothing, in_place in flags:
+                    cases.append(
+                        _fwd_case(dtype, tdtype, block, num_warps_for(block), bool(smoothing), bool(in_place))
                     )
-                )
+            for block in (128, 1024, BWD_BLOCK) if tdtype == "i64" else (BWD_BLOCK,):
+                cases.append(_bwd_case(dtype, tdtype, block, num_warps_for(block)))
+    cases += [_fwd_case("bf16", "i64", b, w) for b, w in _FWD_TRIES]
+    cases += [_bwd_case("bf16", "i64", b, w) for b, w in _BWD_TRIES]
     return cases
 
 

@@ -24,6 +24,8 @@ import triton.language as tl
 
 from gptfast import backends
 
+from . import _tuning
+
 SINGLE_PASS_MAX = 32768  # longest row kept whole in registers (fp32: 32 values per thread at 32 warps)
 ONLINE_BLOCK = 8192  # columns per step of the multi-block path
 ROW_TILE = 4096  # elements a single-pass program aims to hold when rows are short
@@ -31,7 +33,7 @@ ROW_TILE = 4096  # elements a single-pass program aims to hold when rows are sho
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _softmax_fwd_tile_kernel(
+def _softmax_fwd_tile(
     x_ptr,
     y_ptr,
     M,
@@ -62,7 +64,7 @@ def _softmax_fwd_tile_kernel(
 
 
 @triton.jit
-def _softmax_fwd_online_kernel(
+def _softmax_fwd_online(
     x_ptr,
     y_ptr,
     N,
@@ -103,7 +105,7 @@ def _softmax_fwd_online_kernel(
 
 
 @triton.jit
-def _softmax_bwd_tile_kernel(
+def _softmax_bwd_tile(
     dy_ptr,
     y_ptr,
     dx_ptr,
@@ -133,7 +135,7 @@ def _softmax_bwd_tile_kernel(
 
 
 @triton.jit
-def _softmax_bwd_online_kernel(
+def _softmax_bwd_online(
     dy_ptr,
     y_ptr,
     dx_ptr,
@@ -165,6 +167,52 @@ def _softmax_bwd_online_kernel(
         tl.store(dx_ptr + row * N + c, (scale * y * (dy - dot)).to(dx_ptr.dtype.element_ty), mask=c < N)
 
 
+@triton.jit
+def _softmax_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    M,
+    N,
+    scale,
+    causal_rows,
+    N_BUCKET,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONLINE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Grid (cdiv(M, ROWS),): the single-pass tile or, with ONLINE (ROWS = 1), the multi-block row. One kernel
+    for both, so the autotuner can time one against the other; N_BUCKET only keys it."""
+    if ONLINE:
+        _softmax_fwd_online(x_ptr, y_ptr, N, scale, causal_rows, BLOCK, CAUSAL, ACC)
+    else:
+        _softmax_fwd_tile(x_ptr, y_ptr, M, N, scale, causal_rows, ROWS, BLOCK, CAUSAL, ACC)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    dy_ptr,
+    y_ptr,
+    dx_ptr,
+    M,
+    N,
+    scale,
+    causal_rows,
+    N_BUCKET,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONLINE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The backward's counterpart of _softmax_fwd_kernel."""
+    if ONLINE:
+        _softmax_bwd_online(dy_ptr, y_ptr, dx_ptr, N, scale, causal_rows, BLOCK, CAUSAL, ACC)
+    else:
+        _softmax_bwd_tile(dy_ptr, y_ptr, dx_ptr, M, N, scale, causal_rows, ROWS, BLOCK, CAUSAL, ACC)
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 def launch(kernel):
     """The kernel as torch.compile traces it (wrap_triton) on GPUs; the plain kernel under the interpreter."""
@@ -189,48 +237,108 @@ def config(M: int, N: int, block: int | None = None) -> dict:
     return dict(single=False, ROWS=1, BLOCK=block, num_warps=num_warps_for(block))
 
 
+def candidates(M: int, N: int, backward: bool = False) -> list[dict]:
+    """The configs the GPU autotuner times for (M, N), config(M, N) first (what runs untuned).
+
+    Which wins depends on how many rows an SM keeps in flight, and so on the registers a row takes: a 32k-
+    column row in registers leaves room for one 32-warp program per SM, whose loads then stall while it
+    reduces and stores. Around the default the list has the single pass with half and twice the warps and
+    with twice the rows per program, and for rows over 4096 columns the online path (whose second read of a
+    row mostly hits L2) at 4096 and 8192 columns a step. Candidates that would spill are left out."""
+    first = config(M, N)
+    out = [first]
+    if first["single"]:
+        block, rows = first["BLOCK"], first["ROWS"]
+        more_rows = min(2 * rows, triton.next_power_of_2(M))
+        for r, w in ((rows, first["num_warps"] // 2), (rows, first["num_warps"] * 2), (more_rows, None)):
+            w = w or num_warps_for(r * block)
+            if 1 <= w <= 32 and _fits(r * block, w, backward):
+                out.append(dict(single=True, ROWS=r, BLOCK=block, num_warps=w))
+    if N > 4096:
+        for step in (4096, 8192):
+            for w in (8, 16):
+                if step < N and _fits(step, w, backward):
+                    out.append(dict(single=False, ROWS=1, BLOCK=step, num_warps=w))
+    return _tuning.unique(out)
+
+
+def _fits(elements: int, num_warps: int, backward: bool) -> bool:
+    """Whether a tile of `elements` fp32 values (two per element in the backward: y and dy) fits a thread's
+    register budget at num_warps without spilling: a linear fit to what ptxas reports for these kernels on
+    sm_90a (scripts/triton_ptxas.py), against min(255, 65536 / threads) registers a thread."""
+    per_thread = elements / (32 * num_warps)
+    estimate = (2.5 if backward else 1.5) * per_thread + 8
+    return estimate <= min(255, 65536 // (32 * num_warps))
+
+
+def _meta(c: dict) -> dict:
+    return dict(ROWS=c["ROWS"], BLOCK=c["BLOCK"], ONLINE=not c["single"])
+
+
+def _tuned(kernel, M: int, N: int):
+    """(the kernel autotuned over candidates(M, N), None) keyed by N's power-of-two bucket and the causal
+    flag, or (None, the config) when one config runs."""
+    if not _tuning.enabled():
+        return None, config(M, N)
+    cands = candidates(M, N, kernel is _softmax_bwd_kernel)
+    if len(cands) == 1:
+        return None, cands[0]
+    configs = [dict(_meta(c), num_warps=c["num_warps"]) for c in cands]
+    return _tuning.autotuned(kernel, configs, ["N_BUCKET", "CAUSAL"]), None
+
+
+def _run(kernel, M: int, N: int, block, candidate, args: tuple, causal: bool, acc) -> None:
+    """Launches `kernel` over an (M, N) problem: the given candidate, the given block's config, the autotuned
+    candidates, or the default config."""
+    bucket = triton.next_power_of_2(max(int(N), 1))
+    if candidate is not None:
+        tuned, fixed = None, candidate
+    elif block is not None:
+        tuned, fixed = None, config(M, N, block)
+    else:
+        tuned, fixed = _tuned(kernel, M, N)
+    if tuned is not None:
+        launch(tuned)[lambda meta: (triton.cdiv(M, meta["ROWS"]),)](*args, bucket, CAUSAL=causal, ACC=acc)
+    else:
+        launch(kernel)[(triton.cdiv(M, fixed["ROWS"]),)](
+            *args, bucket, **_meta(fixed), CAUSAL=causal, ACC=acc, num_warps=fixed["num_warps"]
+        )
+
+
 def softmax_forward(
-    x: torch.Tensor, scale: float, causal_rows: int, block: int | None = None
+    x: torch.Tensor, scale: float, causal_rows: int, block: int | None = None, candidate: dict | None = None
 ) -> torch.Tensor:
     """y[M, N] = softmax(scale * x) per row. `block` (a power of two) forces the columns per step; a block
-    shorter than N takes the online multi-block path (the tests use this to run it on small inputs)."""
+    shorter than N takes the online multi-block path (the tests use this to run it on small inputs).
+    `candidate`, one of candidates(M, N), forces that config (the tests check each one the autotuner may
+    pick)."""
     x = x.contiguous()
     y = torch.empty_like(x)
     M, N = x.shape
     if x.numel() == 0:
         return y
-    cfg = config(M, N, block)
-    common = dict(
-        BLOCK=cfg["BLOCK"], CAUSAL=causal_rows > 0, ACC=acc_dtype(x.dtype), num_warps=cfg["num_warps"]
-    )
-    if cfg["single"]:
-        launch(_softmax_fwd_tile_kernel)[(triton.cdiv(M, cfg["ROWS"]),)](
-            x, y, M, N, scale, causal_rows, ROWS=cfg["ROWS"], **common
-        )
-    else:
-        launch(_softmax_fwd_online_kernel)[(M,)](x, y, N, scale, causal_rows, **common)
+    args = (x, y, M, N, scale, causal_rows)
+    _run(_softmax_fwd_kernel, M, N, block, candidate, args, causal_rows > 0, acc_dtype(x.dtype))
     return y
 
 
 def softmax_backward(
-    dy: torch.Tensor, y: torch.Tensor, scale: float, causal_rows: int, block: int | None = None
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    scale: float,
+    causal_rows: int,
+    block: int | None = None,
+    candidate: dict | None = None,
 ) -> torch.Tensor:
-    """dx[M, N] = scale * y * (dy - rowsum(dy * y)); `block` as in softmax_forward."""
+    """dx[M, N] = scale * y * (dy - rowsum(dy * y)); `block` and `candidate` as in softmax_forward
+    (candidate from candidates(M, N, backward=True))."""
     dy, y = dy.contiguous(), y.contiguous()
     dx = torch.empty_like(y)
     M, N = y.shape
     if y.numel() == 0:
         return dx
-    cfg = config(M, N, block)
-    common = dict(
-        BLOCK=cfg["BLOCK"], CAUSAL=causal_rows > 0, ACC=acc_dtype(y.dtype), num_warps=cfg["num_warps"]
-    )
-    if cfg["single"]:
-        launch(_softmax_bwd_tile_kernel)[(triton.cdiv(M, cfg["ROWS"]),)](
-            dy, y, dx, M, N, scale, causal_rows, ROWS=cfg["ROWS"], **common
-        )
-    else:
-        launch(_softmax_bwd_online_kernel)[(M,)](dy, y, dx, N, scale, causal_rows, **common)
+    args = (dy, y, dx, M, N, scale, causal_rows)
+    _run(_softmax_bwd_kernel, M, N, block, candidate, args, causal_rows > 0, acc_dtype(y.dtype))
     return dx
 
 
@@ -264,50 +372,45 @@ def with_alignment(cases: list[dict], plain_dtype: str = "fp16") -> list[dict]:
 ALIGNED_INTS = ("N", "V", "stride", "out_stride")
 
 
-def _compile_cases() -> list[dict]:
+def _case(direction: str, dtype: str, N: int, causal: bool, c: dict) -> dict:
+    fn = _softmax_fwd_kernel if direction == "fwd" else _softmax_bwd_kernel
+    names = ("x_ptr", "y_ptr") if direction == "fwd" else ("dy_ptr", "y_ptr", "dx_ptr")
+    consts = dict(**_meta(c), CAUSAL=causal, ACC=tl.float32)
+    sig = {
+        **{n: f"*{dtype}" for n in names},
+        "M": "i32",
+        "N": "i32",
+        "scale": "fp32",
+        "causal_rows": "i32",
+        "N_BUCKET": "i32",
+        **{k: "constexpr" for k in consts},
+    }
+    path = f"online{c['BLOCK']}" if consts["ONLINE"] else f"tile{c['ROWS']}x{c['BLOCK']}"
+    return dict(
+        name=f"softmax_{direction}_{dtype}_N{N}_causal{int(causal)}_{path}_w{c['num_warps']}",
+        fn=fn,
+        signature=sig,
+        constexprs=consts,
+        num_warps=c["num_warps"],
+        num_stages=3,
+    )
+
+
+def _compile_cases(every_candidate: bool) -> list[dict]:
+    """The default config of each row-length class for every dtype, causal and not; with every_candidate,
+    everything the autotuner may pick there. The CPU suite builds the defaults plus every candidate at the
+    benchmark's bf16 sizes (8192 and 32768 columns), which cover each kind of candidate."""
     cases = []
     for dtype in ("fp32", "fp16", "bf16"):
-        ptrs = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}
-        bwd_ptrs = {"dy_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}"}
-        scalars = {"scale": "fp32", "causal_rows": "i32"}
         for causal in (False, True):
-            # the single-pass tiles the launcher picks: short rows (many per program) up to 32k-column rows
-            for N in (64, 1024, 4096, 16384, 32768) if not causal else (1024, 32768):
-                cfg = config(1 << 20, N)
-                consts = dict(ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], CAUSAL=causal, ACC=tl.float32)
-                for name, fn, p in (
-                    ("softmax_fwd_tile", _softmax_fwd_tile_kernel, ptrs),
-                    ("softmax_bwd_tile", _softmax_bwd_tile_kernel, bwd_ptrs),
-                ):
-                    sig = {**p, "M": "i32", "N": "i32", **scalars, **{k: "constexpr" for k in consts}}
-                    cases.append(
-                        dict(
-                            name=f"{name}_{dtype}_N{N}_causal{int(causal)}",
-                            fn=fn,
-                            signature=sig,
-                            constexprs=consts,
-                            num_warps=cfg["num_warps"],
-                            num_stages=3,
-                        )
-                    )
-            cfg = config(1, 1 << 18)
-            consts = dict(BLOCK=cfg["BLOCK"], CAUSAL=causal, ACC=tl.float32)
-            for name, fn, p in (
-                ("softmax_fwd_online", _softmax_fwd_online_kernel, ptrs),
-                ("softmax_bwd_online", _softmax_bwd_online_kernel, bwd_ptrs),
-            ):
-                sig = {**p, "N": "i32", **scalars, **{k: "constexpr" for k in consts}}
-                cases.append(
-                    dict(
-                        name=f"{name}_{dtype}_causal{int(causal)}",
-                        fn=fn,
-                        signature=sig,
-                        constexprs=consts,
-                        num_warps=cfg["num_warps"],
-                        num_stages=3,
-                    )
-                )
+            # single-pass tiles from short rows (many per program) to 32k-column rows, then the online path
+            for N in (64, 1024, 4096, 8192, 16384, 32768, 1 << 18) if not causal else (1024, 32768, 1 << 18):
+                tuned = every_candidate or (dtype == "bf16" and not causal and N in (8192, 32768))
+                for d in ("fwd", "bwd"):
+                    for c in candidates(1 << 20, N, d == "bwd") if tuned else [config(1 << 20, N)]:
+                        cases.append(_case(d, dtype, N, causal, c))
     return cases
 
 
-COMPILE_CASES = with_alignment(_compile_cases())
+COMPILE_CASES = with_alignment(_compile_cases(every_candidate=False))
+ALL_COMPILE_CASES = with_alignment(_compile_cases(every_candidate=True))

@@ -43,12 +43,13 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _one_attention_config(monkeypatch):
-    # On a GPU, Triton attention autotunes 3-4 configs per kernel for every new dtype, head dim and
-    # causal/mask/dropout combination: seconds of compiling each, minutes over suites that sweep many
-    # combinations. Correctness needs the default config only; the benchmarks autotune. (The interpreter
-    # always runs one config.) The setting reaches the subprocesses the tests start.
-    monkeypatch.setenv("GPTFAST_ATTENTION_AUTOTUNE", "0")
+def _one_triton_config(monkeypatch):
+    # On a GPU, Triton attention and softmax autotune several configs for every new dtype and shape bucket
+    # (and attention's causal/mask/dropout combination): seconds of compiling each, minutes over suites that
+    # sweep many combinations. These tests check the default (first) config; the GPU tests that run every
+    # candidate unset this themselves, and the benchmarks autotune. (The interpreter always runs one config.)
+    # The setting reaches the subprocesses the tests start.
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -68,3 +68,26 @@ def test_fullgraph_on_gpu(backend, compiler):
     # bf16 and head dim 64: the dtype and size every CUDA backend's attention accepts. The compiled graph runs
     # the same kernels as eager, so only inductor's own fusions around them may move the last bits.
     _check(compiler, backend, "cuda", torch.bfloat16, 64, tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_autotuned_on_gpu(monkeypatch, compiler):
+    # The other tests run one config (GPTFAST_AUTOTUNE=0, conftest); training autotunes, so the autotuned
+    # softmax and cross-entropy launches must trace too. 4096 columns give both ops several candidates.
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "1")
+
+    def fn(x, t):
+        a = ops.softmax(x, scale=0.7, backend="triton").square().sum()
+        return a + ops.cross_entropy(x, t, backend="triton")
+
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 4096, (64,), device="cuda")
+    xe, xc = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    out_e = fn(xe, t)
+    out_e.backward()
+    torch._dynamo.reset()
+    out_c = torch.compile(fn, fullgraph=True, backend=compiler)(xc, t)
+    out_c.backward()
+    torch.testing.assert_close(out_c, out_e, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=2e-2, atol=2e-2)

@@ -223,6 +223,38 @@ def test_triton_bf16_gpu(V):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_triton_every_candidate_block_gpu(monkeypatch, autotune):
+    # The autotuner may pick any block of _candidates (num_warps only changes how a block is spread over
+    # threads): each forward and backward block must be right, and so must the autotuned launch itself. V =
+    # 40000 leaves a partial last block at every candidate width.
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", autotune)
+    kernels, _ = _triton_kernels()
+    V = 40000
+    x = 3 * torch.randn(300, V, device="cuda", dtype=torch.bfloat16)
+    t = _targets((300,), V, "cuda", (7,))
+    dloss = torch.rand(300, device="cuda")
+
+    def torch_loss_and_grad(logits):  # torch in logits' dtype: the error yardstick
+        logits = logits.detach().requires_grad_()
+        loss = F.cross_entropy(logits, t, reduction="none", label_smoothing=0.1)
+        (grad,) = torch.autograd.grad(loss, logits, dloss.to(loss.dtype))
+        return loss.float(), grad
+
+    want_loss, want_g = torch_loss_and_grad(x.float())
+    same_loss, same_g = torch_loss_and_grad(x)
+    want_lse = torch.logsumexp(x.float(), dim=-1)
+    fwd = [c["BLOCK"] for c in kernels._candidates(V, kernels.FWD_BLOCK, kernels._FWD_TRIES)]
+    bwd = [c["BLOCK"] for c in kernels._candidates(V, kernels.BWD_BLOCK, kernels._BWD_TRIES)]
+    for block in [None] + fwd:
+        loss, _ = kernels.cross_entropy_forward(x, t, -100, 0.1, 0.0, block=block)
+        assert_close(loss, want_loss, same_loss, f"loss, forward block {block}")
+    for block in [None] + bwd:
+        g = kernels.cross_entropy_backward(dloss, x, t, want_lse, -100, 0.1, 0.0, block=block)
+        assert_close(g, want_g, same_g, f"dlogits, backward block {block}")
+
+
+@pytest.mark.gpu
 def test_triton_64bit_offsets_gpu():
     # 16400 x 131072 bf16 = 2^31 + 52 Mi elements: the last rows start past 2^31 and must index correctly
     kernels, _ = _triton_kernels()

@@ -165,6 +165,49 @@ def test_triton_long_rows(N):
     check_against_torch(x, -1, 1.3, False, "triton")
 
 
+def _check_candidates(kernels, x, causal_rows, what):
+    from gptfast.ops import reference
+
+    dy = torch.randn_like(x)
+    hp = reference_dtype(x.dtype)
+    M, N = x.shape
+    ref = reference.softmax_fwd(x.to(hp), 0.7, causal_rows)
+    ref_dx = reference.softmax_bwd(dy.to(hp), ref, 0.7, causal_rows)
+    same = reference.softmax_fwd(x, 0.7, causal_rows)
+    same_dx = reference.softmax_bwd(dy, same, 0.7, causal_rows)
+    y = kernels.softmax_forward(x, 0.7, causal_rows)
+    for c in kernels.candidates(M, N):
+        got = kernels.softmax_forward(x, 0.7, causal_rows, candidate=c)
+        assert_close(got, ref, same, f"{what} output, candidate {c}")
+    for c in kernels.candidates(M, N, backward=True):
+        got = kernels.softmax_backward(dy, y, 0.7, causal_rows, candidate=c)
+        assert_close(got, ref_dx, same_dx, f"{what} grad, candidate {c}")
+
+
+@pytest.mark.parametrize("N", [3000, 9000])
+def test_triton_every_candidate(N):
+    # The GPU autotuner may pick any of candidates(M, N): each must be right, not just the default the other
+    # tests run. 3000 columns: single-pass tiles of several rows (M = 5 leaves a ragged last tile); 9000: the
+    # 16k single pass against the online path at 4096 and 8192 columns a step; causal_rows = 3 masks most.
+    kernels, device = _triton_case()
+    x = 3 * torch.randn(5, N, device=device)
+    assert len(kernels.candidates(5, N)) > 2
+    _check_candidates(kernels, x, 0, f"N={N}")
+    _check_candidates(kernels, x, 3, f"N={N} causal")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1000, 8192, 20000, 32768])
+def test_triton_every_candidate_gpu(N):
+    # bf16 on the GPU through every config the autotuner may pick, at the benchmark's row lengths and a
+    # ragged one (20000: the 32k tile masked, and the online path's last step partial)
+    from gptfast.kernels import softmax as kernels
+
+    x = 3 * torch.randn(300, N, device="cuda", dtype=torch.bfloat16)
+    _check_candidates(kernels, x, 0, f"N={N}")
+    _check_candidates(kernels, x[:, :64].contiguous(), 16, "causal")
+
+
 def test_triton_config_picks_paths():
     kernels, _ = _triton_case()
     assert kernels.config(8, 1000)["single"] and kernels.config(8, 1000)["ROWS"] == 4

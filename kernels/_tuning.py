@@ -1,0 +1,40 @@
+"""Autotuning for the memory-bound kernels (softmax, cross-entropy): one triton.autotune per candidate list.
+
+A launcher lists its candidates as dicts of constexprs plus num_warps, its heuristic default first. On a GPU
+with autotuning on (backends.autotune_enabled) the autotuner times them all once per key and keeps the
+fastest, so a candidate can only help; otherwise the default runs alone, untimed (the interpreter, and the
+test suites that set GPTFAST_AUTOTUNE=0 to skip the compiles). Only kernels that write outputs distinct from
+their inputs are tuned: the timing runs would compound an in-place update.
+"""
+
+import triton
+
+from gptfast import backends
+
+_TUNED: dict = {}
+
+
+def enabled() -> bool:
+    return backends.autotune_enabled() and not backends.interpreting()
+
+
+def autotuned(kernel, configs: list[dict], key: list[str]):
+    """`kernel` under triton.autotune over `configs` ({constexpr: value, ..., "num_warps": w}), keyed by the
+    kernel arguments named in `key` (and, as triton always does, the tensors' dtypes)."""
+    cache_key = (kernel.__name__, tuple(tuple(sorted(c.items())) for c in configs), tuple(key))
+    if cache_key not in _TUNED:
+        tuned = [
+            triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
+            for c in configs
+        ]
+        _TUNED[cache_key] = triton.autotune(configs=tuned, key=key)(kernel)
+    return _TUNED[cache_key]
+
+
+def unique(configs: list[dict]) -> list[dict]:
+    """configs without repeats, in order (the default stays first)."""
+    out = []
+    for c in configs:
+        if c not in out:
+            out.append(c)
+    return out
