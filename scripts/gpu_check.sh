@@ -158,6 +158,9 @@ else
   BENCH=(--"${BENCH_MODE:-full}" --device cuda)
 fi
 BENCH_LIMIT=$(( $(left) - 15 ))
+# Triton prints each autotuner's pick (four lines per kernel and key); the summary lists them, so the next
+# round of tuning starts from what won here.
+export TRITON_PRINT_AUTOTUNING=1
 # The bench's own budget ends 30 s before the step's limit, so it writes its report instead of being killed.
 # shellcheck disable=SC2086  # BENCH_ARGS may hold several arguments
 run_step bench "$BENCH_LIMIT" "$OUT/bench.log" \
@@ -196,6 +199,17 @@ EOF
   echo
   sed -n '1,200p' "$OUT/tests_summary.md" 2>/dev/null | sed 's/^# Test summary/## Tests/'
   echo
+  if grep -q '^Triton autotuning for function' "$OUT/bench.log" 2>/dev/null; then
+    echo "## Autotune picks (bench)"
+    echo
+    awk '/^Triton autotuning for function/ { fn = $5; sub(/,$/, "", fn) }
+         /^with key as / { key = substr($0, 13); sub(/,$/, "", key) }
+         /^finished after / { secs = $3; sub(/s,$/, "", secs) }
+         /^best config selected: / { cfg = substr($0, 23); sub(/;$/, "", cfg)
+                                     printf "- `%s` %s: %s (%s s)\n", fn, key, cfg, secs }' \
+      "$OUT/bench.log" | head -n 80
+    echo
+  fi
   if [[ -f "$OUT/bench/report.md" ]]; then
     awk '/^## Ceilings/{p=1} /^## /&&!/^## (Ceilings|Headline)/{p=0} p' "$OUT/bench/report.md"
   else
