@@ -994,18 +994,31 @@ _TABLES = {
 _TUNED: dict = {}
 
 
+# kind -> config: forces that config for every launch of the kernel (the tests run each candidate this way,
+# under the interpreter too, where the tile sizes are all that differ).
+FORCED: dict[str, tuple] = {}
+
+
 def _tuned(kind: str, q: Tensor, meta: dict):
     """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing
     needs pruning at call time (torch.compile traces these launches)."""
     tune = backends.autotune_enabled()
-    key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])), tune)
+    key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])), tune, FORCED.get(kind))
     if key not in _TUNED:
         table, kernel = _TABLES[kind]
         candidates = table[key[1:3]] if tune else table[key[1:3]][:1]
         if _INTERPRET:
             candidates = [_INTERPRETER_CONFIG]
+        if kind in FORCED:
+            candidates = [FORCED[kind]]
         _TUNED[key] = triton.autotune(configs=[_to_config(c) for c in candidates], key=_AUTOTUNE_KEY)(kernel)
     return _TUNED[key]
+
+
+def candidates(kind: str, dtype: torch.dtype, head_dim: int) -> list[tuple]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the GPU autotuner times for `kind` ("fwd", "dkdv",
+    "dq") at this dtype and head dim, the default first."""
+    return _TABLES[kind][0][_table_key(dtype.itemsize, _block(head_dim))]
 
 
 # -------------------------------------------------------------------------------------------- launchers

@@ -249,6 +249,26 @@ def test_backend_custom_scale(backend, device, dtype):
     _check_against_reference(backend, device, *_qkv(1, 2, 2, 19, 21, 16), dtype, scale=0.61)
 
 
+@pytest.mark.parametrize("head_dim", [48, 96, 160])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_every_candidate_config(monkeypatch, head_dim, causal):
+    # The GPU autotuner may pick any candidate of the 16-bit lists, while the other tests run the interpreter's
+    # one config and the GPU tests the first: each candidate's tiles (BLOCK_M, BLOCK_N) must be right too. fp16
+    # (what the interpreter computes correctly) at padded head dims from each list (64, 128, 256); L != S, both
+    # not multiples of any tile, and GQA.
+    if "triton" not in [b for b, d in CASES if d == "cpu"]:
+        pytest.skip("the triton backend cannot run here")
+    from gptfast.kernels import attention as kernels
+
+    lists = {kind: kernels.candidates(kind, torch.float16, head_dim) for kind in ("fwd", "dkdv", "dq")}
+    for i in range(max(len(c) for c in lists.values())):
+        for kind, cands in lists.items():
+            monkeypatch.setitem(kernels.FORCED, kind, cands[min(i, len(cands) - 1)])
+        _check_against_reference(
+            "triton", "cpu", *_qkv(1, 4, 2, 150, 133, head_dim), torch.float16, is_causal=causal
+        )
+
+
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
 def test_backend_negative_scale(backend, device):
     # A negative scale flips which score is the row max: triton's forward keeps raw scores until the exponent
