@@ -9,7 +9,9 @@ Forward: one program per (query block, head, batch) streams the key blocks with 
 m, running sum l) in the base-2 domain (log2(e) is folded into the scale, so every exponential is one exp2).
 Key blocks are visited in two stages: the blocks every row of the query block sees in full, loaded and scored
 without any masks, then the few boundary blocks (the causal diagonal and the tail past S) with masks. With
-is_causal, key blocks past the diagonal are never loaded.
+is_causal, key blocks past the diagonal are never loaded. K and V tiles come through masked pointer loads or,
+in the TMA configs the autotuner may pick on Hopper, through tensor descriptors made in the kernel (the copy
+engine zero-fills rows past S and columns past D).
 
 Backward (deterministic, no atomics): a small kernel computes delta = rowsum(dO * O); one kernel per key block
 accumulates dK and dV over the query blocks (one loop, causal select on each block) and, for GQA, over the
@@ -26,12 +28,14 @@ Dropout draws a Philox number per score element (b, h, i, j) from (seed, offset)
 regenerates exactly the forward's mask; `dropout_mask` returns that mask for tests."""
 
 import os
+import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from gptfast import backends
 
@@ -119,6 +123,8 @@ def _attn_fwd_inner(
     q,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
     mask_base,
     k_offs,
     v_offs,
@@ -147,6 +153,7 @@ def _attn_fwd_inner(
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Folds key blocks [lo, hi) into (acc, l_i, m_i). BOUNDARY blocks get the causal and the key-tail masks.
 
@@ -157,8 +164,12 @@ def _attn_fwd_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
-        v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
+            v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
         # With FOLD_SCALE (scale > 0, no additive mask) the scores stay unscaled until the exponent: the
         # scaled row max is the raw max times the scale, and scale * s - m is one FMA per score instead of a
         # multiply and a subtract (the softmax, not the MMAs, bounds this loop on Hopper).
@@ -248,6 +259,7 @@ def _attn_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -281,6 +293,12 @@ def _attn_fwd_kernel(
     v_head = V + b64 * stride_vb + hk64 * stride_vh
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_head, [S, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_head, [S, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
+    else:
+        k_desc = k_head
+        v_desc = v_head
     mask_head = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh
     mask_offs = 0
     if MASK_KIND != 0:
@@ -309,6 +327,8 @@ def _attn_fwd_kernel(
         q,
         k_head,
         v_head,
+        k_desc,
+        v_desc,
         mask_head,
         k_offs,
         v_offs,
@@ -337,6 +357,7 @@ def _attn_fwd_kernel(
         HAS_DROPOUT,
         PRECISION,
         FOLD_SCALE,
+        USE_TMA,
     )
     full_hi64 = full_hi.to(tl.int64)
     acc, l_i, m_i = _attn_fwd_inner(
@@ -346,6 +367,8 @@ def _attn_fwd_kernel(
         q,
         k_head + full_hi64 * stride_kn,
         v_head + full_hi64 * stride_vn,
+        k_desc,
+        v_desc,
         mask_head + full_hi64 * stride_mn,
         k_offs,
         v_offs,
@@ -374,6 +397,7 @@ def _attn_fwd_kernel(
         HAS_DROPOUT,
         PRECISION,
         FOLD_SCALE,
+        USE_TMA,
     )
 
     # A row with no key left has l = 0: its output is 0 and its lse -inf, as torch gives.
@@ -949,10 +973,18 @@ def _attn_bwd_dq_kernel(
 # the compiled cubins with stride alignment as at run time; head dim 256's backward keeps a few small spills).
 # fp32 is not a speed target: one small config each, because ieee fp32 dots unroll into FMAs that take ptxas
 # minutes at larger tiles.
+# A fifth entry True marks a forward config that loads K and V through TMA tensor descriptors made in the
+# kernel (Hopper's bulk copies: no address registers, 60-110 fewer registers a thread on sm_90a). They are
+# timed only where descriptors can describe K and V (see _tma_ok), and never as the untuned default.
+_TMA_FWD = {
+    64: [(128, 64, 4, 3, True), (128, 128, 8, 3, True)],
+    128: [(128, 64, 8, 3, True), (128, 128, 8, 2, True), (64, 64, 4, 2, True)],
+    256: [(128, 64, 8, 2, True), (64, 64, 4, 2, True)],
+}
 _FWD = {
-    (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
-    (2, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    (2, 256): [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
+    (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), *_TMA_FWD[64]],
+    (2, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), *_TMA_FWD[128]],
+    (2, 256): [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), *_TMA_FWD[256]],
     (4, 64): [(32, 32, 4, 2)],
     (4, 128): [(32, 32, 4, 2)],
     (4, 256): [(32, 16, 4, 2)],
@@ -982,8 +1014,15 @@ def _table_key(elem_bytes: int, block_d: int) -> tuple[int, int]:
     return (2 if elem_bytes <= 2 else 4, max(64, block_d))
 
 
-def _to_config(c) -> triton.Config:
-    return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
+def _to_config(kind: str, c) -> triton.Config:
+    meta = {"BLOCK_M": c[0], "BLOCK_N": c[1]}
+    if kind == "fwd":
+        meta["USE_TMA"] = len(c) > 4 and c[4]
+    return triton.Config(meta, num_warps=c[2], num_stages=c[3])
+
+
+def _uses_tma(c) -> bool:
+    return len(c) > 4 and c[4]
 
 
 _TABLES = {
@@ -999,19 +1038,22 @@ _TUNED: dict = {}
 FORCED: dict[str, tuple] = {}
 
 
-def _tuned(kind: str, q: Tensor, meta: dict):
+def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False):
     """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing
-    needs pruning at call time (torch.compile traces these launches)."""
+    needs pruning at call time (torch.compile traces these launches). tma: whether the TMA configs may run."""
     tune = backends.autotune_enabled()
-    key = (kind, *_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"])), tune, FORCED.get(kind))
+    table_key = _table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"]))
+    key = (kind, *table_key, tune, tma, FORCED.get(kind))
     if key not in _TUNED:
         table, kernel = _TABLES[kind]
-        candidates = table[key[1:3]] if tune else table[key[1:3]][:1]
+        candidates = [c for c in table[table_key] if tma or not _uses_tma(c)]
+        candidates = candidates if tune else candidates[:1]
         if _INTERPRET:
             candidates = [_INTERPRETER_CONFIG]
         if kind in FORCED:
             candidates = [FORCED[kind]]
-        _TUNED[key] = triton.autotune(configs=[_to_config(c) for c in candidates], key=_AUTOTUNE_KEY)(kernel)
+        configs = [_to_config(kind, c) for c in candidates]
+        _TUNED[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
     return _TUNED[key]
 
 
@@ -1066,6 +1108,31 @@ def _shared_meta(q: Tensor, v: Tensor, L: int, S: int, is_causal: bool, mask_kin
     )
 
 
+def _tma_ok(k: Tensor, v: Tensor) -> bool:
+    """Whether K and V can be read through TMA descriptors: 16-bit, 16-byte aligned bases and row, head and
+    batch strides (the hardware's rule), eager mode on a GPU. Traced calls (torch.compile) keep the pointer
+    configs: descriptors made in the kernel need triton's scratch allocator at launch, which is set here and
+    not by every torch release's compiled launcher. FORCED configs (tests) are honoured anywhere."""
+    if "fwd" in FORCED:
+        return _uses_tma(FORCED["fwd"])
+    if _INTERPRET or not _TMA_STATE["ok"] or k.element_size() != 2 or torch.compiler.is_compiling():
+        return False
+    if is_fake(k) or is_fake(v):
+        return False
+    for t in (k, v):
+        if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:3]):
+            return False
+    return True
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
+    """triton's allocator for the kernels' global scratch (where in-kernel TMA descriptors live)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_TMA_STATE = {"ok": hasattr(tl, "make_tensor_descriptor")}
+
+
 def attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -1091,7 +1158,7 @@ def attention_fwd(
     mask, mask_kind, mask_strides = _mask_args(attn_mask, q)
     rng_t, dropout_scale, threshold = _dropout_args(dropout_p, rng, q)
     meta = _shared_meta(q, v, L, S, is_causal, mask_kind, dropout_p)
-    _launch(_tuned("fwd", q, meta))[lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B)](
+    args = (
         q,
         k,
         v,
@@ -1111,9 +1178,33 @@ def attention_fwd(
         scale * LOG2E,
         dropout_scale,
         threshold,
-        FOLD_SCALE=bool(scale > 0) and mask_kind != 2,
-        **meta,
     )
+    meta["FOLD_SCALE"] = bool(scale > 0) and mask_kind != 2
+
+    def grid(config):
+        return (triton.cdiv(L, config["BLOCK_M"]), Hq, B)
+
+    def run(tma: bool) -> None:
+        if tma and not _INTERPRET:
+            triton.set_allocator(_tma_scratch)
+        _launch(_tuned("fwd", q, meta, tma))[grid](*args, **meta)
+
+    tma = _tma_ok(k, v)
+    try:
+        run(tma)
+    except Exception as e:
+        # A GPU or triton release whose TMA path fails to build or launch keeps the pointer configs, said once;
+        # the GPU tests force the TMA configs, so such a failure still shows there.
+        if not tma or "fwd" in FORCED or isinstance(e, torch.OutOfMemoryError):
+            raise
+        _TMA_STATE["ok"] = False
+        text = str(e).strip().splitlines()
+        warnings.warn(
+            f"gptfast: the Triton attention's TMA configs failed here ({type(e).__name__}: "
+            f"{text[0] if text else ''}); the pointer configs run from now on",
+            RuntimeWarning,
+        )
+        run(False)
     return out, lse
 
 
@@ -1248,6 +1339,7 @@ _CONSTEXPRS = (
     "HAS_DROPOUT",
     "PRECISION",
     "FOLD_SCALE",
+    "USE_TMA",
     "BLOCK_M",
     "BLOCK_N",
 )
@@ -1325,9 +1417,10 @@ def _compile_case(
     )
     if kind == "fwd":
         constexprs["FOLD_SCALE"] = mask_kind != 2
+        constexprs["USE_TMA"] = _uses_tma(config)
     name = (
         f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
-        f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}"
+        f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}{'_tma' if _uses_tma(config) else ''}"
         f"{['', '_boolmask', '_floatmask'][mask_kind]}{'_dropout' if dropout else ''}"
     )
     signature = _signature(fn, dt, mask_kind, dropout)
@@ -1364,6 +1457,7 @@ def _compile_cases() -> list[dict]:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
         _compile_case("fwd", bf16, 128, True),  # the benchmark's configuration
+        _compile_case("fwd", bf16, 128, True, config=_TMA_FWD[128][0]),  # and its first TMA candidate
         _compile_case("dkdv", bf16, 128, True),
         _compile_case("dq", bf16, 128, True),
         _compile_case("fwd", fp16, 64, False),

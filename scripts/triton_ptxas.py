@@ -2,8 +2,9 @@
 
 The interpreter says nothing about register pressure, and a kernel that spills is slow however well its
 config is chosen. This compiles the kernels' compile cases with triton.compile for GPUTarget("cuda", 90, 32),
-runs the PTX through `ptxas -v` (nvcc's, as Triton's own build does) and prints one line per case: registers,
-spill stores/loads and shared memory. It is how the autotune candidate lists in kernels/*.py were pruned.
+runs the PTX through `ptxas -v` (the one triton itself runs for sm_90a) and prints one line per case:
+registers, spill stores/loads and shared memory. It is how the autotune candidate lists in kernels/*.py were
+pruned.
 
     python scripts/triton_ptxas.py [--all] [--filter SUBSTRING ...] [--jobs N]
 
@@ -23,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 _PTXAS_LINE = re.compile(r"Used (\d+) registers")
 _SPILL_LINE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def _cases(use_all: bool):
@@ -34,6 +34,13 @@ def _cases(use_all: bool):
         cases = getattr(module, "ALL_COMPILE_CASES", None) if use_all else None
         for case in cases or getattr(module, "COMPILE_CASES", ()):
             yield f"{info.name}:{case['name']}", module.__name__, case["name"], use_all
+
+
+def _ptxas() -> str:
+    """The ptxas triton itself runs for sm_90a (it reads the PTX version triton writes; nvcc's may not)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).path
 
 
 def _report(job) -> tuple[str, str]:
@@ -58,18 +65,17 @@ def _report(job) -> tuple[str, str]:
         with open(ptx, "w") as f:
             f.write(out.asm["ptx"])
         proc = subprocess.run(
-            ["ptxas", "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+            [_ptxas(), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True,
             text=True,
         )
     text = proc.stdout + proc.stderr
     regs = _PTXAS_LINE.search(text)
     spills = _SPILL_LINE.search(text)
-    smem = _SMEM.search(text)
     if proc.returncode != 0 or not regs:
         return key, f"PTXAS ERROR {text.strip().splitlines()[-1][:200] if text.strip() else proc.returncode}"
     spill = f"spill {spills.group(1)}/{spills.group(2)} B" if spills else "spill ?"
-    shared = f"smem {int(smem.group(1)) // 1024} KB" if smem else "smem 0 KB"
+    shared = f"smem {out.metadata.shared // 1024} KB"
     return key, f"regs {regs.group(1):>3}  {spill:<16} {shared}"
 
 

@@ -555,3 +555,37 @@ def test_gpu_dropout_same_mask(backend):
     theirs = _forward_backward(lambda a, b, c: _dropout_math(a, b, c, keep, p, True, scale), q, k, v, dout)
     for name, g, r, t in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, theirs):
         assert_close(g, r, t, name=f"{backend}/dropout/{name}")
+
+
+@pytest.mark.gpu
+def test_triton_tma_forward_gpu(monkeypatch):
+    # The forward's TMA configs on the hardware, forced one at a time (the autotuner may pick any), on the
+    # GPT's layout: q, k, v strided views of one fused (B, L, 3, H, D) projection, L off every block size.
+    # Checked: the output and the saved lse the backward starts from. A K that TMA cannot describe (a base
+    # off 16 bytes) must leave the TMA configs out and still be right.
+    from gptfast.kernels import attention as kernels
+
+    fwd, _ = _library.pair("attention", "triton")
+    for D, configs in ((128, kernels._TMA_FWD[128]), (64, kernels._TMA_FWD[64][:1])):
+        qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        assert kernels._tma_ok(k, v)
+        scale = D**-0.5
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        same = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+        scores.masked_fill_(torch.ones(1000, 1000, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+        want_lse = torch.logsumexp(scores, dim=-1)
+        for config in configs:
+            monkeypatch.setitem(kernels.FORCED, "fwd", config)
+            out, lse = fwd(q, k, v, None, 0.0, True, scale, torch.zeros(2, dtype=torch.int64))
+            assert_close(out, want, same, f"TMA forward {config} output")
+            torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=f"TMA forward {config} lse")
+        monkeypatch.delitem(kernels.FORCED, "fwd")
+    flat = torch.randn(2 * 8 * 1000 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    k_off = flat[1:].view(2, 8, 1000, 64)
+    assert not kernels._tma_ok(k_off, k_off)
+    q = torch.randn(2, 8, 1000, 64, device="cuda", dtype=torch.bfloat16)
+    out = ops.scaled_dot_product_attention(q, k_off, k_off, is_causal=True, backend="triton")
+    want = F.scaled_dot_product_attention(q.float(), k_off.float(), k_off.float(), is_causal=True)
+    assert_close(out, want, F.scaled_dot_product_attention(q, k_off, k_off, is_causal=True), "misaligned K")
