@@ -476,6 +476,9 @@ def _attn_bwd_dkdv_inner(
     v,
     q_base,
     do_base,
+    q_desc,
+    do_desc,
+    h,
     mask_base,
     q_offs,
     do_offs,
@@ -505,6 +508,7 @@ def _attn_bwd_dkdv_inner(
     MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Adds the query blocks [lo, hi) of one head to dk, dv (key block offs_n), all in the transposed frame.
 
@@ -514,8 +518,12 @@ def _attn_bwd_dkdv_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base + q_offs, offs_m, L, offs_d, D, BLOCK_D, True)
-        do = _load_tile(do_base + do_offs, offs_m, L, offs_dv, DV, BLOCK_DV, True)
+        if USE_TMA:
+            q = q_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            q = _load_tile(q_base + q_offs, offs_m, L, offs_d, D, BLOCK_D, True)
+            do = _load_tile(do_base + do_offs, offs_m, L, offs_dv, DV, BLOCK_DV, True)
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < L, other=float("inf"))
         # A row with no key left (lse = -inf) or a swamped one has P = 0: +inf makes exp2 give exactly that.
         lse2 = _backward_lse2(lse)
@@ -602,6 +610,7 @@ def _attn_bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -656,6 +665,17 @@ def _attn_bwd_dkdv_kernel(
     if IS_CAUSAL:
         lo = start_n // BLOCK_M * BLOCK_M
         lo64 = lo.to(tl.int64)
+    if USE_TMA:
+        # (head, row, column) descriptors over this batch's Q and dO, made once for all GROUP heads
+        q_desc = tl.make_tensor_descriptor(
+            Q + b64 * stride_qb, [Hq, L, D], [stride_qh, stride_qm, 1], [1, BLOCK_M, BLOCK_D]
+        )
+        do_desc = tl.make_tensor_descriptor(
+            DO + b64 * stride_dob, [Hq, L, DV], [stride_doh, stride_dom, 1], [1, BLOCK_M, BLOCK_DV]
+        )
+    else:
+        q_desc = Q
+        do_desc = DO
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -666,6 +686,9 @@ def _attn_bwd_dkdv_kernel(
             v,
             Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + lo64 * stride_qm,
             DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + lo64 * stride_dom,
+            q_desc,
+            do_desc,
+            h,
             Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + lo64 * stride_mm,
             q_offs,
             do_offs,
@@ -695,6 +718,7 @@ def _attn_bwd_dkdv_kernel(
             MASK_KIND,
             HAS_DROPOUT,
             PRECISION,
+            USE_TMA,
         )
     dk = dk * sm_scale
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + rows_n * stride_dkn + offs_d[None, :]
@@ -712,6 +736,8 @@ def _attn_bwd_dq_inner(
     delta,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
     mask_base,
     k_offs,
     v_offs,
@@ -740,14 +766,19 @@ def _attn_bwd_dq_inner(
     MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Adds key blocks [lo, hi) to dq; BOUNDARY blocks get the causal and key-tail masks."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
-        v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
+            v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK_KIND != 0:
             in_bounds = offs_m[:, None] < L
@@ -826,6 +857,7 @@ def _attn_bwd_dq_kernel(
     MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -871,6 +903,12 @@ def _attn_bwd_dq_kernel(
     mask_head = Mask + b64 * stride_mb + h64 * stride_mh
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_head, [S, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_head, [S, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
+    else:
+        k_desc = k_head
+        v_desc = v_head
     mask_offs = 0
     if MASK_KIND != 0:
         mask_offs = rows_m * stride_mm + offs_n[None, :] * stride_mn
@@ -894,6 +932,8 @@ def _attn_bwd_dq_kernel(
         delta,
         k_head,
         v_head,
+        k_desc,
+        v_desc,
         mask_head,
         k_offs,
         v_offs,
@@ -922,6 +962,7 @@ def _attn_bwd_dq_kernel(
         MASK_KIND,
         HAS_DROPOUT,
         PRECISION,
+        USE_TMA,
     )
     full_hi64 = full_hi.to(tl.int64)
     dq = _attn_bwd_dq_inner(
@@ -932,6 +973,8 @@ def _attn_bwd_dq_kernel(
         delta,
         k_head + full_hi64 * stride_kn,
         v_head + full_hi64 * stride_vn,
+        k_desc,
+        v_desc,
         mask_head + full_hi64 * stride_mn,
         k_offs,
         v_offs,
@@ -960,6 +1003,7 @@ def _attn_bwd_dq_kernel(
         MASK_KIND,
         HAS_DROPOUT,
         PRECISION,
+        USE_TMA,
     )
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :]
@@ -973,13 +1017,24 @@ def _attn_bwd_dq_kernel(
 # the compiled cubins with stride alignment as at run time; head dim 256's backward keeps a few small spills).
 # fp32 is not a speed target: one small config each, because ieee fp32 dots unroll into FMAs that take ptxas
 # minutes at larger tiles.
-# A fifth entry True marks a forward config that loads K and V through TMA tensor descriptors made in the
-# kernel (Hopper's bulk copies: no address registers, 60-110 fewer registers a thread on sm_90a). They are
-# timed only where descriptors can describe K and V (see _tma_ok), and never as the untuned default.
+# A fifth entry True marks a config that streams its loop's tiles (K and V in the forward and dQ, Q and dO in
+# dK/dV) through TMA tensor descriptors made in the kernel: Hopper's bulk copies need no address registers
+# (60-110 fewer a thread in the forward and dQ on sm_90a; dK/dV's accumulators leave it little to gain). They
+# are timed only where descriptors can describe those tensors (see _tma_ok), never as the untuned default.
 _TMA_FWD = {
     64: [(128, 64, 4, 3, True), (128, 128, 8, 3, True)],
     128: [(128, 64, 8, 3, True), (128, 128, 8, 2, True), (64, 64, 4, 2, True)],
     256: [(128, 64, 8, 2, True), (64, 64, 4, 2, True)],
+}
+_TMA_DKDV = {
+    64: [(32, 128, 8, 2, True), (64, 128, 8, 3, True)],
+    128: [(32, 128, 8, 2, True)],
+    256: [(16, 32, 4, 2, True), (32, 64, 8, 2, True)],
+}
+_TMA_DQ = {
+    64: [(128, 64, 8, 2, True), (128, 64, 4, 3, True)],
+    128: [(128, 64, 8, 2, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True)],
+    256: [(64, 32, 8, 2, True), (64, 32, 4, 2, True)],
 }
 _FWD = {
     (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), *_TMA_FWD[64]],
@@ -990,17 +1045,17 @@ _FWD = {
     (4, 256): [(32, 16, 4, 2)],
 }
 _DKDV = {  # BLOCK_M: query rows per step, BLOCK_N: the key block a program owns
-    (2, 64): [(32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 2), (64, 64, 8, 2)],
-    (2, 128): [(32, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 3)],
-    (2, 256): [(16, 32, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+    (2, 64): [(32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 2), (64, 64, 8, 2), *_TMA_DKDV[64]],
+    (2, 128): [(32, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 3), *_TMA_DKDV[128]],
+    (2, 256): [(16, 32, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2), *_TMA_DKDV[256]],
     (4, 64): [(32, 32, 4, 2)],
     (4, 128): [(32, 32, 4, 2)],
     (4, 256): [(16, 32, 4, 2)],
 }
 _DQ = {
-    (2, 64): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-    (2, 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
-    (2, 256): [(32, 32, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+    (2, 64): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), *_TMA_DQ[64]],
+    (2, 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), *_TMA_DQ[128]],
+    (2, 256): [(32, 32, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2), *_TMA_DQ[256]],
     (4, 64): [(32, 32, 4, 2)],
     (4, 128): [(32, 32, 4, 2)],
     (4, 256): [(32, 16, 4, 2)],
@@ -1014,10 +1069,8 @@ def _table_key(elem_bytes: int, block_d: int) -> tuple[int, int]:
     return (2 if elem_bytes <= 2 else 4, max(64, block_d))
 
 
-def _to_config(kind: str, c) -> triton.Config:
-    meta = {"BLOCK_M": c[0], "BLOCK_N": c[1]}
-    if kind == "fwd":
-        meta["USE_TMA"] = len(c) > 4 and c[4]
+def _to_config(c) -> triton.Config:
+    meta = {"BLOCK_M": c[0], "BLOCK_N": c[1], "USE_TMA": _uses_tma(c)}
     return triton.Config(meta, num_warps=c[2], num_stages=c[3])
 
 
@@ -1052,7 +1105,7 @@ def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False):
             candidates = [_INTERPRETER_CONFIG]
         if kind in FORCED:
             candidates = [FORCED[kind]]
-        configs = [_to_config(kind, c) for c in candidates]
+        configs = [_to_config(c) for c in candidates]
         _TUNED[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
     return _TUNED[key]
 
@@ -1108,21 +1161,43 @@ def _shared_meta(q: Tensor, v: Tensor, L: int, S: int, is_causal: bool, mask_kin
     )
 
 
-def _tma_ok(k: Tensor, v: Tensor) -> bool:
-    """Whether K and V can be read through TMA descriptors: 16-bit, 16-byte aligned bases and row, head and
-    batch strides (the hardware's rule), eager mode on a GPU. Traced calls (torch.compile) keep the pointer
-    configs: descriptors made in the kernel need triton's scratch allocator at launch, which is set here and
-    not by every torch release's compiled launcher. FORCED configs (tests) are honoured anywhere."""
-    if "fwd" in FORCED:
-        return _uses_tma(FORCED["fwd"])
-    if _INTERPRET or not _TMA_STATE["ok"] or k.element_size() != 2 or torch.compiler.is_compiling():
+def _tma_ok(kind: str, *tensors: Tensor) -> bool:
+    """Whether `kind`'s kernel may read `tensors` (the ones its loop streams) through TMA descriptors: 16-bit,
+    16-byte aligned bases and row, head and batch strides (the hardware's rule), eager mode on a GPU. Traced
+    calls (torch.compile) keep the pointer configs: descriptors made in the kernel need triton's scratch
+    allocator at launch, which is set here and not by every torch release's compiled launcher. A FORCED config
+    (the tests) decides by itself."""
+    if kind in FORCED:
+        return _uses_tma(FORCED[kind])
+    if _INTERPRET or not _TMA_STATE["ok"] or torch.compiler.is_compiling():
         return False
-    if is_fake(k) or is_fake(v):
-        return False
-    for t in (k, v):
-        if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:3]):
+    for t in tensors:
+        if is_fake(t) or t.element_size() != 2 or t.data_ptr() % 16:
+            return False
+        if any(s * t.element_size() % 16 for s in t.stride()[:3]):
             return False
     return True
+
+
+def _run_tuned(kind: str, q: Tensor, meta: dict, grid, args: tuple, tma: bool) -> None:
+    """Launches `kind`'s autotuned kernel, with the TMA configs among the candidates when `tma`. A GPU or
+    triton release whose TMA path fails to build or launch keeps the pointer configs from then on, said once;
+    the GPU tests force the TMA configs, so such a failure still shows there."""
+    try:
+        if tma and not _INTERPRET:
+            triton.set_allocator(_tma_scratch)
+        _launch(_tuned(kind, q, meta, tma))[grid](*args, **meta)
+    except Exception as e:
+        if not tma or kind in FORCED or isinstance(e, torch.OutOfMemoryError):
+            raise
+        _TMA_STATE["ok"] = False
+        text = str(e).strip().splitlines()
+        warnings.warn(
+            f"gptfast: the Triton attention's TMA configs failed here ({type(e).__name__}: "
+            f"{text[0] if text else ''}); the pointer configs run from now on",
+            RuntimeWarning,
+        )
+        _launch(_tuned(kind, q, meta, False))[grid](*args, **meta)
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
@@ -1184,27 +1259,7 @@ def attention_fwd(
     def grid(config):
         return (triton.cdiv(L, config["BLOCK_M"]), Hq, B)
 
-    def run(tma: bool) -> None:
-        if tma and not _INTERPRET:
-            triton.set_allocator(_tma_scratch)
-        _launch(_tuned("fwd", q, meta, tma))[grid](*args, **meta)
-
-    tma = _tma_ok(k, v)
-    try:
-        run(tma)
-    except Exception as e:
-        # A GPU or triton release whose TMA path fails to build or launch keeps the pointer configs, said once;
-        # the GPU tests force the TMA configs, so such a failure still shows there.
-        if not tma or "fwd" in FORCED or isinstance(e, torch.OutOfMemoryError):
-            raise
-        _TMA_STATE["ok"] = False
-        text = str(e).strip().splitlines()
-        warnings.warn(
-            f"gptfast: the Triton attention's TMA configs failed here ({type(e).__name__}: "
-            f"{text[0] if text else ''}); the pointer configs run from now on",
-            RuntimeWarning,
-        )
-        run(False)
+    _run_tuned("fwd", q, meta, grid, args, _tma_ok("fwd", k, v))
     return out, lse
 
 
@@ -1248,7 +1303,7 @@ def attention_bwd(
         num_warps=4,
     )
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
-    _launch(_tuned("dkdv", q, meta))[lambda config: (triton.cdiv(S, config["BLOCK_N"]), Hk, B)](
+    dkdv_args = (
         q,
         k,
         v,
@@ -1270,9 +1325,17 @@ def attention_bwd(
         scale,
         dropout_scale,
         threshold,
-        **meta,
     )
-    _launch(_tuned("dq", q, meta))[lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B)](
+    # dK/dV stream Q and dO, dQ streams K and V: each kernel's TMA configs need only those aligned.
+    _run_tuned(
+        "dkdv",
+        q,
+        meta,
+        lambda config: (triton.cdiv(S, config["BLOCK_N"]), Hk, B),
+        dkdv_args,
+        _tma_ok("dkdv", q, dout),
+    )
+    dq_args = (
         q,
         k,
         v,
@@ -1292,7 +1355,9 @@ def attention_bwd(
         scale,
         dropout_scale,
         threshold,
-        **meta,
+    )
+    _run_tuned(
+        "dq", q, meta, lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B), dq_args, _tma_ok("dq", k, v)
     )
     return dq, dk, dv
 
@@ -1415,9 +1480,9 @@ def _compile_case(
         BLOCK_M=config[0],
         BLOCK_N=config[1],
     )
+    constexprs["USE_TMA"] = _uses_tma(config)
     if kind == "fwd":
         constexprs["FOLD_SCALE"] = mask_kind != 2
-        constexprs["USE_TMA"] = _uses_tma(config)
     name = (
         f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
         f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}{'_tma' if _uses_tma(config) else ''}"
@@ -1457,7 +1522,9 @@ def _compile_cases() -> list[dict]:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     return [
         _compile_case("fwd", bf16, 128, True),  # the benchmark's configuration
-        _compile_case("fwd", bf16, 128, True, config=_TMA_FWD[128][0]),  # and its first TMA candidate
+        _compile_case("fwd", bf16, 128, True, config=_TMA_FWD[128][0]),  # and its first TMA candidates
+        _compile_case("dkdv", bf16, 128, True, config=_TMA_DKDV[128][0]),
+        _compile_case("dq", bf16, 128, True, config=_TMA_DQ[128][0]),
         _compile_case("dkdv", bf16, 128, True),
         _compile_case("dq", bf16, 128, True),
         _compile_case("fwd", fp16, 64, False),

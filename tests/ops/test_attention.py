@@ -558,33 +558,60 @@ def test_gpu_dropout_same_mask(backend):
 
 
 @pytest.mark.gpu
-def test_triton_tma_forward_gpu(monkeypatch):
-    # The forward's TMA configs on the hardware, forced one at a time (the autotuner may pick any), on the
-    # GPT's layout: q, k, v strided views of one fused (B, L, 3, H, D) projection, L off every block size.
-    # Checked: the output and the saved lse the backward starts from. A K that TMA cannot describe (a base
-    # off 16 bytes) must leave the TMA configs out and still be right.
+def test_triton_tma_configs_gpu(monkeypatch):
+    # The TMA configs on the hardware, forced one at a time per kernel (the autotuner may pick any), on the
+    # GPT's layout: q, k, v strided views of one fused (B, L, 3, H, D) projection, L off every block size, and
+    # GQA (dK/dV's descriptors span the query heads of a group). Checked: the output, the saved lse the
+    # backward starts from, and the gradient of the fused projection. K that TMA cannot describe (a base off
+    # 16 bytes) must leave the TMA configs out and still be right.
     from gptfast.kernels import attention as kernels
 
     fwd, _ = _library.pair("attention", "triton")
-    for D, configs in ((128, kernels._TMA_FWD[128]), (64, kernels._TMA_FWD[64][:1])):
-        qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
+
+    def views(qkv, Hk):
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        assert kernels._tma_ok(k, v)
-        scale = D**-0.5
-        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-        same = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+        return q, k[:, :Hk], v[:, :Hk]
+
+    def run(attend, qkv, Hk, dout):
+        leaf = qkv.detach().clone().requires_grad_()
+        out = attend(*views(leaf, Hk))
+        out.backward(dout)
+        return out.detach(), leaf.grad
+
+    for D, Hk in ((128, 8), (64, 2)):
+        qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
+        q, k, v = views(qkv, Hk)
+        assert kernels._tma_ok("fwd", k, v) and kernels._tma_ok("dkdv", q, q)
+        dout = torch.randn(2, 8, 1000, D, device="cuda", dtype=torch.bfloat16)
+        gqa = dict(is_causal=True, enable_gqa=Hk != 8)
+
+        def torch_sdpa(a, b, c):
+            return F.scaled_dot_product_attention(a, b, c, **gqa)
+
+        want = run(torch_sdpa, qkv.float(), Hk, dout.float())
+        same = run(torch_sdpa, qkv, Hk, dout)
+        kf = k.float().repeat_interleave(8 // Hk, dim=1)
+        scores = (q.float() @ kf.transpose(-2, -1)) * D**-0.5
         scores.masked_fill_(torch.ones(1000, 1000, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
         want_lse = torch.logsumexp(scores, dim=-1)
-        for config in configs:
-            monkeypatch.setitem(kernels.FORCED, "fwd", config)
-            out, lse = fwd(q, k, v, None, 0.0, True, scale, torch.zeros(2, dtype=torch.int64))
-            assert_close(out, want, same, f"TMA forward {config} output")
-            torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=f"TMA forward {config} lse")
-        monkeypatch.delitem(kernels.FORCED, "fwd")
+        kinds = ("fwd", "dkdv", "dq")
+        lists = {
+            kind: [c for c in kernels.candidates(kind, torch.bfloat16, D) if len(c) > 4] for kind in kinds
+        }
+        for i in range(max(len(c) for c in lists.values())):
+            for kind, configs in lists.items():
+                monkeypatch.setitem(kernels.FORCED, kind, configs[min(i, len(configs) - 1)])
+            what = f"D={D} TMA configs {dict(kernels.FORCED)}"
+            _, lse = fwd(q, k, v, None, 0.0, True, D**-0.5, torch.zeros(2, dtype=torch.int64))
+            torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=what)
+            got = run(lambda a, b, c: SDPA(a, b, c, backend="triton", **gqa), qkv, Hk, dout)
+            for name, g, w, t in zip(("out", "dqkv"), got, want, same):
+                assert_close(g, w, t, f"{what} {name}")
+        for kind in kinds:
+            monkeypatch.delitem(kernels.FORCED, kind)
     flat = torch.randn(2 * 8 * 1000 * 64 + 1, device="cuda", dtype=torch.bfloat16)
     k_off = flat[1:].view(2, 8, 1000, 64)
-    assert not kernels._tma_ok(k_off, k_off)
+    assert not kernels._tma_ok("fwd", k_off, k_off)
     q = torch.randn(2, 8, 1000, 64, device="cuda", dtype=torch.bfloat16)
     out = ops.scaled_dot_product_attention(q, k_off, k_off, is_causal=True, backend="triton")
     want = F.scaled_dot_product_attention(q.float(), k_off.float(), k_off.float(), is_causal=True)
