@@ -598,7 +598,8 @@ def test_triton_tma_configs_gpu(monkeypatch):
         lists = {
             kind: [c for c in kernels.candidates(kind, torch.bfloat16, D) if len(c) > 4] for kind in kinds
         }
-        for i in range(max(len(c) for c in lists.values())):
+        # D=128 (the benchmark's) runs every TMA config; D=64 the first of each, for the GQA descriptors
+        for i in range(max(len(c) for c in lists.values()) if D == 128 else 1):
             for kind, configs in lists.items():
                 monkeypatch.setitem(kernels.FORCED, kind, configs[min(i, len(configs) - 1)])
             what = f"D={D} TMA configs {dict(kernels.FORCED)}"

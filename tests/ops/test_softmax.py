@@ -197,15 +197,15 @@ def test_triton_every_candidate(N):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [1000, 8192, 20000, 32768])
+@pytest.mark.parametrize("N", [8192, 20000])
 def test_triton_every_candidate_gpu(N):
-    # bf16 on the GPU through every config the autotuner may pick, at the benchmark's row lengths and a
-    # ragged one (20000: the 32k tile masked, and the online path's last step partial)
+    # bf16 on the GPU through every config the autotuner may pick (each a compile, so two lengths): 8192, a
+    # benchmark length with tiles of one and two rows and the online path; 20000, the 32k tile masked and
+    # the online path's last step partial. Causal candidates run under the interpreter.
     from gptfast.kernels import softmax as kernels
 
     x = 3 * torch.randn(300, N, device="cuda", dtype=torch.bfloat16)
     _check_candidates(kernels, x, 0, f"N={N}")
-    _check_candidates(kernels, x[:, :64].contiguous(), 16, "causal")
 
 
 def test_triton_config_picks_paths():
