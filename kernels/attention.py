@@ -767,8 +767,10 @@ def _attn_bwd_dq_inner(
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DELTA_ONLY: tl.constexpr,
 ):
-    """Adds key blocks [lo, hi) to dq; BOUNDARY blocks get the causal and key-tail masks."""
+    """Adds key blocks [lo, hi) to dq; BOUNDARY blocks get the causal and key-tail masks. With DELTA_ONLY, dq
+    is a [BLOCK_M, BLOCK_N] accumulator of P * dP instead (its row sums are delta)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
@@ -799,10 +801,13 @@ def _attn_bwd_dq_inner(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        # 3. dS = P * (dP - delta)
-        ds = p * (dp - delta[:, None])
-        # 4. dQ = scale * dS K (the scale is applied once, after all blocks)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        if DELTA_ONLY:
+            dq += p * dp
+        else:
+            # 3. dS = P * (dP - delta)
+            ds = p * (dp - delta[:, None])
+            # 4. dQ = scale * dS K (the scale is applied once, after all blocks)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         mask_base += BLOCK_N * stride_mn
@@ -858,10 +863,16 @@ def _attn_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DELTA_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dQ of one query block. Grid (cdiv(L, BLOCK_M), Hq, B); the key blocks are visited as in the forward."""
+    """dQ of one query block. Grid (cdiv(L, BLOCK_M), Hq, B); the key blocks are visited as in the forward.
+
+    DELTA_ONLY writes delta = rowsum(P * dP) to Delta instead, from the same P and dP the gradients then use
+    (the fp32 launches): FlashAttention's rowsum(dO * O) equals it only up to O's rounding, and dS = P (dP -
+    delta) amplifies that mismatch past twice torch's fp32 error on some inputs (measured: 2-3 draws in 20 at
+    64 x 64). In half precision the mismatch is below the dtype's own rounding."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -897,7 +908,10 @@ def _attn_bwd_dq_kernel(
     )
     lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
     lse2 = _backward_lse2(lse)
-    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
+    if DELTA_ONLY:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
     k_head = K + b64 * stride_kb + hk64 * stride_kh
     v_head = V + b64 * stride_vb + hk64 * stride_vh
     mask_head = Mask + b64 * stride_mb + h64 * stride_mh
@@ -923,7 +937,10 @@ def _attn_bwd_dq_kernel(
     else:
         hi = S
         full_hi = S // BLOCK_N * BLOCK_N
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if DELTA_ONLY:
+        dq = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _attn_bwd_dq_inner(
         dq,
         q,
@@ -963,6 +980,7 @@ def _attn_bwd_dq_kernel(
         HAS_DROPOUT,
         PRECISION,
         USE_TMA,
+        DELTA_ONLY,
     )
     full_hi64 = full_hi.to(tl.int64)
     dq = _attn_bwd_dq_inner(
@@ -1004,10 +1022,14 @@ def _attn_bwd_dq_kernel(
         HAS_DROPOUT,
         PRECISION,
         USE_TMA,
+        DELTA_ONLY,
     )
-    dq = dq * sm_scale
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < D))
+    if DELTA_ONLY:
+        tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(dq, 1), mask=offs_m < L)
+    else:
+        dq = dq * sm_scale
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows_m * stride_dqm + offs_d[None, :]
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < D))
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -1289,20 +1311,22 @@ def attention_bwd(
     rng_t, dropout_scale, threshold = _dropout_args(dropout_p, rng, q)
     meta = _shared_meta(q, v, L, S, is_causal, mask_kind, dropout_p)
     block_dv = meta["BLOCK_DV"]
-    _launch(_attn_bwd_delta_kernel)[(triton.cdiv(L, 64), Hq, B)](
-        out,
-        dout,
-        delta,
-        *out.stride()[:3],
-        *dout.stride()[:3],
-        Hq,
-        L,
-        DV=v.shape[-1],
-        BLOCK_DV=block_dv,
-        BLOCK_M=64,
-        num_warps=4,
-    )
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
+    fp32 = q.dtype == torch.float32
+    if not fp32:
+        _launch(_attn_bwd_delta_kernel)[(triton.cdiv(L, 64), Hq, B)](
+            out,
+            dout,
+            delta,
+            *out.stride()[:3],
+            *dout.stride()[:3],
+            Hq,
+            L,
+            DV=v.shape[-1],
+            BLOCK_DV=block_dv,
+            BLOCK_M=64,
+            num_warps=4,
+        )
     dkdv_args = (
         q,
         k,
@@ -1327,14 +1351,7 @@ def attention_bwd(
         threshold,
     )
     # dK/dV stream Q and dO, dQ streams K and V: each kernel's TMA configs need only those aligned.
-    _run_tuned(
-        "dkdv",
-        q,
-        meta,
-        lambda config: (triton.cdiv(S, config["BLOCK_N"]), Hk, B),
-        dkdv_args,
-        _tma_ok("dkdv", q, dout),
-    )
+    dkdv_tma = _tma_ok("dkdv", q, dout)
     dq_args = (
         q,
         k,
@@ -1356,9 +1373,18 @@ def attention_bwd(
         dropout_scale,
         threshold,
     )
-    _run_tuned(
-        "dq", q, meta, lambda config: (triton.cdiv(L, config["BLOCK_M"]), Hq, B), dq_args, _tma_ok("dq", k, v)
-    )
+
+    def dq_grid(config):
+        return (triton.cdiv(L, config["BLOCK_M"]), Hq, B)
+
+    if fp32:
+        # delta = rowsum(P * dP) from the kernels' own P and dP (_attn_bwd_dq_kernel), before dK/dV need it
+        _run_tuned("dq", q, {**meta, "DELTA_ONLY": True}, dq_grid, dq_args, False)
+    def dkdv_grid(config):
+        return (triton.cdiv(S, config["BLOCK_N"]), Hk, B)
+
+    _run_tuned("dkdv", q, meta, dkdv_grid, dkdv_args, dkdv_tma)
+    _run_tuned("dq", q, {**meta, "DELTA_ONLY": False}, dq_grid, dq_args, _tma_ok("dq", k, v))
     return dq, dk, dv
 
 
@@ -1405,6 +1431,7 @@ _CONSTEXPRS = (
     "PRECISION",
     "FOLD_SCALE",
     "USE_TMA",
+    "DELTA_ONLY",
     "BLOCK_M",
     "BLOCK_N",
 )
@@ -1458,6 +1485,7 @@ def _compile_case(
     mask_kind: int = 0,
     dropout: bool = False,
     value_dim: int | None = None,
+    delta_only: bool = False,
 ) -> dict:
     fn, table = {
         "fwd": (_attn_fwd_kernel, _FWD),
@@ -1483,10 +1511,13 @@ def _compile_case(
     constexprs["USE_TMA"] = _uses_tma(config)
     if kind == "fwd":
         constexprs["FOLD_SCALE"] = mask_kind != 2
+    if kind == "dq":
+        constexprs["DELTA_ONLY"] = delta_only
     name = (
         f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
         f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}{'_tma' if _uses_tma(config) else ''}"
         f"{['', '_boolmask', '_floatmask'][mask_kind]}{'_dropout' if dropout else ''}"
+        f"{'_delta' if delta_only else ''}"
     )
     signature = _signature(fn, dt, mask_kind, dropout)
     return dict(
@@ -1542,6 +1573,7 @@ def _compile_cases() -> list[dict]:
         _compile_case("fwd", bf16, 64, True, dropout=True),
         _compile_case("dkdv", bf16, 64, True, dropout=True),
         _compile_case("fwd", fp32, 32, True),  # ieee fp32 dots
+        _compile_case("dq", fp32, 64, True, delta_only=True),  # the fp32 backward's delta pass
         _compile_case("fwd", fp16, 32, True, value_dim=64),
         _delta_case(bf16, 128),
     ]
