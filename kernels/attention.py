@@ -1126,7 +1126,8 @@ def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False):
         if _INTERPRET:
             candidates = [_INTERPRETER_CONFIG]
         if kind in FORCED:
-            candidates = [FORCED[kind]]
+            # a forced TMA config where TMA may not run (fp32's delta pass) runs as its pointer twin
+            candidates = [FORCED[kind] if tma else FORCED[kind][:4]]
         configs = [_to_config(c) for c in candidates]
         _TUNED[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
     return _TUNED[key]
@@ -1196,7 +1197,12 @@ def _tma_ok(kind: str, *tensors: Tensor) -> bool:
     for t in tensors:
         if is_fake(t) or t.element_size() != 2 or t.data_ptr() % 16:
             return False
-        if any(s * t.element_size() % 16 for s in t.stride()[:3]):
+        strides = t.stride()[:3]
+        if any(s * t.element_size() % 16 for s in strides):
+            return False
+        # A broadcast (stride 0) dimension, e.g. a dO expanded from a mean over the sequence, would be a zero
+        # global stride in the descriptor; the pointer loads take it as it is.
+        if any(s == 0 and n > 1 for s, n in zip(strides, t.shape[:3])):
             return False
     return True
 

@@ -153,15 +153,18 @@ _FWD_TRIES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16))
 _BWD_TRIES = ((2048, 4), (4096, 4), (8192, 8), (8192, 16))
 
 
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+def _bucket(n) -> int:
+    """n's power-of-two bucket, for autotune keys; 0 for a symbolic size (torch.compile with dynamic shapes),
+    which int() would specialise."""
+    return triton.next_power_of_2(max(n, 1)) if isinstance(n, int) else 0
 
 
 def _candidates(V: int, default_block: int, tries) -> list[dict]:
     """The default config first, then the tries whose block does not pass the padded vocab."""
-    first = min(_bucket(V), default_block)
+    padded = triton.next_power_of_2(max(int(V), 1))  # the block depends on V, so V is specialised anyway
+    first = min(padded, default_block)
     configs = [dict(BLOCK=first, num_warps=num_warps_for(first))]
-    configs += [dict(BLOCK=b, num_warps=w) for b, w in tries if b <= _bucket(V)]
+    configs += [dict(BLOCK=b, num_warps=w) for b, w in tries if b <= padded]
     return _tuning.unique(configs)
 
 

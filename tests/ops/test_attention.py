@@ -5,6 +5,8 @@ Backends come from backends_under_test.cases("attention"): the reference always,
 on CPU (fp32 and fp16; bf16 only on a GPU), cpu/cuda when built. Interpreter shapes stay small.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,16 +236,18 @@ def test_backend_head_dims(backend, device, D):
     )
 
 
+TRITON_CASES = [c for c in CASES if c[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES, ids=ids(TRITON_CASES))
 @pytest.mark.parametrize("seed", [3, 4, 5])
-def test_triton_fp32_gradients_keep_the_rule_on_more_draws(seed):
+def test_triton_fp32_gradients_keep_the_rule_on_more_draws(backend, device, seed):
     # FlashAttention's delta = rowsum(dO * O) matches rowsum(P * dP) only up to O's rounding, and in fp32
     # dS = P (dP - delta) carried that mismatch past twice torch's error (dQ, dK) on these draws at head dim
     # 256; the fp32 backward computes delta from its own P and dP instead. (The C++ cpu backend still uses
-    # rowsum(dO * O); README, Reliability.)
-    if "triton" not in [b for b, d in CASES if d == "cpu"]:
-        pytest.skip("the triton backend cannot run here")
+    # rowsum(dO * O); README, Reliability.) The draws come from the CPU generator, the same on every device.
     torch.manual_seed(seed)
-    _check_against_reference("triton", "cpu", *_qkv(1, 2, 2, 33, 17, 256), torch.float32, is_causal=True)
+    _check_against_reference(backend, device, *_qkv(1, 2, 2, 33, 17, 256), torch.float32, is_causal=True)
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -264,10 +268,10 @@ def test_backend_custom_scale(backend, device, dtype):
 @pytest.mark.parametrize("head_dim", [48, 96, 160])
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_every_candidate_config(monkeypatch, head_dim, causal):
-    # The GPU autotuner may pick any candidate of the 16-bit lists, while the other tests run the interpreter's
-    # one config and the GPU tests the first: each candidate's tiles (BLOCK_M, BLOCK_N) must be right too. fp16
-    # (what the interpreter computes correctly) at padded head dims from each list (64, 128, 256); L != S, both
-    # not multiples of any tile, and GQA.
+    # The GPU autotuner may pick any candidate of the 16-bit lists, while the other tests run the
+    # interpreter's one config and the GPU tests the first: each candidate's tiles (BLOCK_M, BLOCK_N) must be
+    # right too. fp16 (what the interpreter computes correctly) at padded head dims from each list (64, 128,
+    # 256); L != S, both not multiples of any tile, and GQA.
     if "triton" not in [b for b, d in CASES if d == "cpu"]:
         pytest.skip("the triton backend cannot run here")
     from gptfast.kernels import attention as kernels
@@ -569,63 +573,103 @@ def test_gpu_dropout_same_mask(backend):
         assert_close(g, r, t, name=f"{backend}/dropout/{name}")
 
 
+def _fused_views(qkv, Hk, S=None):
+    """q, k, v as the GPT passes them: strided views of one fused (B, L, 3, H, D) projection; k and v keep Hk
+    heads (GQA), and the first S positions when given (Lq != Lk)."""
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    S = S or qkv.shape[1]
+    return q, k[:, :Hk, :S], v[:, :Hk, :S]
+
+
+def _fused_value_and_grad(attend, qkv, Hk, S, dout):
+    leaf = qkv.detach().clone().requires_grad_()
+    out = attend(*_fused_views(leaf, Hk, S))
+    out.backward(dout)
+    return out.detach(), leaf.grad
+
+
+def _torch_lse(q, k, causal):
+    kf = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ kf.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        L, S = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.logsumexp(scores, dim=-1)
+
+
 @pytest.mark.gpu
 def test_triton_tma_configs_gpu(monkeypatch):
     # The TMA configs on the hardware, forced one at a time per kernel (the autotuner may pick any), on the
-    # GPT's layout: q, k, v strided views of one fused (B, L, 3, H, D) projection, L off every block size, and
-    # GQA (dK/dV's descriptors span the query heads of a group). Checked: the output, the saved lse the
-    # backward starts from, and the gradient of the fused projection. K that TMA cannot describe (a base off
-    # 16 bytes) must leave the TMA configs out and still be right.
+    # GPT's layout (_fused_views), L off every block size. D=128 causal (the benchmark's) runs every TMA
+    # config; D=64 with GQA (dK/dV's descriptors span a group's query heads) and D=96 non-causal with Lq != Lk
+    # (the copy engine zero-fills columns past D and keys past S) run the first of each. Checked: the output,
+    # the saved lse the backward starts from, and the fused projection's gradient.
     from gptfast.kernels import attention as kernels
 
     fwd, _ = _library.pair("attention", "triton")
-
-    def views(qkv, Hk):
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        return q, k[:, :Hk], v[:, :Hk]
-
-    def run(attend, qkv, Hk, dout):
-        leaf = qkv.detach().clone().requires_grad_()
-        out = attend(*views(leaf, Hk))
-        out.backward(dout)
-        return out.detach(), leaf.grad
-
-    for D, Hk in ((128, 8), (64, 2)):
+    for D, Hk, S, causal in ((128, 8, None, True), (64, 2, None, True), (96, 8, 900, False)):
         qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
-        q, k, v = views(qkv, Hk)
+        q, k, v = _fused_views(qkv, Hk, S)
         assert kernels._tma_ok("fwd", k, v) and kernels._tma_ok("dkdv", q, q)
         dout = torch.randn(2, 8, 1000, D, device="cuda", dtype=torch.bfloat16)
-        gqa = dict(is_causal=True, enable_gqa=Hk != 8)
+        kw = dict(is_causal=causal, enable_gqa=Hk != 8)
 
         def torch_sdpa(a, b, c):
-            return F.scaled_dot_product_attention(a, b, c, **gqa)
+            return F.scaled_dot_product_attention(a, b, c, **kw)
 
-        want = run(torch_sdpa, qkv.float(), Hk, dout.float())
-        same = run(torch_sdpa, qkv, Hk, dout)
-        kf = k.float().repeat_interleave(8 // Hk, dim=1)
-        scores = (q.float() @ kf.transpose(-2, -1)) * D**-0.5
-        scores.masked_fill_(torch.ones(1000, 1000, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
-        want_lse = torch.logsumexp(scores, dim=-1)
+        want = _fused_value_and_grad(torch_sdpa, qkv.float(), Hk, S, dout.float())
+        same = _fused_value_and_grad(torch_sdpa, qkv, Hk, S, dout)
+        want_lse = _torch_lse(q, k, causal)
         kinds = ("fwd", "dkdv", "dq")
         lists = {
             kind: [c for c in kernels.candidates(kind, torch.bfloat16, D) if len(c) > 4] for kind in kinds
         }
-        # D=128 (the benchmark's) runs every TMA config; D=64 the first of each, for the GQA descriptors
         for i in range(max(len(c) for c in lists.values()) if D == 128 else 1):
             for kind, configs in lists.items():
                 monkeypatch.setitem(kernels.FORCED, kind, configs[min(i, len(configs) - 1)])
             what = f"D={D} TMA configs {dict(kernels.FORCED)}"
-            _, lse = fwd(q, k, v, None, 0.0, True, D**-0.5, torch.zeros(2, dtype=torch.int64))
+            _, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, torch.zeros(2, dtype=torch.int64))
             torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=what)
-            got = run(lambda a, b, c: SDPA(a, b, c, backend="triton", **gqa), qkv, Hk, dout)
+            got = _fused_value_and_grad(
+                lambda a, b, c: SDPA(a, b, c, backend="triton", **kw), qkv, Hk, S, dout
+            )
             for name, g, w, t in zip(("out", "dqkv"), got, want, same):
                 assert_close(g, w, t, f"{what} {name}")
         for kind in kinds:
             monkeypatch.delitem(kernels.FORCED, kind)
+
+
+@pytest.mark.gpu
+def test_triton_attention_autotuned_gpu(monkeypatch):
+    # The path training takes: the autotuner times the pointer and TMA configs together. A TMA config that
+    # fails there would be set aside with a warning (kernels._run_tuned); here the warning is an error and the
+    # TMA path must still be on afterwards. A K that TMA cannot describe (a base off 16 bytes, or a broadcast
+    # head) must leave the TMA configs out and still be right.
+    from gptfast.kernels import attention as kernels
+
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "1")
+    qkv = torch.randn(2, 1000, 3, 8, 128, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.bfloat16)
+
+    def torch_sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+
+    want = _fused_value_and_grad(torch_sdpa, qkv.float(), 8, None, dout.float())
+    same = _fused_value_and_grad(torch_sdpa, qkv, 8, None, dout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _fused_value_and_grad(
+            lambda a, b, c: SDPA(a, b, c, is_causal=True, backend="triton"), qkv, 8, None, dout
+        )
+    assert kernels._TMA_STATE["ok"], "the TMA configs were set aside"
+    for name, g, w, t in zip(("out", "dqkv"), got, want, same):
+        assert_close(g, w, t, f"autotuned {name}")
     flat = torch.randn(2 * 8 * 1000 * 64 + 1, device="cuda", dtype=torch.bfloat16)
     k_off = flat[1:].view(2, 8, 1000, 64)
-    assert not kernels._tma_ok("fwd", k_off, k_off)
+    k_wide = torch.randn(2, 1, 1000, 64, device="cuda", dtype=torch.bfloat16).expand(2, 8, 1000, 64)
     q = torch.randn(2, 8, 1000, 64, device="cuda", dtype=torch.bfloat16)
-    out = ops.scaled_dot_product_attention(q, k_off, k_off, is_causal=True, backend="triton")
-    want = F.scaled_dot_product_attention(q.float(), k_off.float(), k_off.float(), is_causal=True)
-    assert_close(out, want, F.scaled_dot_product_attention(q, k_off, k_off, is_causal=True), "misaligned K")
+    for k, what in ((k_off, "misaligned K"), (k_wide, "broadcast K")):
+        assert not kernels._tma_ok("fwd", k, k), what
+        out = ops.scaled_dot_product_attention(q, k, k, is_causal=True, backend="triton")
+        want_out = F.scaled_dot_product_attention(q.float(), k.float(), k.float(), is_causal=True)
+        assert_close(out, want_out, F.scaled_dot_product_attention(q, k, k, is_causal=True), what)
