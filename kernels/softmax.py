@@ -1,14 +1,16 @@
 """Triton softmax: y = softmax(scale * x) over the rows of an (M, N) matrix, causal mask fused.
 
-Two forward kernels, picked by row length:
-- rows that fit in registers (N <= SINGLE_PASS_MAX): one read and one write. Each program holds a
-  [ROWS, BLOCK] tile of whole rows (several short rows per program, so that short rows still move enough
-  bytes per program).
-- longer rows: one program per row streams BLOCK columns at a time. Pass 1 keeps a running max m and sum d
+Two forward bodies, behind one kernel (constexpr ONLINE) so the GPU autotuner can time one against the other:
+- the single pass, for rows that fit in registers (N <= SINGLE_PASS_MAX): one read and one write. Each program
+  holds a [ROWS, BLOCK] tile of whole rows (several short rows per program, so that short rows still move
+  enough bytes per program).
+- the online pass: one program per row streams BLOCK columns at a time. Pass 1 keeps a running max m and sum d
   (online softmax: d <- d * exp(m_old - m_new) + sum exp(s - m_new)); pass 2 re-reads the row, mostly from L2,
   and writes exp(s - m) / d.
-The backward, dx = scale * y * (dy - rowsum(dy * y)), is one kernel from the saved y: one read of y and dy and
-one write when the row fits, and a dot-product pass first when it does not.
+config(M, N) picks by row length when one config runs (the interpreter, GPTFAST_AUTOTUNE=0); candidates(M, N)
+lists what the autotuner times on a GPU. The backward, dx = scale * y * (dy - rowsum(dy * y)), has the same two
+bodies from the saved y: one read of y and dy and one write when the row fits, and a dot-product pass first when
+it does not.
 
 Causal (causal_rows = L > 0): row r of the flattened stack of (L, N) score matrices keeps columns j <= r % L.
 Masked columns are never read and are written as 0. Column 0 is always kept, so a row is fully masked only
