@@ -7,10 +7,10 @@ Two forward bodies, behind one kernel (constexpr ONLINE) so the GPU autotuner ca
 - the online pass: one program per row streams BLOCK columns at a time. Pass 1 keeps a running max m and sum d
   (online softmax: d <- d * exp(m_old - m_new) + sum exp(s - m_new)); pass 2 re-reads the row, mostly from L2,
   and writes exp(s - m) / d.
-config(M, N) picks by row length when one config runs (the interpreter, GPTFAST_AUTOTUNE=0); candidates(M, N)
-lists what the autotuner times on a GPU. The backward, dx = scale * y * (dy - rowsum(dy * y)), has the same two
-bodies from the saved y: one read of y and dy and one write when the row fits, and a dot-product pass first when
-it does not.
+config(M, N) picks by row length when one config runs (the interpreter, GPTFAST_AUTOTUNE=0);
+candidates(M, N) lists what the autotuner times on a GPU. The backward, dx = scale * y * (dy - rowsum(dy *
+y)), has the same two bodies from the saved y: one read of y and dy and one write when the row fits, and a
+dot-product pass first when it does not.
 
 Causal (causal_rows = L > 0): row r of the flattened stack of (L, N) score matrices keeps columns j <= r % L.
 Masked columns are never read and are written as 0. Column 0 is always kept, so a row is fully masked only
