@@ -39,6 +39,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from gptfast import backends
 
+from . import _tuning
+
 LOG2E = 1.4426950408889634
 # The kernels read these as compile-time constants (triton only lets jit code see constexpr globals).
 _LOG2E = tl.constexpr(LOG2E)
@@ -1091,9 +1093,8 @@ def _table_key(elem_bytes: int, block_d: int) -> tuple[int, int]:
     return (2 if elem_bytes <= 2 else 4, max(64, block_d))
 
 
-def _to_config(c) -> triton.Config:
-    meta = {"BLOCK_M": c[0], "BLOCK_N": c[1], "USE_TMA": _uses_tma(c)}
-    return triton.Config(meta, num_warps=c[2], num_stages=c[3])
+def _to_config(c) -> dict:
+    return dict(BLOCK_M=c[0], BLOCK_N=c[1], USE_TMA=_uses_tma(c), num_warps=c[2], num_stages=c[3])
 
 
 def _uses_tma(c) -> bool:
@@ -1105,7 +1106,6 @@ _TABLES = {
     "dkdv": (_DKDV, _attn_bwd_dkdv_kernel),
     "dq": (_DQ, _attn_bwd_dq_kernel),
 }
-_TUNED: dict = {}
 
 
 # kind -> config: forces that config for every launch of the kernel (the tests run each candidate this way,
@@ -1116,21 +1116,16 @@ FORCED: dict[str, tuple] = {}
 def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False):
     """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing
     needs pruning at call time (torch.compile traces these launches). tma: whether the TMA configs may run."""
-    tune = backends.autotune_enabled()
-    table_key = _table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"]))
-    key = (kind, *table_key, tune, tma, FORCED.get(kind))
-    if key not in _TUNED:
-        table, kernel = _TABLES[kind]
-        candidates = [c for c in table[table_key] if tma or not _uses_tma(c)]
-        candidates = candidates if tune else candidates[:1]
-        if _INTERPRET:
-            candidates = [_INTERPRETER_CONFIG]
-        if kind in FORCED:
-            # a forced TMA config where TMA may not run (fp32's delta pass) runs as its pointer twin
-            candidates = [FORCED[kind] if tma else FORCED[kind][:4]]
-        configs = [_to_config(c) for c in candidates]
-        _TUNED[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
-    return _TUNED[key]
+    table, kernel = _TABLES[kind]
+    candidates = table[_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"]))]
+    candidates = [c for c in candidates if tma or not _uses_tma(c)]
+    candidates = candidates if backends.autotune_enabled() else candidates[:1]
+    if _INTERPRET:
+        candidates = [_INTERPRETER_CONFIG]
+    if kind in FORCED:
+        # a forced TMA config where TMA may not run (fp32's delta pass) runs as its pointer twin
+        candidates = [FORCED[kind] if tma else FORCED[kind][:4]]
+    return _tuning.autotuned(kernel, [_to_config(c) for c in candidates], _AUTOTUNE_KEY)
 
 
 def candidates(kind: str, dtype: torch.dtype, head_dim: int) -> list[tuple]:
