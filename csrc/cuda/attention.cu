@@ -2,9 +2,10 @@
 // backward (the same on tensor cores) for fp16/bf16, head dims 32, 64, 96 and 128, GQA, causal (top-left) or
 // not, any sequence lengths. See README.md for the launch shapes.
 //
-// Forward, per block of kBlockM = 128 queries of one (batch, head), 4 warps each owning 32 query rows (two
-// 16-row MMA tiles, so every K and V fragment read from shared memory feeds two MMAs):
-//   for each tile of kBlockN = 64 keys (32 above head dim 64; up to the diagonal when causal):
+// Forward, per block of kBlockM queries of one (batch, head), 4 warps each owning kBlockM / 4 query rows (by
+// default two 16-row MMA tiles, so every K and V fragment read from shared memory feeds two MMAs); the
+// tilings (kBlockM x kBlockN) are listed in kFwdTilings:
+//   for each tile of kBlockN keys (up to the diagonal when causal):
 //     1. S = Q K^T in fp32 registers (the C fragments), Q and K read from shared memory by ldmatrix
 //     2. s = S * scale * log2(e), masked to -inf past the keys' end and above the diagonal (only on the
 //        tiles that need it); per row: m_new = max(m, rowmax s), p = 2^(s - m_new),
@@ -42,17 +43,38 @@ constexpr int kThreads = kWarps * kWarpSize;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Forward tiles. Rows of the Q, K and V tiles are padded by 8 elements (16 bytes): the eight 16-byte rows
-// one ldmatrix phase reads then start 4 banks apart and never conflict.
-template <int D>
+// Forward tilings: (16-row MMA tiles per warp, keys per tile), the default first, for head dims up to 64 and
+// above. Which is fastest depends on the GPU and on how many blocks a shape launches, so the binding times
+// them once per shape bucket (attention_binding.cpp). The defaults are the tilings that ptxas fits in 255
+// registers without spilling: above head dim 64, 32 keys keep S (32 rows x 32 keys) and O (32 x D) in
+// registers; 64 keys there (FlashAttention-2's 128 x 64 on sm_90) spill a few loop-invariant values and the
+// row sums (some 60 bytes a thread) but halve the barriers per key; one MMA tile per warp (64 x 64) halves
+// the registers for O, so more blocks fit on an SM, at twice the shared-memory reads per MMA.
+struct FwdShape {
+  int m_tiles;
+  int block_n;
+};
+constexpr FwdShape kFwdTilings[2][kAttentionFwdMaxTilings] = {{{2, 64}, {1, 64}, {0, 0}},
+                                                              {{2, 32}, {2, 64}, {1, 64}}};
+constexpr int fwd_tiling_count(int head_dim) { return head_dim > 64 ? 3 : 2; }
+constexpr int64_t fwd_smem_bytes(int block_m, int block_n, int head_dim) {
+  return int64_t(block_m + 2 * block_n) * (head_dim + 8) * 2;
+}
+
+// Rows of the Q, K and V tiles are padded by 8 elements (16 bytes): the eight 16-byte rows one ldmatrix
+// phase reads then start 4 banks apart and never conflict.
+template <int D, int I>
 struct FwdTile {
-  static constexpr int kMTiles = 2;  // 16-row MMA tiles per warp
+  static constexpr int kMTiles = kFwdTilings[D > 64][I].m_tiles;  // 16-row MMA tiles per warp
   static constexpr int kWarpRows = 16 * kMTiles;
   static constexpr int kBlockM = kWarpRows * kWarps;
-  // 32 keys above head dim 64 keep S (32 rows x 32 keys) and O (32 x D) in registers without spilling.
-  static constexpr int kBlockN = D > 64 ? 32 : 64;
+  static constexpr int kBlockN = kFwdTilings[D > 64][I].block_n;
   static constexpr int kLd = D + 8;
-  static constexpr int64_t kBytes = int64_t(kBlockM + 2 * kBlockN) * kLd * 2;
+  static constexpr int64_t kBytes = fwd_smem_bytes(kBlockM, kBlockN, D);
+  // One MMA tile per warp fits unspilled in the registers of three blocks (12 warps) per SM above head dim
+  // 64 (168 a thread, where ptxas would take 181: two blocks) and of four up to 64 (128 a thread).
+  static constexpr int kMinBlocks = kMTiles == 1 ? (D > 64 ? 3 : 4) : 1;
+  static_assert(kMTiles > 0 && kBlockN > 0, "no such tiling");
 };
 
 __device__ __forceinline__ int64_t offset(const Strides& s, int64_t b, int64_t h, int64_t row) {
@@ -133,9 +155,10 @@ __device__ __forceinline__ void warp_mma_pb(float (&acc)[MT][DB][4], const float
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
-  using F = FwdTile<D>;
+template <typename T, int D, int I>
+__global__ void __launch_bounds__(kThreads, FwdTile<D, I>::kMinBlocks)
+    attention_fwd_kernel(const AttentionParams p) {
+  using F = FwdTile<D, I>;
   constexpr int kMT = F::kMTiles, kBlockM = F::kBlockM, kBlockN = F::kBlockN, kLd = F::kLd;
   constexpr int kNB = kBlockN / 8;  // 8-key column blocks of S
   constexpr int kDB = D / 8;        // 8-wide column blocks of O
@@ -471,15 +494,30 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int I>
 cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int64_t kSmem = FwdTile<D>::kBytes;
-  cudaError_t err = cudaFuncSetAttribute(attention_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmem));
+  constexpr int64_t kSmem = FwdTile<D, I>::kBytes;
+  cudaError_t err = cudaFuncSetAttribute(attention_fwd_kernel<T, D, I>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.len_q, FwdTile<D>::kBlockM)), p.heads_q, p.batch);
-  attention_fwd_kernel<T, D><<<grid, kThreads, kSmem, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.len_q, FwdTile<D, I>::kBlockM)), p.heads_q, p.batch);
+  attention_fwd_kernel<T, D, I><<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd_tiling(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.fwd_tiling) {
+    case 0:
+      return launch_fwd<T, D, 0>(p, stream);
+    case 1:
+      return launch_fwd<T, D, 1>(p, stream);
+    case 2:
+      if constexpr (fwd_tiling_count(D) > 2) return launch_fwd<T, D, 2>(p, stream);
+      [[fallthrough]];
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T, int D>
@@ -503,8 +541,13 @@ cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t attention_fwd_smem_bytes(int head_dim) {
-  return GPTFAST_HEADDIM_SWITCH(head_dim, D, [&] { return FwdTile<D>::kBytes; });
+int attention_fwd_tilings(int head_dim) { return fwd_tiling_count(head_dim); }
+
+AttentionFwdTiling attention_fwd_tiling(int head_dim, int tiling) {
+  if (tiling < 0 || tiling >= fwd_tiling_count(head_dim)) return {};
+  const FwdShape s = kFwdTilings[head_dim > 64][tiling];
+  const int block_m = 16 * s.m_tiles * kWarps;
+  return {block_m, s.block_n, fwd_smem_bytes(block_m, s.block_n, head_dim)};
 }
 
 int64_t attention_bwd_smem_bytes(int head_dim) {
@@ -514,7 +557,7 @@ int64_t attention_bwd_smem_bytes(int head_dim) {
 cudaError_t attention_fwd_launch(const AttentionParams& params, cudaStream_t stream) {
   if (params.batch == 0 || params.heads_q == 0 || params.len_q == 0) return cudaSuccess;
   return GPTFAST_HALF_SWITCH(params.dtype, T, [&] {
-    return GPTFAST_HEADDIM_SWITCH(params.head_dim, D, [&] { return launch_fwd<T, D>(params, stream); });
+    return GPTFAST_HEADDIM_SWITCH(params.head_dim, D, [&] { return launch_fwd_tiling<T, D>(params, stream); });
   });
 }
 

@@ -5,9 +5,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "attention_params.h"
@@ -78,13 +85,117 @@ void check_smem(int64_t bytes, const char* op) {
               limit, "; use backend='triton' or 'reference'");
 }
 
+// ------------------------------------------------------------------------------------- forward tiling
+// Which forward tiling (attention.cu's kFwdTilings) is fastest depends on the GPU, the head dim and how many
+// blocks a shape launches, and none was measured to win everywhere. So, like Triton's autotuner, the first
+// call of each bucket times every tiling that fits the device on the current stream and keeps the fastest:
+// three interleaved rounds of two launches each (the minimum round counts), a one-time host sync per bucket.
+// Buckets: device, dtype, head dim, causal, and the powers of two at or above L, S and B * Hq.
+// GPTFAST_AUTOTUNE=0 runs the default tiling untimed; GPTFAST_CUDA_ATTENTION_FWD_TILING=i forces tiling i
+// (the GPU tests of every tiling). A stream being captured into a CUDA graph is never timed (that would break
+// the capture): it runs the bucket's pick if there is one, else the default. GPTFAST_PRINT_AUTOTUNING=1
+// prints each pick with every tiling's time (scripts/gpu_check.sh collects them).
+using TuneKey = std::array<int64_t, 7>;
+
+int64_t bucket(int64_t n) {
+  int64_t b = 1;
+  while (b < n) b *= 2;
+  return b;
+}
+
+std::optional<int> forced_tiling(int head_dim) {
+  const char* env = std::getenv("GPTFAST_CUDA_ATTENTION_FWD_TILING");
+  if (env == nullptr || *env == '\0') return std::nullopt;
+  char* end = nullptr;
+  const long i = std::strtol(env, &end, 10);
+  const int count = attention_fwd_tilings(head_dim);
+  TORCH_CHECK(*end == '\0' && i >= 0 && i < count, kFwd,
+              ": GPTFAST_CUDA_ATTENTION_FWD_TILING must be a tiling index in [0, ", count, ") for head dim ",
+              head_dim, ", got '", env, "'");
+  return static_cast<int>(i);
+}
+
+std::string tiling_name(int head_dim, int i) {
+  const AttentionFwdTiling t = attention_fwd_tiling(head_dim, i);
+  return std::to_string(t.block_m) + "x" + std::to_string(t.block_n);
+}
+
+// Times each tiling that fits the device's shared memory; returns the fastest (the default on a tie).
+int time_tilings(AttentionParams p, cudaStream_t stream, const TuneKey& key) {
+  const int count = attention_fwd_tilings(p.head_dim);
+  const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  struct Event {
+    cudaEvent_t e = nullptr;
+    Event() { check_launch(cudaEventCreate(&e), kFwd); }
+    ~Event() { cudaEventDestroy(e); }
+  } start_event, stop_event;
+  const cudaEvent_t start = start_event.e, stop = stop_event.e;
+  std::array<float, kAttentionFwdMaxTilings> best;
+  best.fill(std::numeric_limits<float>::infinity());
+  for (int round = 0; round < 3; ++round) {
+    for (int i = 0; i < count; ++i) {
+      if (attention_fwd_tiling(p.head_dim, i).smem_bytes > smem_limit) continue;
+      p.fwd_tiling = i;
+      if (round == 0) check_launch(attention_fwd_launch(p, stream), kFwd);  // warm-up: first-launch costs
+      check_launch(cudaEventRecord(start, stream), kFwd);
+      check_launch(attention_fwd_launch(p, stream), kFwd);
+      check_launch(attention_fwd_launch(p, stream), kFwd);
+      check_launch(cudaEventRecord(stop, stream), kFwd);
+      check_launch(cudaEventSynchronize(stop), kFwd);
+      float ms = 0.0f;
+      check_launch(cudaEventElapsedTime(&ms, start, stop), kFwd);
+      best[i] = std::min(best[i], ms / 2);
+    }
+  }
+  int pick = 0;
+  for (int i = 1; i < count; ++i) pick = best[i] < best[pick] ? i : pick;
+  const char* print = std::getenv("GPTFAST_PRINT_AUTOTUNING");
+  if (print != nullptr && std::string(print) == "1") {
+    std::string times;
+    for (int i = 0; i < count; ++i) {
+      times += (i ? ", " : "") + tiling_name(p.head_dim, i) + " " +
+               (best[i] == std::numeric_limits<float>::infinity() ? std::string("too much shared memory")
+                                                                  : std::to_string(best[i] * 1e3f) + " us");
+    }
+    std::printf("gptfast autotuning attention_fwd (cuda): %s D=%d %s L<=%lld S<=%lld B*Hq<=%lld: %s (%s)\n",
+                p.dtype == DType::kBFloat16 ? "bf16" : "fp16", p.head_dim, p.causal ? "causal" : "non-causal",
+                static_cast<long long>(key[4]), static_cast<long long>(key[5]), static_cast<long long>(key[6]),
+                tiling_name(p.head_dim, pick).c_str(), times.c_str());
+    std::fflush(stdout);
+  }
+  return pick;
+}
+
+// Sets p.fwd_tiling for this call (timing the tilings on a bucket's first call, see above).
+void choose_tiling(AttentionParams& p, int device, cudaStream_t stream) {
+  if (const std::optional<int> forced = forced_tiling(p.head_dim)) {
+    p.fwd_tiling = *forced;
+    return;
+  }
+  const char* tune = std::getenv("GPTFAST_AUTOTUNE");
+  if (tune != nullptr && std::string(tune) == "0") return;
+  if (int64_t(p.batch) * p.heads_q * p.len_q == 0 || p.len_k == 0) return;  // nothing to time
+  static std::mutex mutex;
+  static std::map<TuneKey, int> picks;
+  const TuneKey key{device, static_cast<int64_t>(p.dtype), p.head_dim, p.causal, bucket(p.len_q),
+                    bucket(p.len_k), bucket(int64_t(p.batch) * p.heads_q)};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = picks.find(key); it != picks.end()) {
+    p.fwd_tiling = it->second;
+    return;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check_launch(cudaStreamIsCapturing(stream, &capture), kFwd);
+  if (capture != cudaStreamCaptureStatusNone) return;
+  p.fwd_tiling = picks[key] = time_tilings(p, stream, key);
+}
+
 // q (B, Hq, L, D), k and v (B, Hk, S, D) -> (out (B, Hq, L, D), lse (B, Hq, L) fp32).
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const std::optional<at::Tensor>& attn_mask, double dropout_p,
                                                  bool is_causal, double scale, const at::Tensor& rng) {
   AttentionParams p = check_inputs(q, k, v, attn_mask, dropout_p, kFwd);
   c10::cuda::CUDAGuard guard(q.device());
-  check_smem(attention_fwd_smem_bytes(p.head_dim), kFwd);
   const at::Tensor qa = aligned_rows(q), ka = aligned_rows(k), va = aligned_rows(v);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -99,7 +210,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   p.lse = lse.data_ptr<float>();
   p.scale = static_cast<float>(scale);
   p.causal = is_causal;
-  check_launch(attention_fwd_launch(p, at::cuda::getCurrentCUDAStream().stream()), kFwd);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  choose_tiling(p, q.get_device(), stream);
+  check_smem(attention_fwd_tiling(p.head_dim, p.fwd_tiling).smem_bytes, kFwd);
+  check_launch(attention_fwd_launch(p, stream), kFwd);
   return {out, lse};
 }
 

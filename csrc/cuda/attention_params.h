@@ -37,6 +37,7 @@ struct AttentionParams {
   float scale = 1.0f;
   bool causal = false;
   DType dtype = DType::kFloat16;
+  int fwd_tiling = 0;  // forward only: an index into the tilings below, 0 = the default for the head dim
 
   // Backward only.
   const void* dout = nullptr;  // (B, Hq, L, D)
@@ -47,8 +48,19 @@ struct AttentionParams {
   void* dv = nullptr;         // (B, Hk, S, D) contiguous, of `dtype`
 };
 
-// Dynamic shared memory the kernels need; the binding checks it against the device's opt-in limit.
-int64_t attention_fwd_smem_bytes(int head_dim);
+// The forward's tilings for a head dim, the default (index 0) first: query rows and keys per block, and the
+// dynamic shared memory it needs. An index past the list gives {} (attention_fwd_launch refuses it).
+constexpr int kAttentionFwdMaxTilings = 3;
+struct AttentionFwdTiling {
+  int block_m = 0;
+  int block_n = 0;
+  int64_t smem_bytes = 0;
+};
+int attention_fwd_tilings(int head_dim);
+AttentionFwdTiling attention_fwd_tiling(int head_dim, int tiling);
+
+// Dynamic shared memory the backward needs; the binding checks it (and the forward's) against the device's
+// opt-in limit.
 int64_t attention_bwd_smem_bytes(int head_dim);
 
 cudaError_t attention_fwd_launch(const AttentionParams& params, cudaStream_t stream);

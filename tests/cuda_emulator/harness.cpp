@@ -31,8 +31,9 @@ int emu_ce(int fwd, const void* logits, int64_t ls, const void* target, int t32,
 // strides: 3 per tensor (batch, head, row) for q, k, v, out, dout
 int emu_attn(int fwd, const void* q, const void* k, const void* v, void* out, float* lse, const int64_t* st,
              int B, int Hq, int Hk, int L, int S, int D, float scale, int causal, int dtype,
-             const void* dout, float* delta, float* dq, void* dk, void* dv) {
+             const void* dout, float* delta, float* dq, void* dk, void* dv, int fwd_tiling) {
   AttentionParams p;
+  p.fwd_tiling = fwd_tiling;
   p.q = q; p.k = k; p.v = v; p.out = out; p.lse = lse;
   p.q_strides = {st[0], st[1], st[2]}; p.k_strides = {st[3], st[4], st[5]}; p.v_strides = {st[6], st[7], st[8]};
   p.out_strides = {st[9], st[10], st[11]}; p.dout_strides = {st[12], st[13], st[14]};

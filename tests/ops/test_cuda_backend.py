@@ -390,6 +390,74 @@ def test_attention_lse_and_no_keys():
     assert torch.equal(out0, torch.zeros_like(out0)) and bool((lse0 == float("-inf")).all())
 
 
+# attention.cu's kFwdTilings per head dim: the binding times them on a shape bucket's first call.
+FWD_TILINGS = {32: 2, 64: 2, 96: 3, 128: 3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D,tiling", [(d, i) for d, n in FWD_TILINGS.items() for i in range(n)])
+def test_attention_every_forward_tiling(D, tiling, causal, dtype, monkeypatch):
+    # Each tiling forced: L = 300 leaves ragged last query blocks of 64 and 128 rows, S = 257 a ragged last
+    # key tile of 32 and 64 keys (L > S: causal rows past S see every key), GQA 4:1.
+    monkeypatch.setenv("GPTFAST_CUDA_ATTENTION_FWD_TILING", str(tiling))
+    q = torch.randn(2, 8, 300, D, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, 2, 257, D, device="cuda", dtype=dtype) for _ in range(2))
+    _check_attention(q, k, v, causal)
+
+
+@pytest.mark.gpu
+def test_attention_forward_tiling_autotuned_once_per_bucket(monkeypatch, capfd):
+    # With autotuning on (the test suite turns it off), the first call of a bucket times every tiling and
+    # prints the pick; a second call in the same bucket (L 600 and 1000 both round up to 1024) reuses it.
+    # The result is checked either way.
+    _require_cuda_backend("attention")
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "1")
+    monkeypatch.setenv("GPTFAST_PRINT_AUTOTUNING", "1")
+    monkeypatch.delenv("GPTFAST_CUDA_ATTENTION_FWD_TILING", raising=False)
+    for L in (600, 1000):
+        q, k, v = (torch.randn(1, 3, L, 96, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        _check_attention(q, k, v, causal=True)
+    printed = [line for line in capfd.readouterr().out.splitlines() if "autotuning attention_fwd (cuda)" in line]
+    assert len(printed) == 1, printed
+    assert "bf16 D=96 causal L<=1024 S<=1024 B*Hq<=4" in printed[0]
+    for name in ("128x32", "128x64", "64x64"):
+        assert f"{name} " in printed[0].split("(", 2)[-1], printed[0]
+
+
+@pytest.mark.gpu
+def test_attention_forward_tiling_not_timed_while_capturing(monkeypatch):
+    # A CUDA graph capture must not time (events and a host sync would break it): an unseen bucket captured
+    # runs the default tiling, and the replay matches an eager call of it (forced, so no pick is stored; it
+    # also loads the kernel before the capture).
+    _require_cuda_backend("attention")
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "1")
+    q, k, v = (torch.randn(1, 5, 333, 128, device="cuda", dtype=torch.float16) for _ in range(3))
+    rng = torch.zeros(2, dtype=torch.int64)
+    monkeypatch.setenv("GPTFAST_CUDA_ATTENTION_FWD_TILING", "0")
+    eager_out, eager_lse = torch.ops.gptfast.attention_fwd(q, k, v, None, 0.0, True, 0.1, rng)
+    monkeypatch.delenv("GPTFAST_CUDA_ATTENTION_FWD_TILING")
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=stream):
+        out, lse = torch.ops.gptfast.attention_fwd(q, k, v, None, 0.0, True, 0.1, rng)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", ["3", "-1", "x"])
+def test_attention_forced_tiling_out_of_range_is_refused(value, monkeypatch):
+    _require_cuda_backend("attention")
+    monkeypatch.setenv("GPTFAST_CUDA_ATTENTION_FWD_TILING", value)
+    q = torch.randn(1, 1, 8, 64, device="cuda", dtype=torch.float16)
+    rng = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"GPTFAST_CUDA_ATTENTION_FWD_TILING must be a tiling index in \[0, 2\)"):
+        torch.ops.gptfast.attention_fwd(q, q, q, None, 0.0, False, 1.0, rng)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "make,why",
@@ -665,7 +733,7 @@ def test_emulated_cross_entropy_nan_and_inf_logits(emu, dtype):
     assert_close(lse[3:], ref_lse, torch.logsumexp(x[3:], dim=-1).float(), "ce lse next to -inf")
 
 
-def _emu_attention(emu, q, k, v, causal, scale, dout=None):
+def _emu_attention(emu, q, k, v, causal, scale, dout=None, tiling=0):
     B, Hq, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     out, lse = torch.empty(B, Hq, L, D, dtype=q.dtype), torch.empty(B, Hq, L)
@@ -674,13 +742,13 @@ def _emu_attention(emu, q, k, v, causal, scale, dout=None):
     st = (_I * 15)(*strides)
     common = (B, Hq, Hk, L, S, D, _F(scale), int(causal), _DT[q.dtype])
     none = (_p(None),) * 5
-    assert emu.emu_attn(1, _p(q), _p(k), _p(v), _p(out), _p(lse), st, *common, *none) == 0
+    assert emu.emu_attn(1, _p(q), _p(k), _p(v), _p(out), _p(lse), st, *common, *none, tiling) == 0
     if dout is None:
         return out, lse
     delta, dq = torch.empty(B, Hq, L), torch.zeros(B, Hq, L, D)
     dk, dv = torch.empty(B, Hk, S, D, dtype=q.dtype), torch.empty(B, Hk, S, D, dtype=q.dtype)
     grads = (_p(dout), _p(delta), _p(dq), _p(dk), _p(dv))
-    assert emu.emu_attn(0, _p(q), _p(k), _p(v), _p(out), _p(lse), st, *common, *grads) == 0
+    assert emu.emu_attn(0, _p(q), _p(k), _p(v), _p(out), _p(lse), st, *common, *grads, 0) == 0
     return out, lse, dq.to(q.dtype), dk, dv
 
 
@@ -725,6 +793,31 @@ def test_emulated_attention_with_copies_landing_at_issue(emu, B, Hq, Hk, L, S, D
         test_emulated_attention(emu, B, Hq, Hk, L, S, D, True, torch.float16)
     finally:
         emu.emu_set_eager_copies(0)
+
+
+@pytest.mark.parametrize("D", sorted(FWD_TILINGS))
+def test_emulated_attention_every_forward_tiling(emu, D):
+    # Every forward tiling the binding may pick, on shapes that make each mask: L = 150 leaves a ragged last
+    # query block for 64- and 128-row blocks, S = 130 a ragged last key tile for 32 and 64 keys, causal with
+    # L > S puts the diagonal in several key tiles (GQA 2:1), and non-causal L < S reads every tile.
+    # bf16 at head dims 64 and 128, fp16 at 32 and 96: both roundings of P, half the runs each.
+    dtype = torch.bfloat16 if D in (64, 128) else torch.float16
+    for tiling in range(FWD_TILINGS[D]):
+        for (Hq, Hk, L, S, causal) in ((2, 1, 150, 130, True), (1, 1, 70, 100, False)):
+            q, k, v = (torch.randn(1, h, n, D, dtype=dtype) for h, n in ((Hq, L), (Hk, S), (Hk, S)))
+            out, lse = _emu_attention(emu, q, k, v, causal, D**-0.5, tiling=tiling)
+            rng = torch.zeros(2, dtype=torch.int64)
+            ro, rlse = reference.attention_fwd(q.float(), k.float(), v.float(), None, 0.0, causal, D**-0.5, rng)
+            low_out = _attention_math(*(t for t in (q, k, v)), causal, D**-0.5)
+            assert_close(out, ro, low_out, f"attention out, tiling {tiling}")
+            assert_close(lse, rlse, rlse, f"attention lse, tiling {tiling}", floor=1e-5)
+    # A tiling past the list is refused (cudaErrorInvalidValue), never run as another one.
+    q = torch.randn(1, 1, 8, D, dtype=dtype)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 8)
+    st = (_I * 15)(*[s for _ in range(5) for s in q.stride()[:3]])
+    common = (1, 1, 1, 8, 8, D, _F(1.0), 0, _DT[dtype])
+    rc = emu.emu_attn(1, _p(q), _p(q), _p(q), _p(out), _p(lse), st, *common, *(_p(None),) * 5, FWD_TILINGS[D])
+    assert rc != 0
 
 
 def _attention_math(q, k, v, causal, scale):
