@@ -44,10 +44,13 @@ def use(name: str):
 
 @contextlib.contextmanager
 def deterministic(flag: bool = True):
-    """Select bitwise-reproducible kernels (no atomics in backward passes) inside the block.
+    """Select bitwise-reproducible kernels (no atomics in backward passes, no autotuning) inside the block.
 
-    Every forward is deterministic already; of the backward passes only the cuda backend's attention (fp32
-    atomicAdd into dQ) is not, so inside the block an attention call that needs gradients never selects it.
+    Every forward gives the same bits for the same config; of the backward passes only the cuda backend's
+    attention (fp32 atomicAdd into dQ) does not, so inside the block an attention call that needs gradients
+    never selects it. The Triton kernels also run their default configs untimed inside the block: an
+    autotuner's pick can differ between two processes, and with it the rounding. (The cuda attention forward's
+    timed tiling is chosen in C++, which sees torch.use_deterministic_algorithms but not this block.)
     """
     token = _deterministic.set(bool(flag))
     try:
@@ -66,10 +69,11 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    """False when GPTFAST_AUTOTUNE=0: the Triton kernels then run each candidate list's first config, untimed.
+    """False when GPTFAST_AUTOTUNE=0 or is_deterministic(): the Triton kernels then run each candidate list's
+    first config, untimed.
     Every candidate costs a compile (seconds) per dtype and shape bucket, which a test suite sweeping many
     combinations cannot afford; benchmarks and training leave it on. Read at call time."""
-    return os.environ.get("GPTFAST_AUTOTUNE", "1") != "0"
+    return os.environ.get("GPTFAST_AUTOTUNE", "1") != "0" and not is_deterministic()
 
 
 @functools.cache

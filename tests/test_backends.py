@@ -96,6 +96,18 @@ def test_deterministic_flag_is_scoped():
     assert not backends.is_deterministic()
 
 
+def test_autotuning_is_off_when_deterministic(monkeypatch):
+    # An autotuner's pick can differ between processes, and with it the rounding: deterministic runs use the
+    # default configs (the Triton launchers read this at call time).
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "1")
+    assert backends.autotune_enabled()
+    with backends.deterministic(True):
+        assert not backends.autotune_enabled()
+    assert backends.autotune_enabled()
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "0")
+    assert not backends.autotune_enabled()
+
+
 def test_package_exports_the_design_api():
     for name in ("softmax", "cross_entropy", "linear_cross_entropy", "scaled_dot_product_attention"):
         assert callable(getattr(gptfast.ops, name))

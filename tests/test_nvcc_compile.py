@@ -5,12 +5,14 @@ The kernel files include no torch header, so this runs on CPU machines with only
 bindings (csrc/cuda/*_binding.cpp) are linked by the GPU build only; here g++ -fsyntax-only checks them
 against the CPU wheel's headers, with stand-ins for the CUDA library headers those include.
 """
+import atexit
 import concurrent.futures
 import functools
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -149,7 +151,8 @@ def _binding_results() -> dict:
     cuda_include = next((d for d in candidates if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))), None)
     if cuda_include is None:
         return f"no cuda_runtime_api.h in {candidates} (set CUDA_HOME)"
-    stubs = os.path.join(ROOT, "build", "cuda_lib_stubs")
+    stubs = tempfile.mkdtemp(prefix="cuda_lib_stubs_")  # per process: xdist workers never share one
+    atexit.register(shutil.rmtree, stubs, True)
     for name, text in _CUDA_LIB_STUBS.items():
         os.makedirs(os.path.dirname(os.path.join(stubs, name)), exist_ok=True)
         with open(os.path.join(stubs, name), "w") as f:

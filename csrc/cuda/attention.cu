@@ -47,8 +47,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 // above. Which is fastest depends on the GPU and on how many blocks a shape launches, so the binding times
 // them once per shape bucket (attention_binding.cpp). The defaults are the tilings that ptxas fits in 255
 // registers without spilling: above head dim 64, 32 keys keep S (32 rows x 32 keys) and O (32 x D) in
-// registers; 64 keys there (FlashAttention-2's 128 x 64 on sm_90) spill a few loop-invariant values and the
-// row sums (some 60 bytes a thread) but halve the barriers per key; one MMA tile per warp (64 x 64) halves
+// registers; 64 keys there (FlashAttention-2's 128 x 64 on sm_90) take all 255 and, at head dim 128, spill a
+// few loop-invariant values and row sums (68 bytes a thread), but halve the barriers per key; one MMA tile per warp (64 x 64) halves
 // the registers for O, so more blocks fit on an SM, at twice the shared-memory reads per MMA.
 struct FwdShape {
   int m_tiles;
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, FwdTile<D, I>::kMinBlocks)
     load_tile_async<kBlockN, D>(vs, kLd, v, p.v_strides.row, n0, p.len_k);
     cp_async_commit();
 
-    // 1. S = Q K^T for this warp's 32 rows.
+    // 1. S = Q K^T for this warp's kWarpRows rows.
     float s[kMT][kNB][4];
     warp_mma_abt<T, kMT, kNB, D / 16, kLd>(s, q_lane, k_lane);
 

@@ -2,6 +2,7 @@
 // 16-byte alignment of q/k/v, output allocation, the current stream, the launches.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -89,12 +90,15 @@ void check_smem(int64_t bytes, const char* op) {
 // Which forward tiling (attention.cu's kFwdTilings) is fastest depends on the GPU, the head dim and how many
 // blocks a shape launches, and none was measured to win everywhere. So, like Triton's autotuner, the first
 // call of each bucket times every tiling that fits the device on the current stream and keeps the fastest:
-// three interleaved rounds of two launches each (the minimum round counts), a one-time host sync per bucket.
-// Buckets: device, dtype, head dim, causal, and the powers of two at or above L, S and B * Hq.
-// GPTFAST_AUTOTUNE=0 runs the default tiling untimed; GPTFAST_CUDA_ATTENTION_FWD_TILING=i forces tiling i
-// (the GPU tests of every tiling). A stream being captured into a CUDA graph is never timed (that would break
-// the capture): it runs the bucket's pick if there is one, else the default. GPTFAST_PRINT_AUTOTUNING=1
-// prints each pick with every tiling's time (scripts/gpu_check.sh collects them).
+// three interleaved rounds of two launches each (the minimum round counts), with a host sync per round and
+// tiling on that first call only. Buckets: device, dtype, head dim, causal, and the powers of two at or above
+// L, S and B * Hq. The default tiling runs untimed under GPTFAST_AUTOTUNE=0 and under
+// torch.use_deterministic_algorithms(True) (two processes could otherwise pick differently and agree only to
+// rounding); GPTFAST_CUDA_ATTENTION_FWD_TILING=i forces tiling i (the GPU tests of every tiling). A stream
+// being captured into a CUDA graph is never timed (that would break the capture): it runs the bucket's pick if
+// there is one, else the default; the timing itself runs in relaxed capture mode, so a capture on another
+// thread is not invalidated by its syncs. GPTFAST_PRINT_AUTOTUNING=1 prints each pick with every tiling's time
+// (scripts/gpu_check.sh collects them).
 using TuneKey = std::array<int64_t, 7>;
 
 int64_t bucket(int64_t n) {
@@ -120,13 +124,22 @@ std::string tiling_name(int head_dim, int i) {
   return std::to_string(t.block_m) + "x" + std::to_string(t.block_n);
 }
 
+// A CUDA runtime call of the timing: on failure, clears the thread's error (so no later, unrelated
+// cudaGetLastError reports it) and raises naming the call.
+void check_timing_call(cudaError_t err, const char* call) {
+  if (err == cudaSuccess) return;
+  cudaGetLastError();
+  TORCH_CHECK(false, kFwd, ": timing the forward tilings failed in ", call, ": ", cudaGetErrorString(err));
+}
+
 // Times each tiling that fits the device's shared memory; returns the fastest (the default on a tie).
 int time_tilings(AttentionParams p, cudaStream_t stream, const TuneKey& key) {
   const int count = attention_fwd_tilings(p.head_dim);
   const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
   struct Event {
     cudaEvent_t e = nullptr;
-    Event() { check_launch(cudaEventCreate(&e), kFwd); }
+    Event() { check_timing_call(cudaEventCreate(&e), "cudaEventCreate"); }
     ~Event() { cudaEventDestroy(e); }
   } start_event, stop_event;
   const cudaEvent_t start = start_event.e, stop = stop_event.e;
@@ -137,13 +150,13 @@ int time_tilings(AttentionParams p, cudaStream_t stream, const TuneKey& key) {
       if (attention_fwd_tiling(p.head_dim, i).smem_bytes > smem_limit) continue;
       p.fwd_tiling = i;
       if (round == 0) check_launch(attention_fwd_launch(p, stream), kFwd);  // warm-up: first-launch costs
-      check_launch(cudaEventRecord(start, stream), kFwd);
+      check_timing_call(cudaEventRecord(start, stream), "cudaEventRecord");
       check_launch(attention_fwd_launch(p, stream), kFwd);
       check_launch(attention_fwd_launch(p, stream), kFwd);
-      check_launch(cudaEventRecord(stop, stream), kFwd);
-      check_launch(cudaEventSynchronize(stop), kFwd);
+      check_timing_call(cudaEventRecord(stop, stream), "cudaEventRecord");
+      check_timing_call(cudaEventSynchronize(stop), "cudaEventSynchronize");
       float ms = 0.0f;
-      check_launch(cudaEventElapsedTime(&ms, start, stop), kFwd);
+      check_timing_call(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
       best[i] = std::min(best[i], ms / 2);
     }
   }
@@ -174,20 +187,27 @@ void choose_tiling(AttentionParams& p, int device, cudaStream_t stream) {
   }
   const char* tune = std::getenv("GPTFAST_AUTOTUNE");
   if (tune != nullptr && std::string(tune) == "0") return;
+  if (at::globalContext().deterministicAlgorithms()) return;
   if (int64_t(p.batch) * p.heads_q * p.len_q == 0 || p.len_k == 0) return;  // nothing to time
   static std::mutex mutex;
   static std::map<TuneKey, int> picks;
   const TuneKey key{device, static_cast<int64_t>(p.dtype), p.head_dim, p.causal, bucket(p.len_q),
                     bucket(p.len_k), bucket(int64_t(p.batch) * p.heads_q)};
-  std::lock_guard<std::mutex> lock(mutex);
-  if (const auto it = picks.find(key); it != picks.end()) {
-    p.fwd_tiling = it->second;
-    return;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = picks.find(key); it != picks.end()) {
+      p.fwd_tiling = it->second;
+      return;
+    }
   }
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  check_launch(cudaStreamIsCapturing(stream, &capture), kFwd);
+  check_timing_call(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
   if (capture != cudaStreamCaptureStatusNone) return;
-  p.fwd_tiling = picks[key] = time_tilings(p, stream, key);
+  // Timed outside the lock: another thread's stream (say, one waiting on a collective this thread has yet
+  // to join) must not wait on these syncs. Two threads timing one bucket keep the first pick stored.
+  const int pick = time_tilings(p, stream, key);
+  const std::lock_guard<std::mutex> lock(mutex);
+  p.fwd_tiling = picks.try_emplace(key, pick).first->second;
 }
 
 // q (B, Hq, L, D), k and v (B, Hk, S, D) -> (out (B, Hq, L, D), lse (B, Hq, L) fp32).
