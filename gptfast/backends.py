@@ -49,8 +49,8 @@ def deterministic(flag: bool = True):
     Every forward gives the same bits for the same config; of the backward passes only the cuda backend's
     attention (fp32 atomicAdd into dQ) does not, so inside the block an attention call that needs gradients
     never selects it. The Triton kernels also run their default configs untimed inside the block: an
-    autotuner's pick can differ between two processes, and with it the rounding. (The cuda attention forward's
-    timed tiling is chosen in C++, which sees torch.use_deterministic_algorithms but not this block.)
+    autotuner's pick can differ between two processes, and with it the rounding. (The cuda backend's timed
+    choices are made in C++, which sees torch.use_deterministic_algorithms but not this block.)
     """
     token = _deterministic.set(bool(flag))
     try:

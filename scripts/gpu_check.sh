@@ -159,9 +159,9 @@ else
   BENCH=(--"${BENCH_MODE:-full}" --device cuda)
 fi
 BENCH_LIMIT=$(( $(left) - 15 ))
-# Triton prints each autotuner's pick (four lines per kernel and key), the cuda attention binding its forward
-# tiling's with every tiling's time (one line); the summary lists them, so the next round of tuning starts
-# from what won here.
+# Triton prints each autotuner's pick (four lines per kernel and key), the cuda bindings theirs with every
+# choice's time (one line each: attention forward tilings, softmax kernels); the summary lists them, so the
+# next round of tuning starts from what won here.
 export TRITON_PRINT_AUTOTUNING=1 GPTFAST_PRINT_AUTOTUNING=1
 # The bench's own budget ends 30 s before the step's limit, so it writes its report instead of being killed.
 # shellcheck disable=SC2086  # BENCH_ARGS may hold several arguments
@@ -213,7 +213,7 @@ EOF
     echo
   fi
   if grep -q '^gptfast autotuning ' "$OUT/bench.log" 2>/dev/null; then
-    echo "## CUDA attention forward tilings (bench)"
+    echo "## CUDA kernel choices (bench)"
     echo
     grep '^gptfast autotuning ' "$OUT/bench.log" | sed 's/^gptfast autotuning /- /' | head -n 40
     echo

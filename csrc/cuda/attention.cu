@@ -45,11 +45,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // Forward tilings: (16-row MMA tiles per warp, keys per tile), the default first, for head dims up to 64 and
 // above. Which is fastest depends on the GPU and on how many blocks a shape launches, so the binding times
-// them once per shape bucket (attention_binding.cpp). The defaults are the tilings that ptxas fits in 255
-// registers without spilling: above head dim 64, 32 keys keep S (32 rows x 32 keys) and O (32 x D) in
-// registers; 64 keys there (FlashAttention-2's 128 x 64 on sm_90) take all 255 and, at head dim 128, spill a
-// few loop-invariant values and row sums (68 bytes a thread), but halve the barriers per key; one MMA tile per warp (64 x 64) halves
-// the registers for O, so more blocks fit on an SM, at twice the shared-memory reads per MMA.
+// them once per shape bucket (attention_binding.cpp, binding_utils.h). The defaults are the tilings that
+// ptxas fits in 255 registers without spilling: above head dim 64, 32 keys keep S (32 rows x 32 keys) and O
+// (32 x D) in registers; 64 keys there (FlashAttention-2's 128 x 64 on sm_90) take all 255 and, at head dim
+// 128, spill a few loop-invariant values and row sums (68 bytes a thread), but halve the barriers per key;
+// one MMA tile per warp (64 x 64) halves the registers for O, so more blocks fit on an SM, at twice the
+// shared-memory reads per MMA.
 struct FwdShape {
   int m_tiles;
   int block_n;

@@ -2,21 +2,15 @@
 // 16-byte alignment of q/k/v, output allocation, the current stream, the launches.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <array>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "attention_params.h"
 #include "binding_utils.h"
@@ -88,126 +82,44 @@ void check_smem(int64_t bytes, const char* op) {
 
 // ------------------------------------------------------------------------------------- forward tiling
 // Which forward tiling (attention.cu's kFwdTilings) is fastest depends on the GPU, the head dim and how many
-// blocks a shape launches, and none was measured to win everywhere. So, like Triton's autotuner, the first
-// call of each bucket times every tiling that fits the device on the current stream and keeps the fastest:
-// three interleaved rounds of two launches each (the minimum round counts), with a host sync per round and
-// tiling on that first call only. Buckets: device, dtype, head dim, causal, and the powers of two at or above
-// L, S and B * Hq. The default tiling runs untimed under GPTFAST_AUTOTUNE=0 and under
-// torch.use_deterministic_algorithms(True) (two processes could otherwise pick differently and agree only to
-// rounding); GPTFAST_CUDA_ATTENTION_FWD_TILING=i forces tiling i (the GPU tests of every tiling). A stream
-// being captured into a CUDA graph is never timed (that would break the capture): it runs the bucket's pick if
-// there is one, else the default; the timing itself runs in relaxed capture mode, so a capture on another
-// thread is not invalidated by its syncs. GPTFAST_PRINT_AUTOTUNING=1 prints each pick with every tiling's time
-// (scripts/gpu_check.sh collects them).
-using TuneKey = std::array<int64_t, 7>;
-
-int64_t bucket(int64_t n) {
-  int64_t b = 1;
-  while (b < n) b *= 2;
-  return b;
-}
-
-std::optional<int> forced_tiling(int head_dim) {
-  const char* env = std::getenv("GPTFAST_CUDA_ATTENTION_FWD_TILING");
-  if (env == nullptr || *env == '\0') return std::nullopt;
-  char* end = nullptr;
-  const long i = std::strtol(env, &end, 10);
-  const int count = attention_fwd_tilings(head_dim);
-  TORCH_CHECK(*end == '\0' && i >= 0 && i < count, kFwd,
-              ": GPTFAST_CUDA_ATTENTION_FWD_TILING must be a tiling index in [0, ", count, ") for head dim ",
-              head_dim, ", got '", env, "'");
-  return static_cast<int>(i);
-}
-
+// blocks a shape launches, so the first call of each bucket (device, dtype, head dim, causal, and the powers of
+// two at or above L, S and B * Hq) times every tiling that fits the device's shared memory and keeps the
+// fastest (binding_utils.h). GPTFAST_CUDA_ATTENTION_FWD_TILING=i forces tiling i (the GPU tests of each).
 std::string tiling_name(int head_dim, int i) {
   const AttentionFwdTiling t = attention_fwd_tiling(head_dim, i);
   return std::to_string(t.block_m) + "x" + std::to_string(t.block_n);
 }
 
-// A CUDA runtime call of the timing: on failure, clears the thread's error (so no later, unrelated
-// cudaGetLastError reports it) and raises naming the call.
-void check_timing_call(cudaError_t err, const char* call) {
-  if (err == cudaSuccess) return;
-  cudaGetLastError();
-  TORCH_CHECK(false, kFwd, ": timing the forward tilings failed in ", call, ": ", cudaGetErrorString(err));
-}
-
-// Times each tiling that fits the device's shared memory; returns the fastest (the default on a tie).
-int time_tilings(AttentionParams p, cudaStream_t stream, const TuneKey& key) {
-  const int count = attention_fwd_tilings(p.head_dim);
-  const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
-  struct Event {
-    cudaEvent_t e = nullptr;
-    Event() { check_timing_call(cudaEventCreate(&e), "cudaEventCreate"); }
-    ~Event() { cudaEventDestroy(e); }
-  } start_event, stop_event;
-  const cudaEvent_t start = start_event.e, stop = stop_event.e;
-  std::array<float, kAttentionFwdMaxTilings> best;
-  best.fill(std::numeric_limits<float>::infinity());
-  for (int round = 0; round < 3; ++round) {
-    for (int i = 0; i < count; ++i) {
-      if (attention_fwd_tiling(p.head_dim, i).smem_bytes > smem_limit) continue;
-      p.fwd_tiling = i;
-      if (round == 0) check_launch(attention_fwd_launch(p, stream), kFwd);  // warm-up: first-launch costs
-      check_timing_call(cudaEventRecord(start, stream), "cudaEventRecord");
-      check_launch(attention_fwd_launch(p, stream), kFwd);
-      check_launch(attention_fwd_launch(p, stream), kFwd);
-      check_timing_call(cudaEventRecord(stop, stream), "cudaEventRecord");
-      check_timing_call(cudaEventSynchronize(stop), "cudaEventSynchronize");
-      float ms = 0.0f;
-      check_timing_call(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-      best[i] = std::min(best[i], ms / 2);
-    }
-  }
-  int pick = 0;
-  for (int i = 1; i < count; ++i) pick = best[i] < best[pick] ? i : pick;
-  const char* print = std::getenv("GPTFAST_PRINT_AUTOTUNING");
-  if (print != nullptr && std::string(print) == "1") {
-    std::string times;
-    for (int i = 0; i < count; ++i) {
-      times += (i ? ", " : "") + tiling_name(p.head_dim, i) + " " +
-               (best[i] == std::numeric_limits<float>::infinity() ? std::string("too much shared memory")
-                                                                  : std::to_string(best[i] * 1e3f) + " us");
-    }
-    std::printf("gptfast autotuning attention_fwd (cuda): %s D=%d %s L<=%lld S<=%lld B*Hq<=%lld: %s (%s)\n",
-                p.dtype == DType::kBFloat16 ? "bf16" : "fp16", p.head_dim, p.causal ? "causal" : "non-causal",
-                static_cast<long long>(key[4]), static_cast<long long>(key[5]), static_cast<long long>(key[6]),
-                tiling_name(p.head_dim, pick).c_str(), times.c_str());
-    std::fflush(stdout);
-  }
-  return pick;
-}
-
-// Sets p.fwd_tiling for this call (timing the tilings on a bucket's first call, see above).
 void choose_tiling(AttentionParams& p, int device, cudaStream_t stream) {
-  if (const std::optional<int> forced = forced_tiling(p.head_dim)) {
+  const int count = attention_fwd_tilings(p.head_dim);
+  const std::string what = "a tiling index for head dim " + std::to_string(p.head_dim);
+  if (const std::optional<int> forced = forced_choice("GPTFAST_CUDA_ATTENTION_FWD_TILING", count, kFwd, what)) {
     p.fwd_tiling = *forced;
     return;
   }
-  const char* tune = std::getenv("GPTFAST_AUTOTUNE");
-  if (tune != nullptr && std::string(tune) == "0") return;
-  if (at::globalContext().deterministicAlgorithms()) return;
-  if (int64_t(p.batch) * p.heads_q * p.len_q == 0 || p.len_k == 0) return;  // nothing to time
-  static std::mutex mutex;
-  static std::map<TuneKey, int> picks;
-  const TuneKey key{device, static_cast<int64_t>(p.dtype), p.head_dim, p.causal, bucket(p.len_q),
-                    bucket(p.len_k), bucket(int64_t(p.batch) * p.heads_q)};
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    if (const auto it = picks.find(key); it != picks.end()) {
-      p.fwd_tiling = it->second;
-      return;
-    }
+  if (!autotune_enabled() || int64_t(p.batch) * p.heads_q * p.len_q == 0 || p.len_k == 0) return;
+  static PickCache<7> picks;
+  const PickCache<7>::Key key{device, static_cast<int64_t>(p.dtype), p.head_dim, p.causal, pow2_bucket(p.len_q),
+                              pow2_bucket(p.len_k), pow2_bucket(int64_t(p.batch) * p.heads_q)};
+  if (const std::optional<int> pick = picks.find(key)) {
+    p.fwd_tiling = *pick;
+    return;
   }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  check_timing_call(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
-  if (capture != cudaStreamCaptureStatusNone) return;
-  // Timed outside the lock: another thread's stream (say, one waiting on a collective this thread has yet
-  // to join) must not wait on these syncs. Two threads timing one bucket keep the first pick stored.
-  const int pick = time_tilings(p, stream, key);
-  const std::lock_guard<std::mutex> lock(mutex);
-  p.fwd_tiling = picks.try_emplace(key, pick).first->second;
+  if (capturing(stream, kFwd)) return;
+  const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  AttentionParams t = p;
+  const std::vector<float> ms = time_choices(
+      count, stream, kFwd,
+      [&](int i) {
+        t.fwd_tiling = i;
+        check_launch(attention_fwd_launch(t, stream), kFwd);
+      },
+      [&](int i) { return attention_fwd_tiling(p.head_dim, i).smem_bytes > smem_limit; });
+  const std::string bucket = std::string(dtype_name(p.dtype)) + " D=" + std::to_string(p.head_dim) +
+                             (p.causal ? " causal" : " non-causal") + " L<=" + std::to_string(key[4]) +
+                             " S<=" + std::to_string(key[5]) + " B*Hq<=" + std::to_string(key[6]);
+  const int pick = fastest(ms, kFwd, bucket, [&](int i) { return tiling_name(p.head_dim, i); });
+  p.fwd_tiling = picks.store(key, pick);
 }
 
 // q (B, Hq, L, D), k and v (B, Hk, S, D) -> (out (B, Hq, L, D), lse (B, Hq, L) fp32).

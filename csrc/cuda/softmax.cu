@@ -8,6 +8,8 @@
 // - longer rows: one block per row; a first pass keeps an online (max, sum of exp) pair per thread and
 //   merges them across the block, a second pass writes y from the row parked in shared memory in its
 //   dtype (up to 128 KB, opted in) or from a second read of the row (mostly served by L2).
+// SoftmaxParams::kernel = 1 runs the third at any length: the binding times it against the second, which
+// holds one 32k-column row per SM where the third parks several in shared memory.
 // Loads and stores are 16 bytes wide when the launcher has checked the alignment, scalar otherwise.
 #include <algorithm>
 
@@ -333,12 +335,13 @@ cudaError_t launch_block(Kernel kernel, int64_t rows, int64_t smem_bytes, cudaSt
   return cudaSuccess;
 }
 
-// Rows longer than a block's registers hold are cached in shared memory in their dtype when that fits
-// cache_limit() (65536 fp16/bf16 columns forward, 32768 backward for y and dy), else read twice.
+// Rows longer than a block's registers hold (and any row under p.kernel = 1) go to the online block kernel,
+// cached in shared memory in their dtype when that fits cache_limit() (65536 fp16/bf16 columns forward,
+// 32768 backward for y and dy), else read twice.
 template <typename T, int VEC, bool FWD>
 cudaError_t launch_shape(const SoftmaxParams& p, cudaStream_t stream) {
-  if (p.cols <= kWarpMaxCols) return launch_warp<T, VEC, 1, FWD>(p, stream);
-  if (p.cols <= kRowMaxCols<T, VEC, FWD>) return launch_rows<T, VEC, 1, FWD>(p, stream);
+  if (p.kernel == 0 && p.cols <= kWarpMaxCols) return launch_warp<T, VEC, 1, FWD>(p, stream);
+  if (p.kernel == 0 && p.cols <= kRowMaxCols<T, VEC, FWD>) return launch_rows<T, VEC, 1, FWD>(p, stream);
   const int64_t slots = ceil_div(p.cols, int64_t(kBlockThreads) * VEC) * VEC * kBlockThreads;
   const int64_t cache_bytes = slots * int64_t(sizeof(T)) * (FWD ? 1 : 2);
   const bool cache = cache_bytes <= cache_limit();
@@ -354,17 +357,36 @@ cudaError_t launch_shape(const SoftmaxParams& p, cudaStream_t stream) {
 // 16-byte accesses need every row start 16-byte aligned: aligned base pointers and row strides that are a
 // multiple of the vector width.
 template <typename T, bool FWD>
-cudaError_t launch(const SoftmaxParams& p, cudaStream_t stream) {
-  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+bool vectorised(const SoftmaxParams& p) {
   constexpr int V = kVec16<T>;
-  const bool vec = FWD ? aligned16(p.x) && aligned16(p.out) && p.x_row_stride % V == 0 && p.out_row_stride % V == 0
-                       : aligned16(p.y) && aligned16(p.dy) && aligned16(p.out) && p.y_row_stride % V == 0 &&
-                             p.dy_row_stride % V == 0 && p.out_row_stride % V == 0;
-  const cudaError_t err = vec ? launch_shape<T, V, FWD>(p, stream) : launch_shape<T, 1, FWD>(p, stream);
+  return FWD ? aligned16(p.x) && aligned16(p.out) && p.x_row_stride % V == 0 && p.out_row_stride % V == 0
+             : aligned16(p.y) && aligned16(p.dy) && aligned16(p.out) && p.y_row_stride % V == 0 &&
+                   p.dy_row_stride % V == 0 && p.out_row_stride % V == 0;
+}
+
+template <typename T, bool FWD>
+cudaError_t launch(const SoftmaxParams& p, cudaStream_t stream) {
+  if (p.kernel != 0 && p.kernel != 1) return cudaErrorInvalidValue;
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  const cudaError_t err =
+      vectorised<T, FWD>(p) ? launch_shape<T, kVec16<T>, FWD>(p, stream) : launch_shape<T, 1, FWD>(p, stream);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+template <typename T, bool FWD>
+int kernel_choices(const SoftmaxParams& p) {
+  const int64_t in_registers =
+      vectorised<T, FWD>(p) ? kRowMaxCols<T, kVec16<T>, FWD> : kRowMaxCols<T, 1, FWD>;
+  return p.cols > kWarpMaxCols && p.cols <= in_registers ? 2 : 1;
+}
+
 }  // namespace
+
+int softmax_kernel_choices(const SoftmaxParams& params, bool forward) {
+  return GPTFAST_DTYPE_SWITCH(params.dtype, T, [&] {
+    return forward ? kernel_choices<T, true>(params) : kernel_choices<T, false>(params);
+  });
+}
 
 cudaError_t softmax_fwd_launch(const SoftmaxParams& params, cudaStream_t stream) {
   return GPTFAST_DTYPE_SWITCH(params.dtype, T, [&] { return launch<T, true>(params, stream); });

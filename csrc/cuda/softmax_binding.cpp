@@ -4,6 +4,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "binding_utils.h"
 #include "softmax_params.h"
 
@@ -12,6 +16,44 @@ namespace {
 
 constexpr const char* kFwd = "softmax_fwd (cuda)";
 constexpr const char* kBwd = "softmax_bwd (cuda)";
+
+// Rows longer than a warp holds and short enough for a block's registers run, by default, a block per row
+// with the row in registers: one read and one write, but a 32k-column row fills a 1024-thread block's
+// registers, so an SM holds one row at a time. The online block kernel parks the row in shared memory
+// instead (several rows an SM) at the cost of a second pass over it. Which wins depends on the row length
+// and the GPU, so the first call of each (device, dtype, direction, columns, causal, power of two at or above
+// rows) times both and keeps the faster (binding_utils.h). GPTFAST_CUDA_SOFTMAX_KERNEL=0 or 1 forces one:
+// 0, the kernel the row length picks; 1, the online block kernel at any length (the tests of both).
+const char* kernel_name(int i) { return i == 0 ? "registers" : "online"; }
+
+void choose_kernel(SoftmaxParams& p, bool forward, int device, cudaStream_t stream) {
+  const char* op = forward ? kFwd : kBwd;
+  const std::string what = "a kernel index (0: by row length, 1: the online block kernel)";
+  if (const std::optional<int> forced = forced_choice("GPTFAST_CUDA_SOFTMAX_KERNEL", 2, op, what)) {
+    p.kernel = *forced;
+    return;
+  }
+  if (softmax_kernel_choices(p, forward) == 1 || !autotune_enabled()) return;
+  static PickCache<6> picks;
+  const PickCache<6>::Key key{device, static_cast<int64_t>(p.dtype), forward, p.cols, p.causal_rows > 0,
+                              pow2_bucket(p.rows)};
+  if (const std::optional<int> pick = picks.find(key)) {
+    p.kernel = *pick;
+    return;
+  }
+  if (capturing(stream, op)) return;
+  SoftmaxParams t = p;
+  const std::vector<float> ms = time_choices(
+      2, stream, op,
+      [&](int i) {
+        t.kernel = i;
+        check_launch(forward ? softmax_fwd_launch(t, stream) : softmax_bwd_launch(t, stream), op);
+      },
+      [](int) { return false; });
+  const std::string bucket = std::string(dtype_name(p.dtype)) + " cols=" + std::to_string(p.cols) +
+                             (p.causal_rows > 0 ? " causal" : "") + " rows<=" + std::to_string(key[5]);
+  p.kernel = picks.store(key, fastest(ms, op, bucket, [](int i) { return std::string(kernel_name(i)); }));
+}
 
 // x (rows, cols) -> y (rows, cols) = softmax(scale * x) per row, causal when causal_rows > 0.
 at::Tensor softmax_fwd(const at::Tensor& x, double scale, int64_t causal_rows) {
@@ -31,7 +73,9 @@ at::Tensor softmax_fwd(const at::Tensor& x, double scale, int64_t causal_rows) {
   p.out_row_stride = y.stride(0);
   p.scale = static_cast<float>(scale);
   p.causal_rows = causal_rows;
-  check_launch(softmax_fwd_launch(p, at::cuda::getCurrentCUDAStream().stream()), kFwd);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  choose_kernel(p, true, x.get_device(), stream);
+  check_launch(softmax_fwd_launch(p, stream), kFwd);
   return y;
 }
 
@@ -58,7 +102,9 @@ at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale, 
   p.out_row_stride = dx.stride(0);
   p.scale = static_cast<float>(scale);
   p.causal_rows = causal_rows;
-  check_launch(softmax_bwd_launch(p, at::cuda::getCurrentCUDAStream().stream()), kBwd);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  choose_kernel(p, false, y.get_device(), stream);
+  check_launch(softmax_bwd_launch(p, stream), kBwd);
   return dx;
 }
 

@@ -26,7 +26,13 @@ struct SoftmaxParams {
   float scale = 1.0f;
   int64_t causal_rows = 0;
   DType dtype = DType::kFloat32;
+  // 0: the kernel the row length picks (softmax.cu); 1: the online block-per-row kernel at any length.
+  int kernel = 0;
 };
+
+// 2 where both kernels may run this shape and the faster is not known ahead (rows longer than a warp holds
+// and short enough for a block's registers, the default there): the binding times them. Else 1.
+int softmax_kernel_choices(const SoftmaxParams& params, bool forward);
 
 cudaError_t softmax_fwd_launch(const SoftmaxParams& params, cudaStream_t stream);
 cudaError_t softmax_bwd_launch(const SoftmaxParams& params, cudaStream_t stream);

@@ -7,11 +7,14 @@
 using namespace gptfast::cuda;
 // A launcher's status, or 99 when the emulation saw a fault the hardware would not forgive (emu.h).
 static int emu_status(cudaError_t rc) { return emu_fault.exchange(0) ? 99 : int(rc); }
+static int emu_softmax_kernel = 0;  // SoftmaxParams::kernel of the next emu_softmax calls
 extern "C" {
 void emu_set_eager_copies(int eager) { emu_eager_copies.store(eager != 0); }
+void emu_set_softmax_kernel(int kernel) { emu_softmax_kernel = kernel; }
 int emu_softmax(int fwd, const void* a, const void* b, void* out, int64_t rows, int64_t cols, int64_t sa, int64_t sb,
                 int64_t so, float scale, int64_t causal_rows, int dtype) {
   SoftmaxParams p;
+  p.kernel = emu_softmax_kernel;
   p.dtype = DType(dtype);
   p.rows = rows; p.cols = cols; p.scale = scale; p.causal_rows = causal_rows; p.out = out; p.out_row_stride = so;
   if (fwd) { p.x = a; p.x_row_stride = sa; return emu_status(softmax_fwd_launch(p, nullptr)); }

@@ -114,6 +114,44 @@ def test_softmax_all_minus_inf_row_is_zero():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(4, 2049), (2, 8000), (2, 32768), (1, 2, 40, 3000)])
+def test_softmax_online_kernel_forced(shape, dtype, monkeypatch):
+    # GPTFAST_CUDA_SOFTMAX_KERNEL=1: the online block kernel on rows the in-register kernel takes by
+    # default (the two the binding times against each other), scalar and 16-byte, causal on the stack.
+    monkeypatch.setenv("GPTFAST_CUDA_SOFTMAX_KERNEL", "1")
+    x = torch.randn(shape, device="cuda", dtype=dtype) * 3
+    _check_softmax(x, scale=0.7, causal=len(shape) == 4)
+
+
+@pytest.mark.gpu
+def test_softmax_kernel_autotuned_once_per_bucket(monkeypatch, capfd):
+    # With autotuning on (the test suite turns it off), the first forward and the first backward of a bucket
+    # time both kernels and print the pick; 50 and 60 rows share the bucket (<= 64), so nothing more prints.
+    _require_cuda_backend("softmax")
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "1")
+    monkeypatch.setenv("GPTFAST_PRINT_AUTOTUNING", "1")
+    monkeypatch.delenv("GPTFAST_CUDA_SOFTMAX_KERNEL", raising=False)
+    for rows in (50, 60):
+        _check_softmax(torch.randn(rows, 5000, device="cuda", dtype=torch.bfloat16), scale=0.7, causal=False)
+    printed = [line for line in capfd.readouterr().out.splitlines() if "gptfast autotuning softmax" in line]
+    assert len(printed) == 2, printed
+    for line, op in zip(sorted(printed), ("softmax_bwd (cuda)", "softmax_fwd (cuda)")):
+        assert f"{op}: bf16 cols=5000 rows<=64:" in line, line
+        assert re.search(r"\(registers [0-9.]+ us, online [0-9.]+ us\)", line), line
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", ["2", "-1", "online"])
+def test_softmax_forced_kernel_out_of_range_is_refused(value, monkeypatch):
+    _require_cuda_backend("softmax")
+    monkeypatch.setenv("GPTFAST_CUDA_SOFTMAX_KERNEL", value)
+    x = torch.randn(4, 3000, device="cuda")
+    with pytest.raises(RuntimeError, match=r"GPTFAST_CUDA_SOFTMAX_KERNEL must be a kernel index .* in \[0, 2\), got"):
+        ops.softmax(x, backend="cuda")
+
+
+@pytest.mark.gpu
 def test_softmax_empty():
     _require_cuda_backend("softmax")
     x = torch.randn(0, 5, device="cuda")
@@ -455,7 +493,8 @@ def test_attention_forced_tiling_out_of_range_is_refused(value, monkeypatch):
     monkeypatch.setenv("GPTFAST_CUDA_ATTENTION_FWD_TILING", value)
     q = torch.randn(1, 1, 8, 64, device="cuda", dtype=torch.float16)
     rng = torch.zeros(2, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match=r"GPTFAST_CUDA_ATTENTION_FWD_TILING must be a tiling index in \[0, 2\)"):
+    expected = r"GPTFAST_CUDA_ATTENTION_FWD_TILING must be a tiling index for head dim 64 in \[0, 2\), got"
+    with pytest.raises(RuntimeError, match=expected):
         torch.ops.gptfast.attention_fwd(q, q, q, None, 0.0, False, 1.0, rng)
 
 
@@ -616,6 +655,32 @@ def test_emulated_softmax(emu, rows, cols, causal_rows, dtype):
     assert_close(y, ref, reference.softmax_fwd(x, 0.7, causal_rows), "softmax y")
     ref_dx = reference.softmax_bwd(dy.to(hd), ref, 0.7, causal_rows)
     assert_close(dx, ref_dx, reference.softmax_bwd(dy, y, 0.7, causal_rows), "softmax dx")
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize(
+    "rows,cols,causal_rows",
+    [
+        (3, 2049, 0),  # just past a warp's row, scalar: the online kernel where the default holds registers
+        (4, 8000, 3),  # 16-byte, causal: cached in shared memory
+        (2, 20000, 7),  # fp32 backward past the cache: read twice
+        (5, 600, 0),  # a warp's row forced onto the block kernel (the kernel takes any length)
+    ],
+)
+def test_emulated_softmax_online_kernel_at_every_length(emu, rows, cols, causal_rows, dtype):
+    # SoftmaxParams::kernel = 1, which the binding times against the in-register kernel where both may run.
+    emu.emu_set_softmax_kernel(1)
+    try:
+        test_emulated_softmax(emu, rows, cols, causal_rows, dtype)
+    finally:
+        emu.emu_set_softmax_kernel(0)
+    emu.emu_set_softmax_kernel(2)
+    try:  # no such kernel: refused, never run as another
+        x = torch.randn(2, 64)
+        y = torch.empty_like(x)
+        assert emu.emu_softmax(1, _p(x), _p(None), _p(y), _I(2), _I(64), _I(64), _I(0), _I(64), _F(1.0), _I(0), 0) != 0
+    finally:
+        emu.emu_set_softmax_kernel(0)
 
 
 def test_emulated_softmax_edge_rows(emu):
