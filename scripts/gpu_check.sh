@@ -215,7 +215,7 @@ EOF
   if grep -q '^gptfast autotuning ' "$OUT/bench.log" 2>/dev/null; then
     echo "## CUDA kernel choices (bench)"
     echo
-    grep '^gptfast autotuning ' "$OUT/bench.log" | sed 's/^gptfast autotuning /- /' | head -n 40
+    grep '^gptfast autotuning ' "$OUT/bench.log" | sed 's/^gptfast autotuning /- /' | head -n 80
     echo
   fi
   if [[ -f "$OUT/bench/report.md" ]]; then

@@ -9,7 +9,8 @@
 //   merges them across the block, a second pass writes y from the row parked in shared memory in its
 //   dtype (up to 128 KB, opted in) or from a second read of the row (mostly served by L2).
 // SoftmaxParams::kernel = 1 runs the third at any length: the binding times it against the second, which
-// holds one 32k-column row per SM where the third parks several in shared memory.
+// holds one 32k-column row per SM (its 1024 threads fill the registers), where the third parks a 16-bit row
+// of that length in 64 KB of shared memory, so three blocks fit.
 // Loads and stores are 16 bytes wide when the launcher has checked the alignment, scalar otherwise.
 #include <algorithm>
 
@@ -381,6 +382,12 @@ int kernel_choices(const SoftmaxParams& p) {
 }
 
 }  // namespace
+
+bool softmax_vectorised(const SoftmaxParams& params, bool forward) {
+  return GPTFAST_DTYPE_SWITCH(params.dtype, T, [&] {
+    return forward ? vectorised<T, true>(params) : vectorised<T, false>(params);
+  });
+}
 
 int softmax_kernel_choices(const SoftmaxParams& params, bool forward) {
   return GPTFAST_DTYPE_SWITCH(params.dtype, T, [&] {

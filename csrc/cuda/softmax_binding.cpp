@@ -20,9 +20,10 @@ constexpr const char* kBwd = "softmax_bwd (cuda)";
 // Rows longer than a warp holds and short enough for a block's registers run, by default, a block per row
 // with the row in registers: one read and one write, but a 32k-column row fills a 1024-thread block's
 // registers, so an SM holds one row at a time. The online block kernel parks the row in shared memory
-// instead (several rows an SM) at the cost of a second pass over it. Which wins depends on the row length
-// and the GPU, so the first call of each (device, dtype, direction, columns, causal, power of two at or above
-// rows) times both and keeps the faster (binding_utils.h). GPTFAST_CUDA_SOFTMAX_KERNEL=0 or 1 forces one:
+// instead (three 16-bit rows of that length an SM) at the cost of a second pass over it. Which wins depends on
+// the row length and the GPU, so the first call of each bucket (device, dtype, direction, 16-byte or scalar
+// path, causal, and the powers of two at or above the columns and the rows) times both and keeps the faster
+// (binding_utils.h). GPTFAST_CUDA_SOFTMAX_KERNEL=0 or 1 forces one:
 // 0, the kernel the row length picks; 1, the online block kernel at any length (the tests of both).
 const char* kernel_name(int i) { return i == 0 ? "registers" : "online"; }
 
@@ -33,10 +34,10 @@ void choose_kernel(SoftmaxParams& p, bool forward, int device, cudaStream_t stre
     p.kernel = *forced;
     return;
   }
-  if (softmax_kernel_choices(p, forward) == 1 || !autotune_enabled()) return;
-  static PickCache<6> picks;
-  const PickCache<6>::Key key{device, static_cast<int64_t>(p.dtype), forward, p.cols, p.causal_rows > 0,
-                              pow2_bucket(p.rows)};
+  if (p.rows == 0 || softmax_kernel_choices(p, forward) == 1 || !autotune_enabled()) return;
+  static PickCache<7> picks;
+  const PickCache<7>::Key key{device, static_cast<int64_t>(p.dtype), forward, softmax_vectorised(p, forward),
+                              p.causal_rows > 0, pow2_bucket(p.cols), pow2_bucket(p.rows)};
   if (const std::optional<int> pick = picks.find(key)) {
     p.kernel = *pick;
     return;
@@ -50,8 +51,9 @@ void choose_kernel(SoftmaxParams& p, bool forward, int device, cudaStream_t stre
         check_launch(forward ? softmax_fwd_launch(t, stream) : softmax_bwd_launch(t, stream), op);
       },
       [](int) { return false; });
-  const std::string bucket = std::string(dtype_name(p.dtype)) + " cols=" + std::to_string(p.cols) +
-                             (p.causal_rows > 0 ? " causal" : "") + " rows<=" + std::to_string(key[5]);
+  const std::string bucket = std::string(dtype_name(p.dtype)) + (key[3] ? "" : " scalar") +
+                             " cols<=" + std::to_string(key[5]) + (p.causal_rows > 0 ? " causal" : "") +
+                             " rows<=" + std::to_string(key[6]);
   p.kernel = picks.store(key, fastest(ms, op, bucket, [](int i) { return std::string(kernel_name(i)); }));
 }
 

@@ -30,9 +30,12 @@ struct SoftmaxParams {
   int kernel = 0;
 };
 
-// 2 where both kernels may run this shape and the faster is not known ahead (rows longer than a warp holds
-// and short enough for a block's registers, the default there): the binding times them. Else 1.
+// 2 where the default is the in-register block kernel (rows longer than a warp holds and short enough for
+// a block's registers), so that the online kernel is a real alternative: the binding times the two. Else 1
+// (the online kernel still runs any shape when forced).
 int softmax_kernel_choices(const SoftmaxParams& params, bool forward);
+// Whether the launch takes the 16-byte path (aligned pointers and row strides) rather than the scalar one.
+bool softmax_vectorised(const SoftmaxParams& params, bool forward);
 
 cudaError_t softmax_fwd_launch(const SoftmaxParams& params, cudaStream_t stream);
 cudaError_t softmax_bwd_launch(const SoftmaxParams& params, cudaStream_t stream);

@@ -11,6 +11,15 @@ static int emu_softmax_kernel = 0;  // SoftmaxParams::kernel of the next emu_sof
 extern "C" {
 void emu_set_eager_copies(int eager) { emu_eager_copies.store(eager != 0); }
 void emu_set_softmax_kernel(int kernel) { emu_softmax_kernel = kernel; }
+// softmax_kernel_choices for contiguous (rows, cols) matrices at 16-byte aligned addresses (fake pointers:
+// nothing is read).
+int emu_softmax_kernel_choices(int fwd, int64_t cols, int dtype) {
+  SoftmaxParams p;
+  p.dtype = DType(dtype);
+  p.rows = 1; p.cols = cols; p.x_row_stride = p.y_row_stride = p.dy_row_stride = p.out_row_stride = cols;
+  p.x = p.y = p.dy = p.out = reinterpret_cast<void*>(uintptr_t(1) << 20);
+  return softmax_kernel_choices(p, fwd != 0);
+}
 int emu_softmax(int fwd, const void* a, const void* b, void* out, int64_t rows, int64_t cols, int64_t sa, int64_t sb,
                 int64_t so, float scale, int64_t causal_rows, int dtype) {
   SoftmaxParams p;

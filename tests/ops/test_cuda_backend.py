@@ -137,8 +137,27 @@ def test_softmax_kernel_autotuned_once_per_bucket(monkeypatch, capfd):
     printed = [line for line in capfd.readouterr().out.splitlines() if "gptfast autotuning softmax" in line]
     assert len(printed) == 2, printed
     for line, op in zip(sorted(printed), ("softmax_bwd (cuda)", "softmax_fwd (cuda)")):
-        assert f"{op}: bf16 cols=5000 rows<=64:" in line, line
+        assert f"{op}: bf16 cols<=8192 rows<=64:" in line, line
         assert re.search(r"\(registers [0-9.]+ us, online [0-9.]+ us\)", line), line
+
+
+@pytest.mark.gpu
+def test_softmax_kernel_not_timed_while_capturing(monkeypatch):
+    # As for attention's tilings: an unseen bucket captured into a CUDA graph runs the default kernel untimed,
+    # and the replay matches an eager call of it (forced, so no pick is stored).
+    _require_cuda_backend("softmax")
+    monkeypatch.setenv("GPTFAST_AUTOTUNE", "1")
+    x = torch.randn(37, 12000, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("GPTFAST_CUDA_SOFTMAX_KERNEL", "0")
+    eager = torch.ops.gptfast.softmax_fwd(x, 0.5, 0)
+    monkeypatch.delenv("GPTFAST_CUDA_SOFTMAX_KERNEL")
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=stream):
+        y = torch.ops.gptfast.softmax_fwd(x, 0.5, 0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
 
 
 @pytest.mark.gpu
@@ -674,11 +693,26 @@ def test_emulated_softmax_online_kernel_at_every_length(emu, rows, cols, causal_
         test_emulated_softmax(emu, rows, cols, causal_rows, dtype)
     finally:
         emu.emu_set_softmax_kernel(0)
+
+
+def test_emulated_softmax_kernel_choices(emu):
+    # Where the binding times the two kernels: exactly where the default is the in-register block kernel,
+    # between a warp's row (2048) and a block's registers, which depend on the dtype, direction and path.
+    f32, f16 = _DT[torch.float32], _DT[torch.float16]
+    for fwd, dtype, last in ((1, f32, 32768), (1, f16, 32768), (0, f32, 8192), (0, f16, 16384)):
+        assert emu.emu_softmax_kernel_choices(fwd, _I(2048), dtype) == 1
+        assert emu.emu_softmax_kernel_choices(fwd, _I(2056), dtype) == 2
+        assert emu.emu_softmax_kernel_choices(fwd, _I(last), dtype) == 2
+        assert emu.emu_softmax_kernel_choices(fwd, _I(last + 8), dtype) == 1
+    # An odd row stride takes the scalar path, whose registers hold 8192 forward columns.
+    assert emu.emu_softmax_kernel_choices(1, _I(8191), f32) == 2
+    assert emu.emu_softmax_kernel_choices(1, _I(8193), f32) == 1
+    # No such kernel: refused (cudaErrorInvalidValue), never run as another.
     emu.emu_set_softmax_kernel(2)
-    try:  # no such kernel: refused, never run as another
+    try:
         x = torch.randn(2, 64)
         y = torch.empty_like(x)
-        assert emu.emu_softmax(1, _p(x), _p(None), _p(y), _I(2), _I(64), _I(64), _I(0), _I(64), _F(1.0), _I(0), 0) != 0
+        assert emu.emu_softmax(1, _p(x), _p(None), _p(y), _I(2), _I(64), _I(64), _I(0), _I(64), _F(1.0), _I(0), 0) == 1
     finally:
         emu.emu_set_softmax_kernel(0)
 
