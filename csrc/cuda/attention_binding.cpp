@@ -101,25 +101,24 @@ void choose_tiling(AttentionParams& p, int device, cudaStream_t stream) {
   static PickCache<7> picks;
   const PickCache<7>::Key key{device, static_cast<int64_t>(p.dtype), p.head_dim, p.causal, pow2_bucket(p.len_q),
                               pow2_bucket(p.len_k), pow2_bucket(int64_t(p.batch) * p.heads_q)};
-  if (const std::optional<int> pick = picks.find(key)) {
-    p.fwd_tiling = *pick;
-    return;
-  }
-  if (capturing(stream, kFwd)) return;
-  const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   AttentionParams t = p;
-  const std::vector<float> ms = time_choices(
-      count, stream, kFwd,
+  const std::optional<int> pick = timed_pick(
+      picks, key, count, stream, kFwd,
       [&](int i) {
         t.fwd_tiling = i;
         check_launch(attention_fwd_launch(t, stream), kFwd);
       },
-      [&](int i) { return attention_fwd_tiling(p.head_dim, i).smem_bytes > smem_limit; });
-  const std::string bucket = std::string(dtype_name(p.dtype)) + " D=" + std::to_string(p.head_dim) +
-                             (p.causal ? " causal" : " non-causal") + " L<=" + std::to_string(key[4]) +
-                             " S<=" + std::to_string(key[5]) + " B*Hq<=" + std::to_string(key[6]);
-  const int pick = fastest(ms, kFwd, bucket, [&](int i) { return tiling_name(p.head_dim, i); });
-  p.fwd_tiling = picks.store(key, pick);
+      [&](int i) {
+        return attention_fwd_tiling(p.head_dim, i).smem_bytes >
+               static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+      },
+      [&] {
+        return std::string(dtype_name(p.dtype)) + " D=" + std::to_string(p.head_dim) +
+               (p.causal ? " causal" : " non-causal") + " L<=" + std::to_string(key[4]) +
+               " S<=" + std::to_string(key[5]) + " B*Hq<=" + std::to_string(key[6]);
+      },
+      [&](int i) { return tiling_name(p.head_dim, i); });
+  p.fwd_tiling = pick.value_or(0);
 }
 
 // q (B, Hq, L, D), k and v (B, Hk, S, D) -> (out (B, Hq, L, D), lse (B, Hq, L) fp32).

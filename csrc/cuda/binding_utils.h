@@ -174,6 +174,19 @@ class PickCache {
   std::map<Key, int> picks_;
 };
 
+// The choice for `key`'s bucket: the stored pick, else (outside a capture) the fastest of `count` choices,
+// timed now and stored; none while an unseen bucket is being captured (the caller keeps its default).
+// describe() names the bucket in the printed pick; it runs only when timing.
+template <size_t N, typename Launch, typename Skip, typename Describe, typename Name>
+std::optional<int> timed_pick(PickCache<N>& picks, const typename PickCache<N>::Key& key, int count,
+                              cudaStream_t stream, const char* op, Launch&& launch, Skip&& skip,
+                              Describe&& describe, Name&& name) {
+  if (const std::optional<int> pick = picks.find(key)) return pick;
+  if (capturing(stream, op)) return std::nullopt;
+  const std::vector<float> ms = time_choices(count, stream, op, launch, skip);
+  return picks.store(key, fastest(ms, op, describe(), name));
+}
+
 // The power of two at or above n (a bucket's bound).
 inline int64_t pow2_bucket(int64_t n) {
   int64_t b = 1;

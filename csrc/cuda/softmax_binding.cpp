@@ -38,23 +38,20 @@ void choose_kernel(SoftmaxParams& p, bool forward, int device, cudaStream_t stre
   static PickCache<7> picks;
   const PickCache<7>::Key key{device, static_cast<int64_t>(p.dtype), forward, softmax_vectorised(p, forward),
                               p.causal_rows > 0, pow2_bucket(p.cols), pow2_bucket(p.rows)};
-  if (const std::optional<int> pick = picks.find(key)) {
-    p.kernel = *pick;
-    return;
-  }
-  if (capturing(stream, op)) return;
   SoftmaxParams t = p;
-  const std::vector<float> ms = time_choices(
-      2, stream, op,
+  const std::optional<int> pick = timed_pick(
+      picks, key, 2, stream, op,
       [&](int i) {
         t.kernel = i;
         check_launch(forward ? softmax_fwd_launch(t, stream) : softmax_bwd_launch(t, stream), op);
       },
-      [](int) { return false; });
-  const std::string bucket = std::string(dtype_name(p.dtype)) + (key[3] ? "" : " scalar") +
-                             " cols<=" + std::to_string(key[5]) + (p.causal_rows > 0 ? " causal" : "") +
-                             " rows<=" + std::to_string(key[6]);
-  p.kernel = picks.store(key, fastest(ms, op, bucket, [](int i) { return std::string(kernel_name(i)); }));
+      [](int) { return false; },
+      [&] {
+        return std::string(dtype_name(p.dtype)) + (key[3] ? "" : " scalar") + " cols<=" + std::to_string(key[5]) +
+               (p.causal_rows > 0 ? " causal" : "") + " rows<=" + std::to_string(key[6]);
+      },
+      [](int i) { return std::string(kernel_name(i)); });
+  p.kernel = pick.value_or(0);
 }
 
 // x (rows, cols) -> y (rows, cols) = softmax(scale * x) per row, causal when causal_rows > 0.
