@@ -11,7 +11,9 @@ Key blocks are visited in two stages: the blocks every row of the query block se
 without any masks, then the few boundary blocks (the causal diagonal and the tail past S) with masks. With
 is_causal, key blocks past the diagonal are never loaded. K and V tiles come through masked pointer loads or,
 in the TMA configs the autotuner may pick on Hopper, through tensor descriptors made in the kernel (the copy
-engine zero-fills rows past S and columns past D).
+engine zero-fills rows past S and columns past D). The warp-specialised TMA configs run one masked stage over
+every block instead: triton splits that loop into a producer warp group issuing the copies and two consumer
+warp groups doing the MMAs and the softmax (FlashAttention-3's structure).
 
 Backward (deterministic, no atomics): a small kernel computes delta = rowsum(dO * O); one kernel per key block
 accumulates dK and dV over the query blocks (one loop, causal select on each block) and, for GQA, over the
@@ -27,6 +29,7 @@ numbered the same in the kernels below.
 Dropout draws a Philox number per score element (b, h, i, j) from (seed, offset) = rng, so the backward
 regenerates exactly the forward's mask; `dropout_mask` returns that mask for tests."""
 
+import inspect
 import os
 import warnings
 from typing import Optional
@@ -118,6 +121,96 @@ def _dropout_mask_kernel(Keep, Rng, L, S, threshold, BLOCK_M: tl.constexpr, BLOC
 
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
+def _attn_fwd_block(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    mask_base,
+    k_offs,
+    v_offs,
+    mask_offs,
+    offs_m,
+    start_n,
+    L,
+    S,
+    qk_scale,
+    seed,
+    rng_offset,
+    bh,
+    drop_threshold,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Folds the key block at start_n (K and V at k_base / v_base, or through the descriptors) into (acc, l_i,
+    m_i)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if USE_TMA:
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    else:
+        k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
+        v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
+    # With FOLD_SCALE (scale > 0, no additive mask) the scores stay unscaled until the exponent: the
+    # scaled row max is the raw max times the scale, and scale * s - m is one FMA per score instead of a
+    # multiply and a subtract (the softmax, not the MMAs, bounds this loop on Hopper).
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if not FOLD_SCALE:
+        qk = qk * qk_scale
+    if MASK_KIND != 0:
+        in_bounds = offs_m[:, None] < L
+        if BOUNDARY:
+            in_bounds = in_bounds & (offs_n[None, :] < S)
+        if MASK_KIND == 1:
+            keep_mask = tl.load(mask_base + mask_offs, mask=in_bounds, other=0)
+            qk = tl.where(keep_mask != 0, qk, float("-inf"))
+        else:
+            qk += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
+    if BOUNDARY:
+        valid = offs_n[None, :] < S
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        qk = tl.where(valid, qk, float("-inf"))
+    if FOLD_SCALE:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with no key seen yet has m = -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if FOLD_SCALE:
+        p = tl.exp2(qk * qk_scale - m_safe[:, None])
+    else:
+        p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        # The normaliser l sums P before dropout; only the values P V see the dropped entries.
+        p = tl.where(
+            _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold), p, 0.0
+        )
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc,
     l_i,
@@ -156,65 +249,92 @@ def _attn_fwd_inner(
     PRECISION: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """Folds key blocks [lo, hi) into (acc, l_i, m_i). BOUNDARY blocks get the causal and the key-tail masks.
 
     Only the scalar base pointers advance; the tile offsets stay loop-invariant, so no tile of 64-bit pointers
-    is carried around the loop (that would cost two registers per element and spill).
+    is carried around the loop (that would cost two registers per element and spill). WARP_SPEC (TMA, no mask,
+    one BOUNDARY stage: see _warp_spec_ok) hands the loop to triton's warp-specialising pass; tl.range takes
+    warp_specialize from triton 3.4 on, and older releases never compile this branch (_WS_STATE).
     """
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])
-        else:
-            k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
-            v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
-        # With FOLD_SCALE (scale > 0, no additive mask) the scores stay unscaled until the exponent: the
-        # scaled row max is the raw max times the scale, and scale * s - m is one FMA per score instead of a
-        # multiply and a subtract (the softmax, not the MMAs, bounds this loop on Hopper).
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if not FOLD_SCALE:
-            qk = qk * qk_scale
-        if MASK_KIND != 0:
-            in_bounds = offs_m[:, None] < L
-            if BOUNDARY:
-                in_bounds = in_bounds & (offs_n[None, :] < S)
-            if MASK_KIND == 1:
-                keep_mask = tl.load(mask_base + mask_offs, mask=in_bounds, other=0)
-                qk = tl.where(keep_mask != 0, qk, float("-inf"))
-            else:
-                qk += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
-        if BOUNDARY:
-            valid = offs_n[None, :] < S
-            if IS_CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            qk = tl.where(valid, qk, float("-inf"))
-        if FOLD_SCALE:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with no key seen yet has m = -inf; subtracting 0 instead keeps exp2 at 0 rather than NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if FOLD_SCALE:
-            p = tl.exp2(qk * qk_scale - m_safe[:, None])
-        else:
-            p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            # The normaliser l sums P before dropout; only the values P V see the dropped entries.
-            p = tl.where(
-                _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold), p, 0.0
+    if WARP_SPEC:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _attn_fwd_block(
+                acc,
+                l_i,
+                m_i,
+                q,
+                k_base,
+                v_base,
+                k_desc,
+                v_desc,
+                mask_base,
+                k_offs,
+                v_offs,
+                mask_offs,
+                offs_m,
+                start_n,
+                L,
+                S,
+                qk_scale,
+                seed,
+                rng_offset,
+                bh,
+                drop_threshold,
+                D,
+                DV,
+                BLOCK_D,
+                BLOCK_DV,
+                BLOCK_N,
+                BOUNDARY,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_DROPOUT,
+                PRECISION,
+                FOLD_SCALE,
+                USE_TMA,
             )
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
-        k_base += BLOCK_N * stride_kn
-        v_base += BLOCK_N * stride_vn
-        mask_base += BLOCK_N * stride_mn
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_block(
+                acc,
+                l_i,
+                m_i,
+                q,
+                k_base,
+                v_base,
+                k_desc,
+                v_desc,
+                mask_base,
+                k_offs,
+                v_offs,
+                mask_offs,
+                offs_m,
+                start_n,
+                L,
+                S,
+                qk_scale,
+                seed,
+                rng_offset,
+                bh,
+                drop_threshold,
+                D,
+                DV,
+                BLOCK_D,
+                BLOCK_DV,
+                BLOCK_N,
+                BOUNDARY,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_DROPOUT,
+                PRECISION,
+                FOLD_SCALE,
+                USE_TMA,
+            )
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
+            mask_base += BLOCK_N * stride_mn
     return acc, l_i, m_i
 
 
@@ -262,6 +382,7 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -283,14 +404,16 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = (
-        Q
-        + b64 * stride_qb
-        + h.to(tl.int64) * stride_qh
-        + start_m.to(tl.int64) * stride_qm
-        + (tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :])
-    )
-    q = _load_tile(q_ptrs, offs_m, L, offs_d, D, BLOCK_D, True)
+    q_head = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    if WARP_SPEC:
+        q = tl.make_tensor_descriptor(q_head, [L, D], [stride_qm, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
+    else:
+        q_ptrs = (
+            q_head
+            + start_m.to(tl.int64) * stride_qm
+            + (tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :])
+        )
+        q = _load_tile(q_ptrs, offs_m, L, offs_d, D, BLOCK_D, True)
     k_head = K + b64 * stride_kb + hk64 * stride_kh
     v_head = V + b64 * stride_vb + hk64 * stride_vh
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -319,48 +442,54 @@ def _attn_fwd_kernel(
     else:
         hi = S
         full_hi = S // BLOCK_N * BLOCK_N
+    if WARP_SPEC:
+        # triton 3.6's Hopper warp-specialising pass takes one key loop a kernel (a second loop, or a branch in
+        # the loop, fails or turns it off): the masked loop then runs over every block.
+        full_hi = tl.full([], 0, tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_head,
-        v_head,
-        k_desc,
-        v_desc,
-        mask_head,
-        k_offs,
-        v_offs,
-        mask_offs,
-        offs_m,
-        0,
-        full_hi,
-        stride_kn,
-        stride_vn,
-        stride_mn,
-        L,
-        S,
-        qk_scale,
-        seed,
-        rng_offset,
-        bh,
-        drop_threshold,
-        D,
-        DV,
-        BLOCK_D,
-        BLOCK_DV,
-        BLOCK_N,
-        False,
-        IS_CAUSAL,
-        MASK_KIND,
-        HAS_DROPOUT,
-        PRECISION,
-        FOLD_SCALE,
-        USE_TMA,
-    )
+    if not WARP_SPEC:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_head,
+            v_head,
+            k_desc,
+            v_desc,
+            mask_head,
+            k_offs,
+            v_offs,
+            mask_offs,
+            offs_m,
+            0,
+            full_hi,
+            stride_kn,
+            stride_vn,
+            stride_mn,
+            L,
+            S,
+            qk_scale,
+            seed,
+            rng_offset,
+            bh,
+            drop_threshold,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_N,
+            False,
+            IS_CAUSAL,
+            MASK_KIND,
+            HAS_DROPOUT,
+            PRECISION,
+            FOLD_SCALE,
+            USE_TMA,
+            WARP_SPEC,
+        )
     full_hi64 = full_hi.to(tl.int64)
     acc, l_i, m_i = _attn_fwd_inner(
         acc,
@@ -400,6 +529,7 @@ def _attn_fwd_kernel(
         PRECISION,
         FOLD_SCALE,
         USE_TMA,
+        WARP_SPEC,
     )
 
     # A row with no key left has l = 0: its output is 0 and its lse -inf, as torch gives.
@@ -1045,10 +1175,24 @@ def _attn_bwd_dq_kernel(
 # dK/dV) through TMA tensor descriptors made in the kernel: Hopper's bulk copies need no address registers
 # (60-110 fewer a thread in the forward and dQ on sm_90a; dK/dV's accumulators leave it little to gain). They
 # are timed only where descriptors can describe those tensors (see _tma_ok), never as the untuned default.
+# A sixth entry True marks a forward config that triton's Hopper pass warp-specialises (see _warp_spec_ok):
+# num_warps is then each warp group's, 4, and num_stages the depth of the K/V ring between them. These fit
+# sm_90a's 227 KB of shared memory (128 x 128 with three stages at head dim 128 does not: 246 KB).
 _TMA_FWD = {
-    64: [(128, 64, 4, 3, True), (128, 128, 8, 3, True)],
-    128: [(128, 64, 8, 3, True), (128, 128, 8, 2, True), (64, 64, 4, 2, True)],
-    256: [(128, 64, 8, 2, True), (64, 64, 4, 2, True)],
+    64: [
+        (128, 64, 4, 3, True),
+        (128, 128, 8, 3, True),
+        (128, 128, 4, 2, True, True),
+        (128, 64, 4, 3, True, True),
+    ],
+    128: [
+        (128, 64, 8, 3, True),
+        (128, 128, 8, 2, True),
+        (64, 64, 4, 2, True),
+        (128, 128, 4, 2, True, True),
+        (128, 64, 4, 3, True, True),
+    ],
+    256: [(128, 64, 8, 2, True), (64, 64, 4, 2, True), (128, 64, 4, 2, True, True)],
 }
 _TMA_DKDV = {
     64: [(32, 128, 8, 2, True), (64, 128, 8, 3, True)],
@@ -1093,12 +1237,19 @@ def _table_key(elem_bytes: int, block_d: int) -> tuple[int, int]:
     return (2 if elem_bytes <= 2 else 4, max(64, block_d))
 
 
-def _to_config(c) -> dict:
-    return dict(BLOCK_M=c[0], BLOCK_N=c[1], USE_TMA=_uses_tma(c), num_warps=c[2], num_stages=c[3])
+def _to_config(kind: str, c) -> dict:
+    meta = dict(BLOCK_M=c[0], BLOCK_N=c[1], USE_TMA=_uses_tma(c), num_warps=c[2], num_stages=c[3])
+    if kind == "fwd":
+        meta["WARP_SPEC"] = _warp_specialized(c)
+    return meta
 
 
 def _uses_tma(c) -> bool:
     return len(c) > 4 and c[4]
+
+
+def _warp_specialized(c) -> bool:
+    return len(c) > 5 and c[5]
 
 
 _TABLES = {
@@ -1113,19 +1264,22 @@ _TABLES = {
 FORCED: dict[str, tuple] = {}
 
 
-def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False):
+def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False, ws: bool = False):
     """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing
-    needs pruning at call time (torch.compile traces these launches). tma: whether the TMA configs may run."""
+    needs pruning at call time (torch.compile traces these launches). tma: whether the TMA configs may run;
+    ws: whether the warp-specialised ones may too (see _warp_spec_ok)."""
     table, kernel = _TABLES[kind]
     candidates = table[_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"]))]
-    candidates = [c for c in candidates if tma or not _uses_tma(c)]
+    candidates = [c for c in candidates if (tma or not _uses_tma(c)) and (ws or not _warp_specialized(c))]
     candidates = candidates if backends.autotune_enabled() else candidates[:1]
     if _INTERPRET:
         candidates = [_INTERPRETER_CONFIG]
     if kind in FORCED:
-        # a forced TMA config where TMA may not run (fp32's delta pass) runs as its pointer twin
-        candidates = [FORCED[kind] if tma else FORCED[kind][:4]]
-    return _tuning.autotuned(kernel, [_to_config(c) for c in candidates], _AUTOTUNE_KEY)
+        # A forced TMA config where TMA may not run (fp32's delta pass) runs as its pointer twin, a forced
+        # warp-specialised one where that may not (a mask) as its plain TMA twin.
+        forced = FORCED[kind]
+        candidates = [forced if ws else forced[:5] if tma else forced[:4]]
+    return _tuning.autotuned(kernel, [_to_config(kind, c) for c in candidates], _AUTOTUNE_KEY)
 
 
 def candidates(kind: str, dtype: torch.dtype, head_dim: int) -> list[tuple]:
@@ -1180,7 +1334,7 @@ def _shared_meta(q: Tensor, v: Tensor, L: int, S: int, is_causal: bool, mask_kin
 
 
 def _tma_ok(kind: str, *tensors: Tensor) -> bool:
-    """Whether `kind`'s kernel may read `tensors` (the ones its loop streams) through TMA descriptors: 16-bit,
+    """Whether `kind`'s kernel may read `tensors` (the ones it may load through TMA descriptors): 16-bit,
     16-byte aligned bases and row, head and batch strides (the hardware's rule), eager mode on a GPU. Traced
     calls (torch.compile) keep the pointer configs: descriptors made in the kernel need triton's scratch
     allocator at launch, which is set here and not by every torch release's compiled launcher. A FORCED config
@@ -1202,25 +1356,43 @@ def _tma_ok(kind: str, *tensors: Tensor) -> bool:
     return True
 
 
+def _warp_spec_ok(kind: str, q: Tensor, meta: dict) -> bool:
+    """Whether the warp-specialised forward configs may run: triton's Hopper pass (tl.range(warp_specialize=...),
+    sm_90) splits their one key loop into a TMA producer warp group and two consumer warp groups of 64 query
+    rows each, as FlashAttention-3 does. Masks and dropout stay out: the pass rejects a loop that loads the
+    mask through pointers, and dropout is not what it is tuned for. GPTFAST_TRITON_WARP_SPEC=0 turns them off
+    (scripts/gpu_check.sh does when its probe of them fails). A FORCED config decides by itself."""
+    if kind != "fwd" or meta["MASK_KIND"] != 0 or meta["HAS_DROPOUT"]:
+        return False
+    if kind in FORCED:
+        return _warp_specialized(FORCED[kind])
+    if _INTERPRET or not _WS_STATE["ok"] or os.environ.get("GPTFAST_TRITON_WARP_SPEC", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9
+
+
 def _run_tuned(kind: str, q: Tensor, meta: dict, grid, args: tuple, tma: bool) -> None:
-    """Launches `kind`'s autotuned kernel, with the TMA configs among the candidates when `tma`. A GPU or
-    triton release whose TMA path fails to build or launch keeps the pointer configs from then on, said once;
-    the GPU tests force the TMA configs, so such a failure still shows there."""
+    """Launches `kind`'s autotuned kernel, with the TMA configs among the candidates when `tma` (and the
+    warp-specialised ones where _warp_spec_ok). A GPU or triton release whose warp-specialised configs fail to
+    build or launch keeps the others from then on, one whose TMA path fails the pointer configs, each said once;
+    the GPU tests force every config, so such a failure still shows there."""
+    ws = tma and _warp_spec_ok(kind, q, meta)
     try:
         if tma and not _INTERPRET:
             triton.set_allocator(_tma_scratch)
-        _launch(_tuned(kind, q, meta, tma))[grid](*args, **meta)
+        _launch(_tuned(kind, q, meta, tma, ws))[grid](*args, **meta)
     except Exception as e:
         if not tma or kind in FORCED or isinstance(e, torch.OutOfMemoryError):
             raise
-        _TMA_STATE["ok"] = False
+        state, what = (_WS_STATE, "warp-specialised") if ws else (_TMA_STATE, "TMA")
+        state["ok"] = False
         text = str(e).strip().splitlines()
         warnings.warn(
-            f"gptfast: the Triton attention's TMA configs failed here ({type(e).__name__}: "
-            f"{text[0] if text else ''}); the pointer configs run from now on",
+            f"gptfast: the Triton attention's {what} configs failed here ({type(e).__name__}: "
+            f"{text[0] if text else ''}); the others run from now on",
             RuntimeWarning,
         )
-        _launch(_tuned(kind, q, meta, False))[grid](*args, **meta)
+        _run_tuned(kind, q, meta, grid, args, tma and _TMA_STATE["ok"])
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
@@ -1229,6 +1401,7 @@ def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
 
 
 _TMA_STATE = {"ok": hasattr(tl, "make_tensor_descriptor")}
+_WS_STATE = {"ok": "warp_specialize" in inspect.signature(tl.range.__init__).parameters}
 
 
 def attention_fwd(
@@ -1282,7 +1455,8 @@ def attention_fwd(
     def grid(config):
         return (triton.cdiv(L, config["BLOCK_M"]), Hq, B)
 
-    _run_tuned("fwd", q, meta, grid, args, _tma_ok("fwd", k, v))
+    # q too: the warp-specialised configs load its block through a descriptor.
+    _run_tuned("fwd", q, meta, grid, args, _tma_ok("fwd", q, k, v))
     return out, lse
 
 
@@ -1381,6 +1555,7 @@ def attention_bwd(
     if fp32:
         # delta = rowsum(P * dP) from the kernels' own P and dP (_attn_bwd_dq_kernel), before dK/dV need it
         _run_tuned("dq", q, {**meta, "DELTA_ONLY": True}, dq_grid, dq_args, False)
+
     def dkdv_grid(config):
         return (triton.cdiv(S, config["BLOCK_N"]), Hk, B)
 
@@ -1432,6 +1607,7 @@ _CONSTEXPRS = (
     "PRECISION",
     "FOLD_SCALE",
     "USE_TMA",
+    "WARP_SPEC",
     "DELTA_ONLY",
     "BLOCK_M",
     "BLOCK_N",
@@ -1512,11 +1688,13 @@ def _compile_case(
     constexprs["USE_TMA"] = _uses_tma(config)
     if kind == "fwd":
         constexprs["FOLD_SCALE"] = mask_kind != 2
+        constexprs["WARP_SPEC"] = _warp_specialized(config)
     if kind == "dq":
         constexprs["DELTA_ONLY"] = delta_only
     name = (
         f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
         f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}{'_tma' if _uses_tma(config) else ''}"
+        f"{'_ws' if _warp_specialized(config) else ''}"
         f"{['', '_boolmask', '_floatmask'][mask_kind]}{'_dropout' if dropout else ''}"
         f"{'_delta' if delta_only else ''}"
     )
@@ -1547,6 +1725,10 @@ def _delta_case(dtype: torch.dtype, value_dim: int) -> dict:
     )
 
 
+def _first_warp_specialized(head_dim: int) -> tuple:
+    return next(c for c in _TMA_FWD[head_dim] if _warp_specialized(c))
+
+
 def _compile_cases() -> list[dict]:
     """A covering set small enough for the CPU suite (compiling one attention kernel for sm_90a takes 5-40 s
     on a laptop core): every head dim, each kernel, fp16 and bf16, causal and not, both mask kinds, dropout,
@@ -1555,6 +1737,8 @@ def _compile_cases() -> list[dict]:
     return [
         _compile_case("fwd", bf16, 128, True),  # the benchmark's configuration
         _compile_case("fwd", bf16, 128, True, config=_TMA_FWD[128][0]),  # and its first TMA candidates
+        _compile_case("fwd", bf16, 128, True, config=_first_warp_specialized(128)),
+        _compile_case("fwd", fp16, 64, False, config=_first_warp_specialized(64)),
         _compile_case("dkdv", bf16, 128, True, config=_TMA_DKDV[128][0]),
         _compile_case("dq", bf16, 128, True, config=_TMA_DQ[128][0]),
         _compile_case("dkdv", bf16, 128, True),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared command for a lent GPU machine (an H200 with torch 2.11 + CUDA 13.0, triton 3.6, nvcc 13.0,
-# pytest, pytest-benchmark, transformers, no network, 16 cores). It runs four steps, each with its own time
+# pytest, pytest-benchmark, transformers, no network, 16 cores). It runs these steps, each with its own time
 # limit and log, and goes on past a failed step:
 #   1. build:   pip install --no-deps --no-build-isolation -e .  (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16)
+#      probe:   scripts/probe_warp_spec.py, each warp-specialised Triton config once (off for 2-3 if it fails)
 #   2. tests:   pytest tests -q -rs --junitxml  -> junit.xml, tests.log, tests_summary.md (per file)
 #   3. bench:   gptfast bench --full --device cuda --out $OUT/bench  (report.md, results.json, plots)
 #   4. summary: summary.md with the commit, nvidia-smi, versions, test summary and the report's headline
@@ -24,7 +25,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +90,16 @@ except ImportError as e:
 print("backends available:", {d: b.available(d) for d in (["cpu", "cuda"] if __import__("torch").cuda.is_available() else ["cpu"])})
 EOF
 tail -n 2 "$OUT/build.log" | tee -a "$STEPS_LOG"
+
+# ------------------------------------------------------------------------------------------- probe
+# Triton's warp-specialised attention configs come from its newest compiler pass: each runs once here, checked,
+# under a minute's limit. A failure or a hang turns them off for the tests and the bench (their GPU test then
+# skips, saying so), rather than hanging both.
+run_step probe "$(min 90 "$(( $(left) - 300 ))")" "$OUT/probe.log" "$PYTHON" scripts/probe_warp_spec.py
+if [[ "${STATUS[probe]}" != ok* ]]; then
+  export GPTFAST_TRITON_WARP_SPEC=0
+  log "probe: the warp-specialised configs are off for the tests and the bench"
+fi
 
 # ------------------------------------------------------------------------------------------- 2. tests
 if [[ $DRY_RUN == 1 ]]; then TESTS="${GPU_CHECK_TESTS:-tests/test_bench.py}"; else TESTS="${GPU_CHECK_TESTS:-tests}"; fi
@@ -196,9 +207,17 @@ EOF
   echo
   echo "## Steps"
   echo
-  for step in build tests bench; do echo "- $step: ${STATUS[$step]:-not run}"; done
-  echo "- logs: build.log, tests.log, bench.log, steps.log; junit.xml; bench/report.md, bench/results.json"
+  for step in build probe tests bench; do echo "- $step: ${STATUS[$step]:-not run}"; done
+  echo "- logs: build.log, probe.log, tests.log, bench.log, steps.log; junit.xml; bench/report.md, bench/results.json"
   echo
+  if [[ -s "$OUT/probe.log" ]]; then
+    echo "## Warp-specialised attention probe"
+    echo
+    echo '```'
+    tail -n 12 "$OUT/probe.log"
+    echo '```'
+    echo
+  fi
   sed -n '1,200p' "$OUT/tests_summary.md" 2>/dev/null | sed 's/^# Test summary/## Tests/'
   echo
   if grep -q '^Triton autotuning for function' "$OUT/bench.log" 2>/dev/null; then

@@ -5,6 +5,10 @@ Backends come from backends_under_test.cases("attention"): the reference always,
 on CPU (fp32 and fp16; bf16 only on a GPU), cpu/cuda when built. Interpreter shapes stay small.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -283,6 +287,26 @@ def test_triton_every_candidate_config(monkeypatch, head_dim, causal):
         _check_against_reference(
             "triton", "cpu", *_qkv(1, 4, 2, 150, 133, head_dim), torch.float16, is_causal=causal
         )
+
+
+def test_warp_spec_probe_runs_every_warp_specialized_config():
+    # scripts/gpu_check.sh trusts this probe to turn the warp-specialised configs off when one fails, so it must
+    # run each of them and say so; on this CPU the interpreter runs their one masked key loop and the Q block's
+    # descriptor load (triton's splitting into warp groups happens only on the GPU).
+    if "triton" not in [b for b, d in CASES if d == "cpu"]:
+        pytest.skip("the triton backend cannot run here")
+    from gptfast.kernels import attention as kernels
+
+    script = pathlib.Path(__file__).parents[2] / "scripts" / "probe_warp_spec.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    expected = sum(
+        kernels._warp_specialized(c)
+        for D in (64, 128, 256)
+        for c in kernels.candidates("fwd", torch.float16, D)
+    )
+    assert expected >= 3 and proc.stdout.count(": ok (") == expected, proc.stdout
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -601,9 +625,10 @@ def _torch_lse(q, k, causal):
 def test_triton_tma_configs_gpu(monkeypatch):
     # The TMA configs on the hardware, forced one at a time per kernel (the autotuner may pick any), on the
     # GPT's layout (_fused_views), L off every block size. D=128 causal (the benchmark's) runs every TMA
-    # config; D=64 with GQA (dK/dV's descriptors span a group's query heads) and D=96 non-causal with Lq != Lk
-    # (the copy engine zero-fills columns past D and keys past S) run the first of each. Checked: the output,
-    # the saved lse the backward starts from, and the fused projection's gradient.
+    # config but the warp-specialised ones (their own test, below); D=64 with GQA (dK/dV's descriptors span a
+    # group's query heads) and D=96 non-causal with Lq != Lk (the copy engine zero-fills columns past D and
+    # keys past S) run the first of each. Checked: the output, the saved lse the backward starts from, and the
+    # fused projection's gradient.
     from gptfast.kernels import attention as kernels
 
     fwd, _ = _library.pair("attention", "triton")
@@ -622,7 +647,12 @@ def test_triton_tma_configs_gpu(monkeypatch):
         want_lse = _torch_lse(q, k, causal)
         kinds = ("fwd", "dkdv", "dq")
         lists = {
-            kind: [c for c in kernels.candidates(kind, torch.bfloat16, D) if len(c) > 4] for kind in kinds
+            kind: [
+                c
+                for c in kernels.candidates(kind, torch.bfloat16, D)
+                if kernels._uses_tma(c) and not kernels._warp_specialized(c)
+            ]
+            for kind in kinds
         }
         for i in range(max(len(c) for c in lists.values()) if D == 128 else 1):
             for kind, configs in lists.items():
@@ -637,6 +667,51 @@ def test_triton_tma_configs_gpu(monkeypatch):
                 assert_close(g, w, t, f"{what} {name}")
         for kind in kinds:
             monkeypatch.delitem(kernels.FORCED, kind)
+
+
+@pytest.mark.gpu
+def test_triton_warp_specialized_configs_gpu(monkeypatch):
+    # The warp-specialised forward configs (one masked key loop that triton splits into a TMA producer and two
+    # consumer warp groups): each forced, at every head dim that has them, causal and not, GQA, and L != S
+    # off every block size (the copy engine's zero-filled tails are all that masks the keys past S). Checked:
+    # the output, the saved lse and the gradients, whose backward starts from both.
+    from gptfast.kernels import attention as kernels
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("triton warp-specialises these configs on sm_90 only")
+    if os.environ.get("GPTFAST_TRITON_WARP_SPEC") == "0":
+        pytest.skip("GPTFAST_TRITON_WARP_SPEC=0 (scripts/gpu_check.sh sets it when its probe of them failed)")
+    fwd, _ = _library.pair("attention", "triton")
+    for D, Hk, S, causal in (
+        (128, 8, None, True),
+        (128, 2, 900, False),
+        (64, 8, 900, True),
+        (256, 4, None, True),
+    ):
+        qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
+        q, k, v = _fused_views(qkv, Hk, S)
+        dout = torch.randn(2, 8, 1000, D, device="cuda", dtype=torch.bfloat16)
+        kw = dict(is_causal=causal, enable_gqa=Hk != 8)
+
+        def torch_sdpa(a, b, c):
+            return F.scaled_dot_product_attention(a, b, c, **kw)
+
+        want = _fused_value_and_grad(torch_sdpa, qkv.float(), Hk, S, dout.float())
+        same = _fused_value_and_grad(torch_sdpa, qkv, Hk, S, dout)
+        want_lse = _torch_lse(q, k, causal)
+        configs = [c for c in kernels.candidates("fwd", torch.bfloat16, D) if kernels._warp_specialized(c)]
+        assert configs, f"no warp-specialised config at D={D}"
+        for config in configs:
+            monkeypatch.setitem(kernels.FORCED, "fwd", config)
+            what = f"D={D} causal={causal} Hk={Hk} S={S} forward {config}"
+            _, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, torch.zeros(2, dtype=torch.int64))
+            torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=what)
+            got = _fused_value_and_grad(
+                lambda a, b, c: SDPA(a, b, c, backend="triton", **kw), qkv, Hk, S, dout
+            )
+            for name, g, w, t in zip(("out", "dqkv"), got, want, same):
+                assert_close(g, w, t, f"{what} {name}")
+    monkeypatch.delitem(kernels.FORCED, "fwd")
 
 
 @pytest.mark.gpu
@@ -662,6 +737,7 @@ def test_triton_attention_autotuned_gpu(monkeypatch):
             lambda a, b, c: SDPA(a, b, c, is_causal=True, backend="triton"), qkv, 8, None, dout
         )
     assert kernels._TMA_STATE["ok"], "the TMA configs were set aside"
+    assert kernels._WS_STATE["ok"], "the warp-specialised configs were set aside"
     for name, g, w, t in zip(("out", "dqkv"), got, want, same):
         assert_close(g, w, t, f"autotuned {name}")
     flat = torch.randn(2 * 8 * 1000 * 64 + 1, device="cuda", dtype=torch.bfloat16)
