@@ -631,20 +631,9 @@ def test_triton_tma_configs_gpu(monkeypatch):
     # fused projection's gradient.
     from gptfast.kernels import attention as kernels
 
-    fwd, _ = _library.pair("attention", "triton")
     for D, Hk, S, causal in ((128, 8, None, True), (64, 2, None, True), (96, 8, 900, False)):
-        qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
-        q, k, v = _fused_views(qkv, Hk, S)
-        assert kernels._tma_ok("fwd", k, v) and kernels._tma_ok("dkdv", q, q)
-        dout = torch.randn(2, 8, 1000, D, device="cuda", dtype=torch.bfloat16)
-        kw = dict(is_causal=causal, enable_gqa=Hk != 8)
-
-        def torch_sdpa(a, b, c):
-            return F.scaled_dot_product_attention(a, b, c, **kw)
-
-        want = _fused_value_and_grad(torch_sdpa, qkv.float(), Hk, S, dout.float())
-        same = _fused_value_and_grad(torch_sdpa, qkv, Hk, S, dout)
-        want_lse = _torch_lse(q, k, causal)
+        q, k, v, check = _fused_gpu_case(D, Hk, S, causal)
+        assert kernels._tma_ok("fwd", q, k, v) and kernels._tma_ok("dkdv", q, q)
         kinds = ("fwd", "dkdv", "dq")
         lists = {
             kind: [
@@ -657,14 +646,7 @@ def test_triton_tma_configs_gpu(monkeypatch):
         for i in range(max(len(c) for c in lists.values()) if D == 128 else 1):
             for kind, configs in lists.items():
                 monkeypatch.setitem(kernels.FORCED, kind, configs[min(i, len(configs) - 1)])
-            what = f"D={D} TMA configs {dict(kernels.FORCED)}"
-            _, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, torch.zeros(2, dtype=torch.int64))
-            torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=what)
-            got = _fused_value_and_grad(
-                lambda a, b, c: SDPA(a, b, c, backend="triton", **kw), qkv, Hk, S, dout
-            )
-            for name, g, w, t in zip(("out", "dqkv"), got, want, same):
-                assert_close(g, w, t, f"{what} {name}")
+            check(f"D={D} TMA configs {dict(kernels.FORCED)}")
         for kind in kinds:
             monkeypatch.delitem(kernels.FORCED, kind)
 
@@ -681,37 +663,46 @@ def test_triton_warp_specialized_configs_gpu(monkeypatch):
         pytest.skip("triton warp-specialises these configs on sm_90 only")
     if os.environ.get("GPTFAST_TRITON_WARP_SPEC") == "0":
         pytest.skip("GPTFAST_TRITON_WARP_SPEC=0 (scripts/gpu_check.sh sets it when its probe of them failed)")
-    fwd, _ = _library.pair("attention", "triton")
     for D, Hk, S, causal in (
         (128, 8, None, True),
         (128, 2, 900, False),
         (64, 8, 900, True),
         (256, 4, None, True),
     ):
-        qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
-        q, k, v = _fused_views(qkv, Hk, S)
-        dout = torch.randn(2, 8, 1000, D, device="cuda", dtype=torch.bfloat16)
-        kw = dict(is_causal=causal, enable_gqa=Hk != 8)
-
-        def torch_sdpa(a, b, c):
-            return F.scaled_dot_product_attention(a, b, c, **kw)
-
-        want = _fused_value_and_grad(torch_sdpa, qkv.float(), Hk, S, dout.float())
-        same = _fused_value_and_grad(torch_sdpa, qkv, Hk, S, dout)
-        want_lse = _torch_lse(q, k, causal)
+        *_, check = _fused_gpu_case(D, Hk, S, causal)
         configs = [c for c in kernels.candidates("fwd", torch.bfloat16, D) if kernels._warp_specialized(c)]
         assert configs, f"no warp-specialised config at D={D}"
         for config in configs:
             monkeypatch.setitem(kernels.FORCED, "fwd", config)
-            what = f"D={D} causal={causal} Hk={Hk} S={S} forward {config}"
-            _, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, torch.zeros(2, dtype=torch.int64))
-            torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=what)
-            got = _fused_value_and_grad(
-                lambda a, b, c: SDPA(a, b, c, backend="triton", **kw), qkv, Hk, S, dout
-            )
-            for name, g, w, t in zip(("out", "dqkv"), got, want, same):
-                assert_close(g, w, t, f"{what} {name}")
+            check(f"D={D} causal={causal} Hk={Hk} S={S} forward {config}")
     monkeypatch.delitem(kernels.FORCED, "fwd")
+
+
+def _fused_gpu_case(D, Hk, S, causal):
+    """(q, k, v, check): a bf16 case on the GPT's layout (B=2, L=1000, 8 query heads) and check(what), which
+    runs the triton backend on it, with whatever kernels.FORCED holds, against torch: the saved lse the
+    backward starts from, the output and the fused projection's gradient."""
+    qkv = torch.randn(2, 1000, 3, 8, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = _fused_views(qkv, Hk, S)
+    dout = torch.randn(2, 8, 1000, D, device="cuda", dtype=torch.bfloat16)
+    kw = dict(is_causal=causal, enable_gqa=Hk != 8)
+
+    def torch_sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, **kw)
+
+    want = _fused_value_and_grad(torch_sdpa, qkv.float(), Hk, S, dout.float())
+    same = _fused_value_and_grad(torch_sdpa, qkv, Hk, S, dout)
+    want_lse = _torch_lse(q, k, causal)
+    fwd, _ = _library.pair("attention", "triton")
+
+    def check(what):
+        _, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, torch.zeros(2, dtype=torch.int64))
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3, msg=what)
+        got = _fused_value_and_grad(lambda a, b, c: SDPA(a, b, c, backend="triton", **kw), qkv, Hk, S, dout)
+        for name, g, w, t in zip(("out", "dqkv"), got, want, same):
+            assert_close(g, w, t, f"{what} {name}")
+
+    return q, k, v, check
 
 
 @pytest.mark.gpu
