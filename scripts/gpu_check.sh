@@ -25,7 +25,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
@@ -95,7 +95,7 @@ tail -n 2 "$OUT/build.log" | tee -a "$STEPS_LOG"
 # Triton's warp-specialised attention configs come from its newest compiler pass: each runs once here, checked,
 # under a minute's limit. A failure or a hang turns them off for the tests and the bench (their GPU test then
 # skips, saying so), rather than hanging both.
-run_step probe "$(min 90 "$(( $(left) - 300 ))")" "$OUT/probe.log" "$PYTHON" scripts/probe_warp_spec.py
+run_step probe "$(min 60 "$(( $(left) - 350 ))")" "$OUT/probe.log" "$PYTHON" scripts/probe_warp_spec.py
 if [[ "${STATUS[probe]}" != ok* ]]; then
   export GPTFAST_TRITON_WARP_SPEC=0
   log "probe: the warp-specialised configs are off for the tests and the bench"
