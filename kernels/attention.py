@@ -862,6 +862,84 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _attn_bwd_dq_block(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    mask_base,
+    k_offs,
+    v_offs,
+    mask_offs,
+    offs_m,
+    start_n,
+    L,
+    S,
+    qk_scale,
+    dropout_scale,
+    seed,
+    rng_offset,
+    bh,
+    drop_threshold,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DELTA_ONLY: tl.constexpr,
+):
+    """Adds the key block at start_n to dq (see _attn_bwd_dq_inner)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if USE_TMA:
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    else:
+        k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
+        v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK_KIND != 0:
+        in_bounds = offs_m[:, None] < L
+        if BOUNDARY:
+            in_bounds = in_bounds & (offs_n[None, :] < S)
+        if MASK_KIND == 2:
+            qk += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
+    p = tl.exp2(qk - lse2[:, None])
+    if MASK_KIND == 1:
+        p = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p, 0.0)
+    if BOUNDARY:
+        valid = offs_n[None, :] < S
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(valid, p, 0.0)
+    # 2. dP = (dO V^T) * Z
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    if DELTA_ONLY:
+        dq += p * dp
+    else:
+        # 3. dS = P * (dP - delta)
+        ds = p * (dp - delta[:, None])
+        # 4. dQ = scale * dS K (the scale is applied once, after all blocks)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_inner(
     dq,
     q,
@@ -902,49 +980,94 @@ def _attn_bwd_dq_inner(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     DELTA_ONLY: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """Adds key blocks [lo, hi) to dq; BOUNDARY blocks get the causal and key-tail masks. With DELTA_ONLY, dq
-    is a [BLOCK_M, BLOCK_N] accumulator of P * dP instead (its row sums are delta)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if USE_TMA:
-            k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])
-        else:
-            k = _load_tile(k_base + k_offs, offs_n, S, offs_d, D, BLOCK_D, BOUNDARY)
-            v = _load_tile(v_base + v_offs, offs_n, S, offs_dv, DV, BLOCK_DV, BOUNDARY)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASK_KIND != 0:
-            in_bounds = offs_m[:, None] < L
-            if BOUNDARY:
-                in_bounds = in_bounds & (offs_n[None, :] < S)
-            if MASK_KIND == 2:
-                qk += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
-        p = tl.exp2(qk - lse2[:, None])
-        if MASK_KIND == 1:
-            p = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p, 0.0)
-        if BOUNDARY:
-            valid = offs_n[None, :] < S
-            if IS_CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(valid, p, 0.0)
-        # 2. dP = (dO V^T) * Z
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], drop_threshold)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        if DELTA_ONLY:
-            dq += p * dp
-        else:
-            # 3. dS = P * (dP - delta)
-            ds = p * (dp - delta[:, None])
-            # 4. dQ = scale * dS K (the scale is applied once, after all blocks)
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        k_base += BLOCK_N * stride_kn
-        v_base += BLOCK_N * stride_vn
-        mask_base += BLOCK_N * stride_mn
+    is a [BLOCK_M, BLOCK_N] accumulator of P * dP instead (its row sums are delta). WARP_SPEC: as in
+    _attn_fwd_inner (one BOUNDARY stage, TMA, no mask), the loop goes to triton's warp-specialising pass."""
+    # The warp-specialised loop advances no pointer: K and V must come through descriptors and no mask be read.
+    tl.static_assert(not WARP_SPEC or (USE_TMA and MASK_KIND == 0 and not DELTA_ONLY))
+    if WARP_SPEC:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            dq = _attn_bwd_dq_block(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                k_base,
+                v_base,
+                k_desc,
+                v_desc,
+                mask_base,
+                k_offs,
+                v_offs,
+                mask_offs,
+                offs_m,
+                start_n,
+                L,
+                S,
+                qk_scale,
+                dropout_scale,
+                seed,
+                rng_offset,
+                bh,
+                drop_threshold,
+                D,
+                DV,
+                BLOCK_D,
+                BLOCK_DV,
+                BLOCK_N,
+                BOUNDARY,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_DROPOUT,
+                PRECISION,
+                USE_TMA,
+                DELTA_ONLY,
+            )
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _attn_bwd_dq_block(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                k_base,
+                v_base,
+                k_desc,
+                v_desc,
+                mask_base,
+                k_offs,
+                v_offs,
+                mask_offs,
+                offs_m,
+                start_n,
+                L,
+                S,
+                qk_scale,
+                dropout_scale,
+                seed,
+                rng_offset,
+                bh,
+                drop_threshold,
+                D,
+                DV,
+                BLOCK_D,
+                BLOCK_DV,
+                BLOCK_N,
+                BOUNDARY,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_DROPOUT,
+                PRECISION,
+                USE_TMA,
+                DELTA_ONLY,
+            )
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
+            mask_base += BLOCK_N * stride_mn
     return dq
 
 
@@ -998,6 +1121,7 @@ def _attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     DELTA_ONLY: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -1022,30 +1146,28 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_m = offs_m[:, None].to(tl.int64)
-    q = _load_tile(
-        Q + b64 * stride_qb + h64 * stride_qh + rows_m * stride_qm + offs_d[None, :],
-        offs_m,
-        L,
-        offs_d,
-        D,
-        BLOCK_D,
-        True,
-    )
-    do = _load_tile(
-        DO + b64 * stride_dob + h64 * stride_doh + rows_m * stride_dom + offs_dv[None, :],
-        offs_m,
-        L,
-        offs_dv,
-        DV,
-        BLOCK_DV,
-        True,
-    )
-    lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
-    lse2 = _backward_lse2(lse)
-    if DELTA_ONLY:
-        delta = tl.zeros([BLOCK_M], tl.float32)
+    if WARP_SPEC:
+        # The pass takes no tensor loaded through pointers outside its loop: the row vectors come through
+        # descriptors too (L % 4 == 0 keeps their rows 16-byte aligned). Rows past L read 0 everywhere, so their
+        # P is 1 but dP, delta and so dS are 0, and their dQ rows are never stored.
+        q_head = Q + b64 * stride_qb + h64 * stride_qh
+        do_head = DO + b64 * stride_dob + h64 * stride_doh
+        q = tl.make_tensor_descriptor(q_head, [L, D], [stride_qm, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
+        do_desc = tl.make_tensor_descriptor(do_head, [L, DV], [stride_dom, 1], [BLOCK_M, BLOCK_DV])
+        do = do_desc.load([start_m, 0])
+        lse = tl.make_tensor_descriptor(Lse + bh.to(tl.int64) * L, [L], [1], [BLOCK_M]).load([start_m])
+        delta = tl.make_tensor_descriptor(Delta + bh.to(tl.int64) * L, [L], [1], [BLOCK_M]).load([start_m])
     else:
-        delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows_m * stride_qm + offs_d[None, :]
+        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + rows_m * stride_dom + offs_dv[None, :]
+        q = _load_tile(q_ptrs, offs_m, L, offs_d, D, BLOCK_D, True)
+        do = _load_tile(do_ptrs, offs_m, L, offs_dv, DV, BLOCK_DV, True)
+        lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
+        if DELTA_ONLY:
+            delta = tl.zeros([BLOCK_M], tl.float32)
+        else:
+            delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
+    lse2 = _backward_lse2(lse)
     k_head = K + b64 * stride_kb + hk64 * stride_kh
     v_head = V + b64 * stride_vb + hk64 * stride_vh
     mask_head = Mask + b64 * stride_mb + h64 * stride_mh
@@ -1071,51 +1193,55 @@ def _attn_bwd_dq_kernel(
     else:
         hi = S
         full_hi = S // BLOCK_N * BLOCK_N
+    if WARP_SPEC:
+        full_hi = tl.full([], 0, tl.int32)  # one masked stage, as in the forward
     if DELTA_ONLY:
         dq = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _attn_bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        k_head,
-        v_head,
-        k_desc,
-        v_desc,
-        mask_head,
-        k_offs,
-        v_offs,
-        mask_offs,
-        offs_m,
-        0,
-        full_hi,
-        stride_kn,
-        stride_vn,
-        stride_mn,
-        L,
-        S,
-        qk_scale,
-        dropout_scale,
-        seed,
-        rng_offset,
-        bh,
-        drop_threshold,
-        D,
-        DV,
-        BLOCK_D,
-        BLOCK_DV,
-        BLOCK_N,
-        False,
-        IS_CAUSAL,
-        MASK_KIND,
-        HAS_DROPOUT,
-        PRECISION,
-        USE_TMA,
-        DELTA_ONLY,
-    )
+    if not WARP_SPEC:
+        dq = _attn_bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_head,
+            v_head,
+            k_desc,
+            v_desc,
+            mask_head,
+            k_offs,
+            v_offs,
+            mask_offs,
+            offs_m,
+            0,
+            full_hi,
+            stride_kn,
+            stride_vn,
+            stride_mn,
+            L,
+            S,
+            qk_scale,
+            dropout_scale,
+            seed,
+            rng_offset,
+            bh,
+            drop_threshold,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_N,
+            False,
+            IS_CAUSAL,
+            MASK_KIND,
+            HAS_DROPOUT,
+            PRECISION,
+            USE_TMA,
+            DELTA_ONLY,
+            WARP_SPEC,
+        )
     full_hi64 = full_hi.to(tl.int64)
     dq = _attn_bwd_dq_inner(
         dq,
@@ -1157,6 +1283,7 @@ def _attn_bwd_dq_kernel(
         PRECISION,
         USE_TMA,
         DELTA_ONLY,
+        WARP_SPEC,
     )
     if DELTA_ONLY:
         tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(dq, 1), mask=offs_m < L)
@@ -1177,7 +1304,7 @@ def _attn_bwd_dq_kernel(
 # dK/dV) through TMA tensor descriptors made in the kernel: Hopper's bulk copies need no address registers
 # (60-110 fewer a thread in the forward and dQ on sm_90a; dK/dV's accumulators leave it little to gain). They
 # are timed only where descriptors can describe those tensors (see _tma_ok), never as the untuned default.
-# A sixth entry True marks a forward config that triton's Hopper pass warp-specialises (see _warp_spec_ok):
+# A sixth entry True marks a forward or dQ config that triton's Hopper pass warp-specialises (_warp_spec_ok):
 # num_warps is then each warp group's, 4, and num_stages the depth of the K/V ring between them. These fit
 # sm_90a's 227 KB of shared memory (128 x 128 with three stages at head dim 128 does not: 246 KB).
 _TMA_FWD = {
@@ -1202,9 +1329,20 @@ _TMA_DKDV = {
     256: [(16, 32, 4, 2, True), (32, 64, 8, 2, True)],
 }
 _TMA_DQ = {
-    64: [(128, 64, 8, 2, True), (128, 64, 4, 3, True)],
-    128: [(128, 64, 8, 2, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True)],
-    256: [(64, 32, 8, 2, True), (64, 32, 4, 2, True)],
+    64: [
+        (128, 64, 8, 2, True),
+        (128, 64, 4, 3, True),
+        (128, 64, 4, 2, True, True),
+        (128, 128, 4, 2, True, True),
+    ],
+    128: [
+        (128, 64, 8, 2, True),
+        (128, 32, 8, 3, True),
+        (64, 64, 4, 3, True),
+        (128, 64, 4, 2, True, True),
+        (128, 64, 4, 3, True, True),
+    ],
+    256: [(64, 32, 8, 2, True), (64, 32, 4, 2, True), (64, 32, 4, 2, True, True)],
 }
 _FWD = {
     (2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), *_TMA_FWD[64]],
@@ -1241,7 +1379,7 @@ def _table_key(elem_bytes: int, block_d: int) -> tuple[int, int]:
 
 def _to_config(kind: str, c) -> dict:
     meta = dict(BLOCK_M=c[0], BLOCK_N=c[1], USE_TMA=_uses_tma(c), num_warps=c[2], num_stages=c[3])
-    if kind == "fwd":
+    if kind in ("fwd", "dq"):
         meta["WARP_SPEC"] = _warp_specialized(c)
     return meta
 
@@ -1358,28 +1496,30 @@ def _tma_ok(kind: str, *tensors: Tensor) -> bool:
     return True
 
 
-def _warp_spec_ok(kind: str, q: Tensor, meta: dict) -> bool:
-    """Whether the warp-specialised forward configs may run: triton's Hopper pass (tl.range(warp_specialize=...),
-    sm_90) splits their one key loop into a TMA producer warp group and two consumer warp groups of 64 query
-    rows each, as FlashAttention-3 does. Masks and dropout stay out: the pass rejects a loop that loads the
-    mask through pointers, and dropout is not what it is tuned for. GPTFAST_TRITON_WARP_SPEC=0 turns them off
+def _warp_spec_ok(kind: str, meta: dict, tensors: tuple | None) -> bool:
+    """Whether the warp-specialised forward and dQ configs may run: triton's Hopper pass
+    (tl.range(warp_specialize=...), sm_90) splits their one key loop into a TMA producer warp group and two
+    consumer warp groups of half the query rows each, as FlashAttention-3 does. `tensors` are the ones they
+    read through descriptors beyond the plain TMA configs' (Q; Q and dO), None where those cannot be (dQ's
+    row vectors when L % 4 != 0). Masks and dropout stay out: the pass rejects a loop that loads the mask
+    through pointers, and dropout is not what it is tuned for. GPTFAST_TRITON_WARP_SPEC=0 turns them off
     (scripts/gpu_check.sh does when its probe of them fails). A FORCED config decides by itself."""
-    if kind != "fwd" or meta["MASK_KIND"] != 0 or meta["HAS_DROPOUT"]:
+    if tensors is None or meta["MASK_KIND"] != 0 or meta["HAS_DROPOUT"] or meta.get("DELTA_ONLY"):
         return False
     if kind in FORCED:
         return _warp_specialized(FORCED[kind])
     if _INTERPRET or not _WS_STATE["ok"] or os.environ.get("GPTFAST_TRITON_WARP_SPEC", "1") == "0":
         return False
-    # The Q block comes through a descriptor too.
-    return torch.cuda.get_device_capability(q.device)[0] == 9 and _tma_ok(kind, q)
+    return torch.cuda.get_device_capability(tensors[0].device)[0] == 9 and _tma_ok(kind, *tensors)
 
 
-def _run_tuned(kind: str, q: Tensor, meta: dict, grid, args: tuple, tma: bool) -> None:
+def _run_tuned(kind: str, q: Tensor, meta: dict, grid, args: tuple, tma: bool, ws_tensors=None) -> None:
     """Launches `kind`'s autotuned kernel, with the TMA configs among the candidates when `tma` (and the
-    warp-specialised ones where _warp_spec_ok). A GPU or triton release whose warp-specialised configs fail to
-    build or launch keeps the others from then on, one whose TMA path fails the pointer configs, each said once;
-    the GPU tests force every config, so such a failure still shows there."""
-    ws = tma and _warp_spec_ok(kind, q, meta)
+    warp-specialised ones where _warp_spec_ok(kind, meta, ws_tensors)). A GPU or triton release whose
+    warp-specialised configs fail to build or launch keeps the others from then on, one whose TMA path fails
+    the pointer configs, each said once; the GPU tests force every config, so such a failure still shows
+    there."""
+    ws = tma and _warp_spec_ok(kind, meta, ws_tensors)
     try:
         if tma and not _INTERPRET:
             triton.set_allocator(_tma_scratch)
@@ -1397,7 +1537,7 @@ def _run_tuned(kind: str, q: Tensor, meta: dict, grid, args: tuple, tma: bool) -
             f"{text[0] if text else ''}); the others run from now on",
             RuntimeWarning,
         )
-        _run_tuned(kind, q, meta, grid, args, tma and _TMA_STATE["ok"])
+        _run_tuned(kind, q, meta, grid, args, tma and _TMA_STATE["ok"], ws_tensors)
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> Tensor:
@@ -1460,7 +1600,7 @@ def attention_fwd(
     def grid(config):
         return (triton.cdiv(L, config["BLOCK_M"]), Hq, B)
 
-    _run_tuned("fwd", q, meta, grid, args, _tma_ok("fwd", k, v))
+    _run_tuned("fwd", q, meta, grid, args, _tma_ok("fwd", k, v), (q,))
     return out, lse
 
 
@@ -1564,7 +1704,11 @@ def attention_bwd(
         return (triton.cdiv(S, config["BLOCK_N"]), Hk, B)
 
     _run_tuned("dkdv", q, meta, dkdv_grid, dkdv_args, dkdv_tma)
-    _run_tuned("dq", q, {**meta, "DELTA_ONLY": False}, dq_grid, dq_args, _tma_ok("dq", k, v))
+    # The warp-specialised dQ configs read Q, dO and the lse and delta rows through descriptors too.
+    dq_tma = _tma_ok("dq", k, v)
+    rows_ok = dq_tma and L % 4 == 0 and lse.is_contiguous() and lse.data_ptr() % 16 == 0
+    dq_meta = {**meta, "DELTA_ONLY": False}
+    _run_tuned("dq", q, dq_meta, dq_grid, dq_args, dq_tma, (q, dout) if rows_ok else None)
     return dq, dk, dv
 
 
@@ -1695,6 +1839,7 @@ def _compile_case(
         constexprs["WARP_SPEC"] = _warp_specialized(config)
     if kind == "dq":
         constexprs["DELTA_ONLY"] = delta_only
+        constexprs["WARP_SPEC"] = _warp_specialized(config)
     name = (
         f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
         f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}{'_tma' if _uses_tma(config) else ''}"
@@ -1729,8 +1874,8 @@ def _delta_case(dtype: torch.dtype, value_dim: int) -> dict:
     )
 
 
-def _first_warp_specialized(head_dim: int) -> tuple:
-    return next(c for c in _TMA_FWD[head_dim] if _warp_specialized(c))
+def _first_warp_specialized(configs: list) -> tuple:
+    return next(c for c in configs if _warp_specialized(c))
 
 
 def _compile_cases() -> list[dict]:
@@ -1745,8 +1890,10 @@ def _compile_cases() -> list[dict]:
         _compile_case("dq", bf16, 128, True, config=_TMA_DQ[128][0]),
         *(
             [
-                _compile_case("fwd", bf16, 128, True, config=_first_warp_specialized(128)),
-                _compile_case("fwd", fp16, 64, False, config=_first_warp_specialized(64)),
+                _compile_case("fwd", bf16, 128, True, config=_first_warp_specialized(_TMA_FWD[128])),
+                _compile_case("fwd", fp16, 64, False, config=_first_warp_specialized(_TMA_FWD[64])),
+                _compile_case("dq", bf16, 128, True, config=_first_warp_specialized(_TMA_DQ[128])),
+                _compile_case("dq", fp16, 64, False, config=_first_warp_specialized(_TMA_DQ[64])),
             ]
             if _WS_STATE["ok"]  # a triton without tl.range(warp_specialize=...) never runs them
             else []

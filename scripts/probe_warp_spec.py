@@ -1,11 +1,11 @@
-"""Runs each warp-specialised Triton attention forward config once and checks it, before anything relies on it.
+"""Runs each warp-specialised Triton attention config (forward, dQ) once and checks it, before anything relies on it.
 
 Triton's Hopper warp-specialising pass is newer than the rest of its compiler: a config it splits could fail to
-build, give wrong numbers, or deadlock on its barriers. scripts/gpu_check.sh runs this under a one-minute limit
-before the test suite and the bench; when it fails or hangs, the later steps run with
-GPTFAST_TRITON_WARP_SPEC=0, so one bad config costs the probe's minute, not the device run. Exit status 0: every
-config ran warp-specialised and matched torch SDPA in fp32 within the tolerance rule; 1: one did not (each is
-named).
+build, give wrong numbers, or deadlock on its barriers. scripts/gpu_check.sh runs this under a 90-second limit
+before the test suite and the bench; when it fails, hangs or runs out of time, the later steps run with
+GPTFAST_TRITON_WARP_SPEC=0, so one bad config costs the probe's time, not the device run. Exit status 0: every
+config ran warp-specialised and its output (forward) or dQ matched torch SDPA's in fp32 within the tolerance
+rule; 1: one did not (each is named).
 
     python scripts/probe_warp_spec.py      on a GPU; on a CPU the interpreter runs it (TRITON_INTERPRET=1)
 """
@@ -18,24 +18,42 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, so before the import
+# The unforced launches (the forward a dQ probe starts from, dK/dV) run their defaults, untimed: what the probe
+# compiles is then what the test suite, which also sets this, compiles too.
+os.environ["GPTFAST_AUTOTUNE"] = "0"
 
 from gptfast.kernels import attention as kernels
 from gptfast.ops import _library
 
 # (head dim, kv heads, causal) for 4 query heads: causal calls have as many keys as queries; the non-causal
-# GQA one has 37 fewer, so its tail block holds keys past S that only the copy engine's zero fill masks.
-CASES = ((64, 4, True), (128, 4, True), (128, 2, False), (256, 4, True))
+# GQA one has 37 fewer, so its tail block holds keys past S that only the copy engine's zero fill masks. The
+# benchmark's head dim first, so a probe cut short by its time limit has still covered what the bench runs.
+CASES = ((128, 4, True), (128, 2, False), (64, 4, True), (256, 4, True))
 
 
 def _recording_warp_spec(launches: list):
-    """kernels._tuned wrapped to note, per launch, whether the warp-specialised candidates were allowed."""
+    """kernels._tuned wrapped to note, per launch, the kernel and whether its warp-specialised candidates were
+    allowed."""
     tuned = kernels._tuned
 
     def record(kind, q, meta, tma=False, ws=False):
-        launches.append(ws)
+        launches.append((kind, ws))
         return tuned(kind, q, meta, tma, ws)
 
     return record
+
+
+def _attend(q, k, v, dout, causal, gqa):
+    """torch SDPA's output and dQ in q's dtype."""
+    q = q.detach().requires_grad_()
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    out.backward(dout)
+    return out.detach(), q.grad
+
+
+def _bound(same, want):
+    # The tolerance rule: twice torch's own error in this dtype, plus a floor for a lucky torch.
+    return 2 * (same.float() - want).abs().max().item() + 1e-3
 
 
 def main() -> int:
@@ -44,40 +62,48 @@ def main() -> int:
         return 0
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # The interpreter computes bf16 wrongly, and is slow: fp16 and short sequences there.
-    dtype, L = (torch.bfloat16, 1000) if device == "cuda" else (torch.float16, 70)
-    fwd, _ = _library.pair("attention", "triton")
+    # The interpreter computes bf16 wrongly, and is slow: fp16 and short sequences there. L % 4 == 0, which the
+    # warp-specialised dQ configs need (their lse and delta rows come through descriptors).
+    dtype, L = (torch.bfloat16, 1000) if device == "cuda" else (torch.float16, 72)
+    fwd, bwd = _library.pair("attention", "triton")
+    rng = torch.zeros(2, dtype=torch.int64)
     launches: list = []
     kernels._tuned = _recording_warp_spec(launches)
     failed = 0
     for D, Hk, causal in CASES:
-        configs = [c for c in kernels.candidates("fwd", dtype, D) if kernels._warp_specialized(c)]
         S = L if causal else L - 37
         q = torch.randn(2, 4, L, D, device=device, dtype=dtype)
         k, v = (torch.randn(2, Hk, S, D, device=device, dtype=dtype) for _ in range(2))
-        kw = dict(is_causal=causal, enable_gqa=Hk != 4)
-        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
-        same = F.scaled_dot_product_attention(q, k, v, **kw)
-        # The tolerance rule: twice torch's own error in this dtype, plus a floor for a lucky torch.
-        bound = 2 * (same.float() - want).abs().max().item() + 1e-3
-        for config in configs:
-            kernels.FORCED["fwd"] = config
-            launches.clear()
-            try:
-                out, _ = fwd(q, k, v, None, 0.0, causal, D**-0.5, torch.zeros(2, dtype=torch.int64))
-                err = (out.float() - want).abs().max().item()
-            except Exception as e:  # noqa: BLE001  (every failure is reported, then the exit status says it)
-                lines = str(e).strip().splitlines()
-                err, note = float("nan"), f"{type(e).__name__}: {lines[0] if lines else ''}"
-            else:
-                note = f"max error {err:.3g}, bound {bound:.3g}"
-                if launches != [True]:
-                    err, note = float("nan"), f"ran without warp specialisation ({note})"
-            ok = err <= bound
-            failed += not ok
-            what = f"D={D} Hk={Hk} L={L} S={S} causal={causal} {config}"
-            print(f"warp-specialised forward {what}: {'ok' if ok else 'FAILED'} ({note})", flush=True)
-            kernels.FORCED.pop("fwd")
+        dout = torch.randn(2, 4, L, D, device=device, dtype=dtype)
+        want = _attend(q.float(), k.float(), v.float(), dout.float(), causal, Hk != 4)
+        same = _attend(q, k, v, dout, causal, Hk != 4)
+        for kind, name in (("fwd", "forward"), ("dq", "dQ")):
+            index = 0 if kind == "fwd" else 1
+            bound = _bound(same[index], want[index])
+            for config in [c for c in kernels.candidates(kind, dtype, D) if kernels._warp_specialized(c)]:
+                try:
+                    if kind == "dq":
+                        out, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, rng)
+                    kernels.FORCED[kind] = config
+                    launches.clear()
+                    if kind == "fwd":
+                        got, _ = fwd(q, k, v, None, 0.0, causal, D**-0.5, rng)
+                    else:
+                        got, _, _ = bwd(dout, q, k, v, None, out, lse, 0.0, causal, D**-0.5, rng)
+                    err = (got.float() - want[index]).abs().max().item()
+                except Exception as e:  # noqa: BLE001  (every failure is reported, then the exit status says it)
+                    lines = str(e).strip().splitlines()
+                    err, note = float("nan"), f"{type(e).__name__}: {lines[0] if lines else ''}"
+                else:
+                    note = f"max error {err:.3g}, bound {bound:.3g}"
+                    if (kind, True) not in launches or (kind, False) in launches:
+                        err, note = float("nan"), f"ran without warp specialisation ({note})"
+                finally:
+                    kernels.FORCED.pop(kind, None)
+                ok = err <= bound
+                failed += not ok
+                what = f"D={D} Hk={Hk} L={L} S={S} causal={causal} {config}"
+                print(f"warp-specialised {name} {what}: {'ok' if ok else 'FAILED'} ({note})", flush=True)
     return 1 if failed else 0
 
 

@@ -292,8 +292,9 @@ def test_triton_every_candidate_config(monkeypatch, head_dim, causal):
 
 def test_warp_spec_probe_runs_every_warp_specialized_config():
     # scripts/gpu_check.sh trusts this probe to turn the warp-specialised configs off when one fails, so it must
-    # run each of them and say so; on this CPU the interpreter runs their one masked key loop and the Q block's
-    # descriptor load (triton's splitting into warp groups happens only on the GPU).
+    # run each of them (forward and dQ) and say so; on this CPU the interpreter runs their one masked key loop
+    # and their descriptor loads of Q (dO, lse and delta) (triton's splitting into warp groups happens only on
+    # the GPU).
     if "triton" not in [b for b, d in CASES if d == "cpu"]:
         pytest.skip("the triton backend cannot run here")
     from gptfast.kernels import attention as kernels
@@ -308,9 +309,10 @@ def test_warp_spec_probe_runs_every_warp_specialized_config():
     expected = sum(
         kernels._warp_specialized(c)
         for D, *_ in probe.CASES
-        for c in kernels.candidates("fwd", torch.float16, D)
+        for kind in ("fwd", "dq")
+        for c in kernels.candidates(kind, torch.float16, D)
     )
-    assert expected >= 5 and proc.stdout.count(": ok (") == expected, proc.stdout
+    assert expected >= 10 and proc.stdout.count(": ok (") == expected, proc.stdout
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -657,10 +659,11 @@ def test_triton_tma_configs_gpu(monkeypatch):
 
 @pytest.mark.gpu
 def test_triton_warp_specialized_configs_gpu(monkeypatch):
-    # The warp-specialised forward configs (one masked key loop that triton splits into a TMA producer and two
-    # consumer warp groups): each forced, at every head dim that has them, causal and not, GQA, and L != S
-    # off every block size (the copy engine's zero-filled tails are all that masks the keys past S). Checked:
-    # the output, the saved lse and the gradients, whose backward starts from both.
+    # The warp-specialised forward and dQ configs (one masked key loop that triton splits into a TMA producer
+    # and two consumer warp groups): each forced, at every head dim that has them, causal and not, GQA, and
+    # L != S off every block size (the copy engine's zero-filled tails are all that masks the keys past S, and
+    # the query rows past L, L = 1000 being a multiple of 4 as dQ's need but of no block). Checked: the
+    # output, the saved lse and the gradients, whose backward starts from both.
     from gptfast.kernels import attention as kernels
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -684,16 +687,17 @@ def test_triton_warp_specialized_configs_gpu(monkeypatch):
         (256, 4, None, True),
     ):
         *_, check = _fused_gpu_case(D, Hk, S, causal)
-        configs = [c for c in kernels.candidates("fwd", torch.bfloat16, D) if kernels._warp_specialized(c)]
-        assert configs, f"no warp-specialised config at D={D}"
-        for config in configs:
-            monkeypatch.setitem(kernels.FORCED, "fwd", config)
-            launches.clear()
-            what = f"D={D} causal={causal} Hk={Hk} S={S} forward {config}"
-            check(what)
-            # Not the plain TMA twin that a forced config falls back to where warp specialisation may not run.
-            assert [ws for kind, ws in launches if kind == "fwd"] == [True, True], what
-    monkeypatch.delitem(kernels.FORCED, "fwd")
+        for kind, launched in (("fwd", 2), ("dq", 1)):  # check() runs the forward twice, the backward once
+            configs = [c for c in kernels.candidates(kind, torch.bfloat16, D) if kernels._warp_specialized(c)]
+            assert configs, f"no warp-specialised {kind} config at D={D}"
+            for config in configs:
+                monkeypatch.setitem(kernels.FORCED, kind, config)
+                launches.clear()
+                what = f"D={D} causal={causal} Hk={Hk} S={S} {kind} {config}"
+                check(what)
+                # Not the plain TMA twin that a forced config falls back to where warp specialisation may not run.
+                assert [ws for k, ws in launches if k == kind] == [True] * launched, what
+            monkeypatch.delitem(kernels.FORCED, kind)
 
 
 def _fused_gpu_case(D, Hk, S, causal):
