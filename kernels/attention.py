@@ -12,15 +12,16 @@ without any masks, then the few boundary blocks (the causal diagonal and the tai
 is_causal, key blocks past the diagonal are never loaded. K and V tiles come through masked pointer loads or,
 in the TMA configs the autotuner may pick on Hopper, through tensor descriptors made in the kernel (the copy
 engine zero-fills rows past S and columns past D). The warp-specialised TMA configs load the Q block through a
-descriptor too and run one masked stage over every block: triton splits that loop into a producer warp group issuing the copies and two consumer
-warp groups doing the MMAs and the softmax (FlashAttention-3's structure).
+descriptor too and run one masked stage over every block: triton splits that loop into a producer warp group
+issuing the copies and two consumer warp groups doing the MMAs and the softmax (FlashAttention-3's structure).
 
 Backward (deterministic, no atomics): a small kernel computes delta = rowsum(dO * O); one kernel per key block
 accumulates dK and dV over the query blocks (one loop, causal select on each block) and, for GQA, over the
 query heads of its group; one kernel per query block accumulates dQ over the key blocks in the forward's two
-stages. Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse. With O = (P * Z) V, P =
-softmax(S), S = scale * Q K^T and Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout), the
-steps are
+stages (one masked stage in the warp-specialised configs, whose dK/dV loop also runs over the group's heads
+and query blocks as one). Both recompute P = exp2(S * log2(e) - lse * log2(e)) from the saved lse.
+With O = (P * Z) V, P = softmax(S), S = scale * Q K^T and Z = keep / (1 - dropout_p) the dropout multiplier
+(1 without dropout), the steps are
     1. dV = (P * Z)^T dO                       4. dQ = scale * dS K
     2. dP = (dO V^T) * Z                       5. dK = scale * dS^T Q
     3. dS = P * (dP - delta),  delta = rowsum(dP * P) = rowsum(dO * O)
@@ -603,6 +604,62 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _attn_bwd_dkdv_block(
+    dk,
+    dv,
+    k,
+    v,
+    q,
+    do,
+    lse2,
+    delta,
+    offs_m,
+    offs_n,
+    mask_base,
+    mask_offs,
+    L,
+    S,
+    qk_scale,
+    dropout_scale,
+    seed,
+    rng_offset,
+    bh,
+    drop_threshold,
+    MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Adds one query block (q, do and its rows' lse2 and delta, at offs_m) to dk, dv (key block offs_n), in the
+    transposed frame."""
+    qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    if MASK_KIND != 0:
+        in_bounds = (offs_m[None, :] < L) & (offs_n[:, None] < S)
+    if MASK_KIND == 2:
+        qk_t += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
+    p_t = tl.exp2(qk_t - lse2[None, :])
+    if IS_CAUSAL:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    if MASK_KIND == 1:
+        p_t = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p_t, 0.0)
+    # 2. dP = (dO V^T) * Z, with Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep_t = _dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], drop_threshold)
+        pz_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+        dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+    else:
+        pz_t = p_t
+    # 1. dV = (P * Z)^T dO (after step 2, which draws the keep mask both need)
+    dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    # 3. dS = P * (dP - delta), delta = rowsum(dP * P) = rowsum(dO * O)
+    ds_t = p_t * (dp_t - delta[None, :])
+    # 5. dK = scale * dS^T Q (the scale is applied once, after all blocks)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(
     dk,
     dv,
@@ -662,30 +719,32 @@ def _attn_bwd_dkdv_inner(
         # A row with no key left (lse = -inf) or a swamped one has P = 0: +inf makes exp2 give exactly that.
         lse2 = _backward_lse2(lse)
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < L, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        if MASK_KIND != 0:
-            in_bounds = (offs_m[None, :] < L) & (offs_n[:, None] < S)
-        if MASK_KIND == 2:
-            qk_t += _log2_mask(tl.load(mask_base + mask_offs, mask=in_bounds, other=0.0).to(tl.float32))
-        p_t = tl.exp2(qk_t - lse2[None, :])
-        if IS_CAUSAL:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        if MASK_KIND == 1:
-            p_t = tl.where(tl.load(mask_base + mask_offs, mask=in_bounds, other=0) != 0, p_t, 0.0)
-        # 2. dP = (dO V^T) * Z, with Z = keep / (1 - dropout_p) the dropout multiplier (1 without dropout)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep_t = _dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], drop_threshold)
-            pz_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
-            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
-        else:
-            pz_t = p_t
-        # 1. dV = (P * Z)^T dO (after step 2, which draws the keep mask both need)
-        dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        # 3. dS = P * (dP - delta), delta = rowsum(dP * P) = rowsum(dO * O)
-        ds_t = p_t * (dp_t - delta[None, :])
-        # 5. dK = scale * dS^T Q (the scale is applied once, after all blocks)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        dk, dv = _attn_bwd_dkdv_block(
+            dk,
+            dv,
+            k,
+            v,
+            q,
+            do,
+            lse2,
+            delta,
+            offs_m,
+            offs_n,
+            mask_base,
+            mask_offs,
+            L,
+            S,
+            qk_scale,
+            dropout_scale,
+            seed,
+            rng_offset,
+            bh,
+            drop_threshold,
+            MASK_KIND,
+            HAS_DROPOUT,
+            IS_CAUSAL,
+            PRECISION,
+        )
         q_base += BLOCK_M * stride_qm
         do_base += BLOCK_M * stride_dom
         mask_base += BLOCK_M * stride_mm
@@ -745,6 +804,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -759,24 +819,31 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_n = offs_n[:, None].to(tl.int64)
-    k = _load_tile(
-        K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + rows_n * stride_kn + offs_d[None, :],
-        offs_n,
-        S,
-        offs_d,
-        D,
-        BLOCK_D,
-        True,
-    )
-    v = _load_tile(
-        V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + rows_n * stride_vn + offs_dv[None, :],
-        offs_n,
-        S,
-        offs_dv,
-        DV,
-        BLOCK_DV,
-        True,
-    )
+    if WARP_SPEC:
+        # The warp-specialising pass takes no tensor loaded through pointers outside its loop.
+        k_head = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+        v_head = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+        k = tl.make_tensor_descriptor(k_head, [S, D], [stride_kn, 1], [BLOCK_N, BLOCK_D]).load([start_n, 0])
+        v = tl.make_tensor_descriptor(v_head, [S, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV]).load([start_n, 0])
+    else:
+        k = _load_tile(
+            K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + rows_n * stride_kn + offs_d[None, :],
+            offs_n,
+            S,
+            offs_d,
+            D,
+            BLOCK_D,
+            True,
+        )
+        v = _load_tile(
+            V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + rows_n * stride_vn + offs_dv[None, :],
+            offs_n,
+            S,
+            offs_dv,
+            DV,
+            BLOCK_DV,
+            True,
+        )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     seed = 0
@@ -810,50 +877,90 @@ def _attn_bwd_dkdv_kernel(
     else:
         q_desc = Q
         do_desc = DO
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        bh = b * Hq + h
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + lo64 * stride_qm,
-            DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + lo64 * stride_dom,
-            q_desc,
-            do_desc,
-            h,
-            Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + lo64 * stride_mm,
-            q_offs,
-            do_offs,
-            mask_offs,
-            Lse + bh.to(tl.int64) * L,
-            Delta + bh.to(tl.int64) * L,
-            offs_n,
-            lo,
-            L,
-            stride_qm,
-            stride_dom,
-            stride_mm,
-            L,
-            S,
-            qk_scale,
-            dropout_scale,
-            seed,
-            rng_offset,
-            bh,
-            drop_threshold,
-            D,
-            DV,
-            BLOCK_D,
-            BLOCK_DV,
-            BLOCK_M,
-            IS_CAUSAL,
-            MASK_KIND,
-            HAS_DROPOUT,
-            PRECISION,
-            USE_TMA,
-        )
+    tl.static_assert(not WARP_SPEC or (USE_TMA and MASK_KIND == 0))
+    if WARP_SPEC:
+        # One loop over (query head of the group, query block), as the pass takes one loop; the lse and delta
+        # rows come through descriptors too (L % 4 == 0 keeps them 16-byte aligned). Rows past L read 0
+        # everywhere: their P^T columns are 1 but dO, dP and delta are 0 there, so they add nothing.
+        lse_desc = tl.make_tensor_descriptor(Lse + b64 * Hq * L, [Hq, L], [L, 1], [1, BLOCK_M])
+        delta_desc = tl.make_tensor_descriptor(Delta + b64 * Hq * L, [Hq, L], [L, 1], [1, BLOCK_M])
+        n_blocks = tl.cdiv(L - lo, BLOCK_M)
+        for t in tl.range(0, GROUP * n_blocks, warp_specialize=True):
+            h = hk * GROUP + t // n_blocks
+            start_m = lo + (t % n_blocks) * BLOCK_M
+            q = q_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+            dk, dv = _attn_bwd_dkdv_block(
+                dk,
+                dv,
+                k,
+                v,
+                q,
+                do,
+                _backward_lse2(lse_desc.load([h, start_m]).reshape(BLOCK_M)),
+                delta_desc.load([h, start_m]).reshape(BLOCK_M),
+                start_m + offs_m0,
+                offs_n,
+                Mask,
+                mask_offs,
+                L,
+                S,
+                qk_scale,
+                dropout_scale,
+                seed,
+                rng_offset,
+                b * Hq + h,
+                drop_threshold,
+                MASK_KIND,
+                HAS_DROPOUT,
+                IS_CAUSAL,
+                PRECISION,
+            )
+    else:
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            bh = b * Hq + h
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + lo64 * stride_qm,
+                DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + lo64 * stride_dom,
+                q_desc,
+                do_desc,
+                h,
+                Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + lo64 * stride_mm,
+                q_offs,
+                do_offs,
+                mask_offs,
+                Lse + bh.to(tl.int64) * L,
+                Delta + bh.to(tl.int64) * L,
+                offs_n,
+                lo,
+                L,
+                stride_qm,
+                stride_dom,
+                stride_mm,
+                L,
+                S,
+                qk_scale,
+                dropout_scale,
+                seed,
+                rng_offset,
+                bh,
+                drop_threshold,
+                D,
+                DV,
+                BLOCK_D,
+                BLOCK_DV,
+                BLOCK_M,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_DROPOUT,
+                PRECISION,
+                USE_TMA,
+            )
     dk = dk * sm_scale
     dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + rows_n * stride_dkn + offs_d[None, :]
     dv_ptrs = DVt + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + rows_n * stride_dvn + offs_dv[None, :]
@@ -1304,8 +1411,8 @@ def _attn_bwd_dq_kernel(
 # dK/dV) through TMA tensor descriptors made in the kernel: Hopper's bulk copies need no address registers
 # (60-110 fewer a thread in the forward and dQ on sm_90a; dK/dV's accumulators leave it little to gain). They
 # are timed only where descriptors can describe those tensors (see _tma_ok), never as the untuned default.
-# A sixth entry True marks a forward or dQ config that triton's Hopper pass warp-specialises (_warp_spec_ok):
-# num_warps is then each warp group's, 4, and num_stages the depth of the K/V ring between them. These fit
+# A sixth entry True marks a config that triton's Hopper pass warp-specialises (_warp_spec_ok): num_warps is
+# then each warp group's, 4, and num_stages the depth of the ring of streamed tiles between them. These fit
 # sm_90a's 227 KB of shared memory (128 x 128 with three stages at head dim 128 does not: 246 KB).
 _TMA_FWD = {
     64: [
@@ -1323,9 +1430,14 @@ _TMA_FWD = {
     ],
     256: [(128, 64, 8, 2, True), (64, 64, 4, 2, True), (128, 64, 4, 2, True, True)],
 }
-_TMA_DKDV = {
-    64: [(32, 128, 8, 2, True), (64, 128, 8, 3, True)],
-    128: [(32, 128, 8, 2, True)],
+_TMA_DKDV = {  # no warp-specialised config at head dim 256: each spills 4 KB
+    64: [
+        (32, 128, 8, 2, True),
+        (64, 128, 8, 3, True),
+        (64, 128, 4, 2, True, True),
+        (64, 128, 4, 3, True, True),
+    ],
+    128: [(32, 128, 8, 2, True), (32, 128, 4, 2, True, True), (32, 128, 4, 3, True, True)],
     256: [(16, 32, 4, 2, True), (32, 64, 8, 2, True)],
 }
 _TMA_DQ = {
@@ -1377,11 +1489,15 @@ def _table_key(elem_bytes: int, block_d: int) -> tuple[int, int]:
     return (2 if elem_bytes <= 2 else 4, max(64, block_d))
 
 
-def _to_config(kind: str, c) -> dict:
-    meta = dict(BLOCK_M=c[0], BLOCK_N=c[1], USE_TMA=_uses_tma(c), num_warps=c[2], num_stages=c[3])
-    if kind in ("fwd", "dq"):
-        meta["WARP_SPEC"] = _warp_specialized(c)
-    return meta
+def _to_config(c) -> dict:
+    return dict(
+        BLOCK_M=c[0],
+        BLOCK_N=c[1],
+        USE_TMA=_uses_tma(c),
+        WARP_SPEC=_warp_specialized(c),
+        num_warps=c[2],
+        num_stages=c[3],
+    )
 
 
 def _uses_tma(c) -> bool:
@@ -1419,7 +1535,7 @@ def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False, ws: bool = False
         # warp-specialised one where that may not (a mask) as its plain TMA twin.
         forced = FORCED[kind]
         candidates = [forced if ws else forced[:5] if tma else forced[:4]]
-    return _tuning.autotuned(kernel, [_to_config(kind, c) for c in candidates], _AUTOTUNE_KEY)
+    return _tuning.autotuned(kernel, [_to_config(c) for c in candidates], _AUTOTUNE_KEY)
 
 
 def candidates(kind: str, dtype: torch.dtype, head_dim: int) -> list[tuple]:
@@ -1497,11 +1613,11 @@ def _tma_ok(kind: str, *tensors: Tensor) -> bool:
 
 
 def _warp_spec_ok(kind: str, meta: dict, tensors: tuple | None) -> bool:
-    """Whether the warp-specialised forward and dQ configs may run: triton's Hopper pass
-    (tl.range(warp_specialize=...), sm_90) splits their one key loop into a TMA producer warp group and two
-    consumer warp groups of half the query rows each, as FlashAttention-3 does. `tensors` are the ones they
-    read through descriptors beyond the plain TMA configs' (Q; Q and dO), None where those cannot be (dQ's
-    row vectors when L % 4 != 0). Masks and dropout stay out: the pass rejects a loop that loads the mask
+    """Whether the warp-specialised configs may run: triton's Hopper pass (tl.range(warp_specialize=...), sm_90)
+    splits their one loop into a TMA producer warp group and two consumer warp groups, each with half the
+    program's rows (query rows in the forward and dQ, key rows in dK/dV), as FlashAttention-3 does. `tensors`
+    are the ones they read through descriptors beyond the plain TMA configs' (Q; K and V; Q and dO), None
+    where those cannot be (the backward's lse and delta rows when L % 4 != 0). Masks and dropout stay out: the pass rejects a loop that loads the mask
     through pointers, and dropout is not what it is tuned for. GPTFAST_TRITON_WARP_SPEC=0 turns them off
     (scripts/gpu_check.sh does when its probe of them fails). A FORCED config decides by itself."""
     if tensors is None or meta["MASK_KIND"] != 0 or meta["HAS_DROPOUT"] or meta.get("DELTA_ONLY"):
@@ -1703,10 +1819,11 @@ def attention_bwd(
     def dkdv_grid(config):
         return (triton.cdiv(S, config["BLOCK_N"]), Hk, B)
 
-    _run_tuned("dkdv", q, meta, dkdv_grid, dkdv_args, dkdv_tma)
-    # The warp-specialised dQ configs read Q, dO and the lse and delta rows through descriptors too.
+    # The warp-specialised configs also read the lse and delta rows through descriptors, and what the plain TMA
+    # configs load through pointers: K and V (dK/dV), Q and dO (dQ).
     dq_tma = _tma_ok("dq", k, v)
-    rows_ok = dq_tma and L % 4 == 0 and lse.is_contiguous() and lse.data_ptr() % 16 == 0
+    rows_ok = (dkdv_tma or dq_tma) and L % 4 == 0 and lse.is_contiguous() and lse.data_ptr() % 16 == 0
+    _run_tuned("dkdv", q, meta, dkdv_grid, dkdv_args, dkdv_tma, (k, v) if rows_ok else None)
     dq_meta = {**meta, "DELTA_ONLY": False}
     _run_tuned("dq", q, dq_meta, dq_grid, dq_args, dq_tma, (q, dout) if rows_ok else None)
     return dq, dk, dv
@@ -1834,12 +1951,11 @@ def _compile_case(
         BLOCK_N=config[1],
     )
     constexprs["USE_TMA"] = _uses_tma(config)
+    constexprs["WARP_SPEC"] = _warp_specialized(config)
     if kind == "fwd":
         constexprs["FOLD_SCALE"] = mask_kind != 2
-        constexprs["WARP_SPEC"] = _warp_specialized(config)
     if kind == "dq":
         constexprs["DELTA_ONLY"] = delta_only
-        constexprs["WARP_SPEC"] = _warp_specialized(config)
     name = (
         f"attn_{kind}_{dt}_d{head_dim}{'' if dv == head_dim else f'_dv{dv}'}_{'causal' if causal else 'full'}"
         f"_m{config[0]}n{config[1]}w{config[2]}s{config[3]}{'_tma' if _uses_tma(config) else ''}"
@@ -1894,6 +2010,8 @@ def _compile_cases() -> list[dict]:
                 _compile_case("fwd", fp16, 64, False, config=_first_warp_specialized(_TMA_FWD[64])),
                 _compile_case("dq", bf16, 128, True, config=_first_warp_specialized(_TMA_DQ[128])),
                 _compile_case("dq", fp16, 64, False, config=_first_warp_specialized(_TMA_DQ[64])),
+                _compile_case("dkdv", bf16, 128, True, config=_first_warp_specialized(_TMA_DKDV[128])),
+                _compile_case("dkdv", fp16, 64, False, config=_first_warp_specialized(_TMA_DKDV[64])),
             ]
             if _WS_STATE["ok"]  # a triton without tl.range(warp_specialize=...) never runs them
             else []

@@ -92,9 +92,9 @@ EOF
 tail -n 2 "$OUT/build.log" | tee -a "$STEPS_LOG"
 
 # ------------------------------------------------------------------------------------------- probe
-# Triton's warp-specialised attention configs (forward, dQ) come from its newest compiler pass: each runs once
-# here, checked, under a 90 s limit. A failure, a hang or the limit turns them off for the tests and the bench
-# (their GPU test then skips, saying so), rather than hanging both.
+# Triton's warp-specialised attention configs (forward, dQ, dK/dV) come from its newest compiler pass: each
+# runs once here, checked, under a 90 s limit. A failure, a hang or the limit turns them off for the tests and
+# the bench (their GPU test then skips, saying so), rather than hanging both.
 run_step probe "$(min 90 "$(( $(left) - 330 ))")" "$OUT/probe.log" "$PYTHON" scripts/probe_warp_spec.py
 if [[ "${STATUS[probe]}" != ok* ]]; then
   export GPTFAST_TRITON_WARP_SPEC=0

@@ -1,11 +1,12 @@
-"""Runs each warp-specialised Triton attention config (forward, dQ) once and checks it, before anything relies on it.
+"""Runs each warp-specialised Triton attention config (forward, dQ, dK/dV) once and checks it, before anything relies
+on it.
 
 Triton's Hopper warp-specialising pass is newer than the rest of its compiler: a config it splits could fail to
 build, give wrong numbers, or deadlock on its barriers. scripts/gpu_check.sh runs this under a 90-second limit
 before the test suite and the bench; when it fails, hangs or runs out of time, the later steps run with
 GPTFAST_TRITON_WARP_SPEC=0, so one bad config costs the probe's time, not the device run. Exit status 0: every
-config ran warp-specialised and its output (forward) or dQ matched torch SDPA's in fp32 within the tolerance
-rule; 1: one did not (each is named).
+config ran warp-specialised and its output (forward), dQ or dK and dV matched torch SDPA's in fp32 within the
+tolerance rule; 1: one did not (each is named).
 
     python scripts/probe_warp_spec.py      on a GPU; on a CPU the interpreter runs it (TRITON_INTERPRET=1)
 """
@@ -44,16 +45,26 @@ def _recording_warp_spec(launches: list):
 
 
 def _attend(q, k, v, dout, causal, gqa):
-    """torch SDPA's output and dQ in q's dtype."""
-    q = q.detach().requires_grad_()
+    """torch SDPA's (out, dq, dk, dv) in q's dtype."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     out.backward(dout)
-    return out.detach(), q.grad
+    return out.detach(), q.grad, k.grad, v.grad
 
 
-def _bound(same, want):
-    # The tolerance rule: twice torch's own error in this dtype, plus a floor for a lucky torch.
-    return 2 * (same.float() - want).abs().max().item() + 1e-3
+def _within_bound(got, want, same) -> tuple[bool, str]:
+    """design.md's tolerance rule on each (got, want, same) triple: twice torch's own error in the dtype, plus a
+    floor for a lucky torch."""
+    ok, notes = True, []
+    for g, w, t in zip(got, want, same):
+        err, bound = (g.float() - w).abs().max().item(), 2 * (t.float() - w).abs().max().item() + 1e-3
+        ok = ok and err <= bound
+        notes.append(f"max error {err:.3g}, bound {bound:.3g}")
+    return ok, "; ".join(notes)
+
+
+# What each kernel's probe compares: the output, dQ, or dK and dV (indices into _attend's result).
+_OUTPUTS = {"fwd": ("forward", (0,)), "dq": ("dQ", (1,)), "dkdv": ("dK/dV", (2, 3))}
 
 
 def main() -> int:
@@ -63,7 +74,7 @@ def main() -> int:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The interpreter computes bf16 wrongly, and is slow: fp16 and short sequences there. L % 4 == 0, which the
-    # warp-specialised dQ configs need (their lse and delta rows come through descriptors).
+    # warp-specialised backward configs need (their lse and delta rows come through descriptors).
     dtype, L = (torch.bfloat16, 1000) if device == "cuda" else (torch.float16, 72)
     fwd, bwd = _library.pair("attention", "triton")
     rng = torch.zeros(2, dtype=torch.int64)
@@ -77,30 +88,26 @@ def main() -> int:
         dout = torch.randn(2, 4, L, D, device=device, dtype=dtype)
         want = _attend(q.float(), k.float(), v.float(), dout.float(), causal, Hk != 4)
         same = _attend(q, k, v, dout, causal, Hk != 4)
-        for kind, name in (("fwd", "forward"), ("dq", "dQ")):
-            index = 0 if kind == "fwd" else 1
-            bound = _bound(same[index], want[index])
+        out, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, rng)
+        for kind, (name, picks) in _OUTPUTS.items():
             for config in [c for c in kernels.candidates(kind, dtype, D) if kernels._warp_specialized(c)]:
+                kernels.FORCED[kind] = config
+                launches.clear()
                 try:
-                    if kind == "dq":
-                        out, lse = fwd(q, k, v, None, 0.0, causal, D**-0.5, rng)
-                    kernels.FORCED[kind] = config
-                    launches.clear()
                     if kind == "fwd":
-                        got, _ = fwd(q, k, v, None, 0.0, causal, D**-0.5, rng)
+                        got = fwd(q, k, v, None, 0.0, causal, D**-0.5, rng)[:1]
                     else:
-                        got, _, _ = bwd(dout, q, k, v, None, out, lse, 0.0, causal, D**-0.5, rng)
-                    err = (got.float() - want[index]).abs().max().item()
+                        got = (None, *bwd(dout, q, k, v, None, out, lse, 0.0, causal, D**-0.5, rng))
+                    ok, note = _within_bound(
+                        [got[i] for i in picks], [want[i] for i in picks], [same[i] for i in picks]
+                    )
+                    if (kind, True) not in launches or (kind, False) in launches:
+                        ok, note = False, f"ran without warp specialisation ({note})"
                 except Exception as e:  # noqa: BLE001  (every failure is reported, then the exit status says it)
                     lines = str(e).strip().splitlines()
-                    err, note = float("nan"), f"{type(e).__name__}: {lines[0] if lines else ''}"
-                else:
-                    note = f"max error {err:.3g}, bound {bound:.3g}"
-                    if (kind, True) not in launches or (kind, False) in launches:
-                        err, note = float("nan"), f"ran without warp specialisation ({note})"
+                    ok, note = False, f"{type(e).__name__}: {lines[0] if lines else ''}"
                 finally:
                     kernels.FORCED.pop(kind, None)
-                ok = err <= bound
                 failed += not ok
                 what = f"D={D} Hk={Hk} L={L} S={S} causal={causal} {config}"
                 print(f"warp-specialised {name} {what}: {'ok' if ok else 'FAILED'} ({note})", flush=True)

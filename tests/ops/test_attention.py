@@ -290,9 +290,37 @@ def test_triton_every_candidate_config(monkeypatch, head_dim, causal):
         )
 
 
+@pytest.mark.parametrize("head_dim,causal", [(64, True), (128, False)])
+def test_triton_warp_specialized_configs(monkeypatch, head_dim, causal):
+    # The warp-specialised configs' own code under the interpreter: the forward's and dQ's one masked key loop,
+    # dK/dV's one loop over (query head, query block), and their descriptor loads of Q, K, V, dO and the lse
+    # and delta rows (the split into warp groups happens only on a GPU). L a multiple of 4, as the backward's
+    # need, over more than one block of queries and of keys (so causal dK/dV programs start past query 0), and
+    # GQA, whose dK/dV loop runs over both query heads of a group.
+    if "triton" not in [b for b, d in CASES if d == "cpu"]:
+        pytest.skip("the triton backend cannot run here")
+    from gptfast.kernels import attention as kernels
+
+    for kind in ("fwd", "dkdv", "dq"):
+        ws = [c for c in kernels.candidates(kind, torch.float16, head_dim) if kernels._warp_specialized(c)]
+        monkeypatch.setitem(kernels.FORCED, kind, ws[0])
+    launches = []
+    tuned = kernels._tuned
+
+    def record(kind, q, meta, tma=False, ws=False):
+        launches.append((kind, ws))
+        return tuned(kind, q, meta, tma, ws)
+
+    monkeypatch.setattr(kernels, "_tuned", record)
+    qkv = _qkv(1, 4, 2, 164, 164 if causal else 150, head_dim)
+    _check_against_reference("triton", "cpu", *qkv, torch.float16, is_causal=causal)
+    assert {kind for kind, ws in launches if ws} == {"fwd", "dkdv", "dq"}, launches
+    assert all(ws for _, ws in launches), launches
+
+
 def test_warp_spec_probe_runs_every_warp_specialized_config():
     # scripts/gpu_check.sh trusts this probe to turn the warp-specialised configs off when one fails, so it must
-    # run each of them (forward and dQ) and say so; on this CPU the interpreter runs their one masked key loop
+    # run each of them (forward, dQ, dK/dV) and say so; on this CPU the interpreter runs their one masked key loop
     # and their descriptor loads of Q (dO, lse and delta) (triton's splitting into warp groups happens only on
     # the GPU).
     if "triton" not in [b for b, d in CASES if d == "cpu"]:
@@ -309,10 +337,10 @@ def test_warp_spec_probe_runs_every_warp_specialized_config():
     expected = sum(
         kernels._warp_specialized(c)
         for D, *_ in probe.CASES
-        for kind in ("fwd", "dq")
+        for kind in ("fwd", "dq", "dkdv")
         for c in kernels.candidates(kind, torch.float16, D)
     )
-    assert expected >= 10 and proc.stdout.count(": ok (") == expected, proc.stdout
+    assert expected >= 16 and proc.stdout.count(": ok (") == expected, proc.stdout
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -659,8 +687,8 @@ def test_triton_tma_configs_gpu(monkeypatch):
 
 @pytest.mark.gpu
 def test_triton_warp_specialized_configs_gpu(monkeypatch):
-    # The warp-specialised forward and dQ configs (one masked key loop that triton splits into a TMA producer
-    # and two consumer warp groups): each forced, at every head dim that has them, causal and not, GQA, and
+    # The warp-specialised forward, dQ and dK/dV configs (one loop that triton splits into a TMA producer and
+    # two consumer warp groups): each forced, at every head dim that has them, causal and not, GQA, and
     # L != S off every block size (the copy engine's zero-filled tails are all that masks the keys past S, and
     # the query rows past L, L = 1000 being a multiple of 4 as dQ's need but of no block). Checked: the
     # output, the saved lse and the gradients, whose backward starts from both.
@@ -687,9 +715,10 @@ def test_triton_warp_specialized_configs_gpu(monkeypatch):
         (256, 4, None, True),
     ):
         *_, check = _fused_gpu_case(D, Hk, S, causal)
-        for kind, launched in (("fwd", 2), ("dq", 1)):  # check() runs the forward twice, the backward once
+        # check() runs the forward twice, the backward once; dK/dV has no warp-specialised config at D=256.
+        for kind, launched in (("fwd", 2), ("dq", 1), ("dkdv", 1)):
             configs = [c for c in kernels.candidates(kind, torch.bfloat16, D) if kernels._warp_specialized(c)]
-            assert configs, f"no warp-specialised {kind} config at D={D}"
+            assert configs or (kind, D) == ("dkdv", 256), f"no warp-specialised {kind} config at D={D}"
             for config in configs:
                 monkeypatch.setitem(kernels.FORCED, kind, config)
                 launches.clear()
