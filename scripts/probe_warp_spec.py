@@ -26,10 +26,10 @@ os.environ["GPTFAST_AUTOTUNE"] = "0"
 from gptfast.kernels import attention as kernels
 from gptfast.ops import _library
 
-# (head dim, kv heads, causal) for 4 query heads: causal calls have as many keys as queries; the non-causal
-# GQA one has 37 fewer, so its tail block holds keys past S that only the copy engine's zero fill masks. The
-# benchmark's head dim first, so a probe cut short by its time limit has still covered what the bench runs.
-CASES = ((128, 4, True), (128, 2, False), (64, 4, True), (256, 4, True))
+# (head dim, kv heads, causal) for 4 query heads: what the bench runs (its attention rows at head dim 128, the
+# GPT-2 model step at 64), so a config that hangs cannot take the bench down with it; the GPU test covers the
+# other head dims, non-causal calls and GQA.
+CASES = ((128, 4, True), (64, 4, True))
 
 
 def _recording_warp_spec(launches: list):
@@ -82,7 +82,7 @@ def main() -> int:
     kernels._tuned = _recording_warp_spec(launches)
     failed = 0
     for D, Hk, causal in CASES:
-        S = L if causal else L - 37
+        S = L if causal else L - 37  # a tail block holding keys past S, which only the zero fill masks
         q = torch.randn(2, 4, L, D, device=device, dtype=dtype)
         k, v = (torch.randn(2, Hk, S, D, device=device, dtype=dtype) for _ in range(2))
         dout = torch.randn(2, 4, L, D, device=device, dtype=dtype)

@@ -290,7 +290,7 @@ def test_triton_every_candidate_config(monkeypatch, head_dim, causal):
         )
 
 
-@pytest.mark.parametrize("head_dim,causal", [(64, True), (128, False)])
+@pytest.mark.parametrize("head_dim,causal", [(64, True), (128, False), (256, True)])
 def test_triton_warp_specialized_configs(monkeypatch, head_dim, causal):
     # The warp-specialised configs' own code under the interpreter: the forward's and dQ's one masked key loop,
     # dK/dV's one loop over (query head, query block), and their descriptor loads of Q, K, V, dO and the lse
@@ -301,7 +301,8 @@ def test_triton_warp_specialized_configs(monkeypatch, head_dim, causal):
         pytest.skip("the triton backend cannot run here")
     from gptfast.kernels import attention as kernels
 
-    for kind in ("fwd", "dkdv", "dq"):
+    kinds = {"fwd", "dkdv", "dq"} - ({"dkdv"} if head_dim == 256 else set())  # see _TMA_DKDV
+    for kind in kinds:
         ws = [c for c in kernels.candidates(kind, torch.float16, head_dim) if kernels._warp_specialized(c)]
         monkeypatch.setitem(kernels.FORCED, kind, ws[0])
     launches = []
@@ -314,8 +315,8 @@ def test_triton_warp_specialized_configs(monkeypatch, head_dim, causal):
     monkeypatch.setattr(kernels, "_tuned", record)
     qkv = _qkv(1, 4, 2, 164, 164 if causal else 150, head_dim)
     _check_against_reference("triton", "cpu", *qkv, torch.float16, is_causal=causal)
-    assert {kind for kind, ws in launches if ws} == {"fwd", "dkdv", "dq"}, launches
-    assert all(ws for _, ws in launches), launches
+    assert {kind for kind, ws in launches if ws} == kinds, launches
+    assert all(ws for kind, ws in launches if kind in kinds), launches
 
 
 def test_warp_spec_probe_runs_every_warp_specialized_config():
@@ -340,7 +341,7 @@ def test_warp_spec_probe_runs_every_warp_specialized_config():
         for kind in ("fwd", "dq", "dkdv")
         for c in kernels.candidates(kind, torch.float16, D)
     )
-    assert expected >= 16 and proc.stdout.count(": ok (") == expected, proc.stdout
+    assert expected >= 12 and proc.stdout.count(": ok (") == expected, proc.stdout
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
