@@ -1532,7 +1532,7 @@ def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False, ws: bool = False
         candidates = [_INTERPRETER_CONFIG]
     if kind in FORCED:
         # A forced TMA config where TMA may not run (fp32's delta pass) runs as its pointer twin, a forced
-        # warp-specialised one where that may not (a mask) as its plain TMA twin.
+        # warp-specialised one where that may not (a mask, dropout, unaligned rows) as its plain TMA twin.
         forced = FORCED[kind]
         candidates = [forced if ws else forced[:5] if tma else forced[:4]]
     return _tuning.autotuned(kernel, [_to_config(c) for c in candidates], _AUTOTUNE_KEY)
@@ -1617,8 +1617,9 @@ def _warp_spec_ok(kind: str, meta: dict, tensors: tuple | None) -> bool:
     splits their one loop into a TMA producer warp group and two consumer warp groups, each with half the
     program's rows (query rows in the forward and dQ, key rows in dK/dV), as FlashAttention-3 does. `tensors`
     are the ones they read through descriptors beyond the plain TMA configs' (Q; K and V; Q and dO), None
-    where those cannot be (the backward's lse and delta rows when L % 4 != 0). Masks and dropout stay out: the pass rejects a loop that loads the mask
-    through pointers, and dropout is not what it is tuned for. GPTFAST_TRITON_WARP_SPEC=0 turns them off
+    where those cannot be (the backward's lse and delta rows, unless L % 4 == 0 and lse is contiguous and
+    16-byte aligned). Masks and dropout stay out: the pass rejects a loop that loads the mask through
+    pointers, and dropout is not what it is tuned for. GPTFAST_TRITON_WARP_SPEC=0 turns them off
     (scripts/gpu_check.sh does when its probe of them fails). A FORCED config decides by itself."""
     if tensors is None or meta["MASK_KIND"] != 0 or meta["HAS_DROPOUT"] or meta.get("DELTA_ONLY"):
         return False
@@ -2009,9 +2010,7 @@ def _compile_cases() -> list[dict]:
                 _compile_case("fwd", bf16, 128, True, config=_first_warp_specialized(_TMA_FWD[128])),
                 _compile_case("fwd", fp16, 64, False, config=_first_warp_specialized(_TMA_FWD[64])),
                 _compile_case("dq", bf16, 128, True, config=_first_warp_specialized(_TMA_DQ[128])),
-                _compile_case("dq", fp16, 64, False, config=_first_warp_specialized(_TMA_DQ[64])),
                 _compile_case("dkdv", bf16, 128, True, config=_first_warp_specialized(_TMA_DKDV[128])),
-                _compile_case("dkdv", fp16, 64, False, config=_first_warp_specialized(_TMA_DKDV[64])),
             ]
             if _WS_STATE["ok"]  # a triton without tl.range(warp_specialize=...) never runs them
             else []

@@ -290,40 +290,65 @@ def test_triton_every_candidate_config(monkeypatch, head_dim, causal):
         )
 
 
-@pytest.mark.parametrize("head_dim,causal", [(64, True), (128, False), (256, True)])
-def test_triton_warp_specialized_configs(monkeypatch, head_dim, causal):
-    # The warp-specialised configs' own code under the interpreter: the forward's and dQ's one masked key loop,
-    # dK/dV's one loop over (query head, query block), and their descriptor loads of Q, K, V, dO and the lse
-    # and delta rows (the split into warp groups happens only on a GPU). L a multiple of 4, as the backward's
-    # need, over more than one block of queries and of keys (so causal dK/dV programs start past query 0), and
-    # GQA, whose dK/dV loop runs over both query heads of a group.
-    if "triton" not in [b for b, d in CASES if d == "cpu"]:
-        pytest.skip("the triton backend cannot run here")
-    from gptfast.kernels import attention as kernels
-
-    kinds = {"fwd", "dkdv", "dq"} - ({"dkdv"} if head_dim == 256 else set())  # see _TMA_DKDV
-    for kind in kinds:
-        ws = [c for c in kernels.candidates(kind, torch.float16, head_dim) if kernels._warp_specialized(c)]
-        monkeypatch.setitem(kernels.FORCED, kind, ws[0])
+def _record_warp_spec(monkeypatch, kernels) -> list:
+    """A list that each attention launch from now on appends (kind, warp-specialised) to: whether every config
+    the launch may run is one (a forced config falls back to its plain twin where warp specialisation may not
+    run, and would give the same numbers)."""
     launches = []
     tuned = kernels._tuned
 
     def record(kind, q, meta, tma=False, ws=False):
-        launches.append((kind, ws))
-        return tuned(kind, q, meta, tma, ws)
+        fn = tuned(kind, q, meta, tma, ws)
+        launches.append((kind, all(c.kwargs["WARP_SPEC"] for c in fn.configs)))
+        return fn
 
     monkeypatch.setattr(kernels, "_tuned", record)
-    qkv = _qkv(1, 4, 2, 164, 164 if causal else 150, head_dim)
-    _check_against_reference("triton", "cpu", *qkv, torch.float16, is_causal=causal)
+    return launches
+
+
+@pytest.mark.parametrize(
+    "D,Dv,L,S,causal",
+    [
+        (64, 64, 164, 164, True),
+        (128, 128, 164, 150, False),
+        (256, 256, 164, 164, True),
+        (
+            80,
+            48,
+            164,
+            150,
+            False,
+        ),  # padded head dims, Dv != D: the copy engine zero-fills the columns past each
+        (64, 64, 72, 200, True),  # S > L: dK/dV programs of keys past every query run no iteration
+    ],
+)
+def test_triton_warp_specialized_configs(monkeypatch, D, Dv, L, S, causal):
+    # The warp-specialised configs' own code under the interpreter: the forward's and dQ's one masked loop over
+    # key blocks, dK/dV's one loop over (query head, query block), and their descriptor loads of Q, K, V, dO
+    # and the lse and delta rows (the split into warp groups happens only on a GPU). L a multiple of 4, as
+    # both backward kernels need, over more than one block of queries and of keys (so causal dK/dV programs
+    # start past query 0), and GQA, whose dK/dV loop runs over both query heads of a group.
+    if "triton" not in [b for b, d in CASES if d == "cpu"]:
+        pytest.skip("the triton backend cannot run here")
+    from gptfast.kernels import attention as kernels
+
+    if not kernels._WS_STATE["ok"]:
+        pytest.skip("this triton has no tl.range(warp_specialize=...)")
+    kinds = {"fwd", "dkdv", "dq"} - ({"dkdv"} if D == 256 else set())  # see _TMA_DKDV
+    for kind in kinds:
+        ws = [c for c in kernels.candidates(kind, torch.float16, D) if kernels._warp_specialized(c)]
+        monkeypatch.setitem(kernels.FORCED, kind, ws[0])
+    launches = _record_warp_spec(monkeypatch, kernels)
+    _check_against_reference("triton", "cpu", *_qkv(1, 4, 2, L, S, D, Dv=Dv), torch.float16, is_causal=causal)
     assert {kind for kind, ws in launches if ws} == kinds, launches
     assert all(ws for kind, ws in launches if kind in kinds), launches
 
 
 def test_warp_spec_probe_runs_every_warp_specialized_config():
     # scripts/gpu_check.sh trusts this probe to turn the warp-specialised configs off when one fails, so it must
-    # run each of them (forward, dQ, dK/dV) and say so; on this CPU the interpreter runs their one masked key loop
-    # and their descriptor loads of Q (dO, lse and delta) (triton's splitting into warp groups happens only on
-    # the GPU).
+    # run each of them (forward, dQ, dK/dV) and say so, and fail when one runs as its plain twin; on this CPU
+    # the interpreter runs their one loop and their descriptor loads (triton's splitting into warp groups
+    # happens only on the GPU).
     if "triton" not in [b for b, d in CASES if d == "cpu"]:
         pytest.skip("the triton backend cannot run here")
     from gptfast.kernels import attention as kernels
@@ -335,13 +360,20 @@ def test_warp_spec_probe_runs_every_warp_specialized_config():
     spec = importlib.util.spec_from_file_location("probe_warp_spec", script)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    expected = sum(
-        kernels._warp_specialized(c)
-        for D, *_ in probe.CASES
-        for kind in ("fwd", "dq", "dkdv")
-        for c in kernels.candidates(kind, torch.float16, D)
-    )
-    assert expected >= 12 and proc.stdout.count(": ok (") == expected, proc.stdout
+    # One line for each forward config, one for each backward call (its i-th dQ and i-th dK/dV config), and a
+    # config of each kind in each line.
+    lines = [line for line in proc.stdout.splitlines() if ": ok (" in line]
+    for D, Hk, causal in probe.CASES:
+        for kind in ("fwd", "dq", "dkdv"):
+            for c in kernels.candidates(kind, torch.float16, D):
+                if kernels._warp_specialized(c):
+                    mark = f"D={D} Hk={Hk} "
+                    assert any(mark in line and f"'{kind}': {c}" in line for line in lines), (
+                        kind,
+                        c,
+                        proc.stdout,
+                    )
+    assert proc.stdout.count("warp-specialised ") == len(lines) >= 8, proc.stdout
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -689,10 +721,11 @@ def test_triton_tma_configs_gpu(monkeypatch):
 @pytest.mark.gpu
 def test_triton_warp_specialized_configs_gpu(monkeypatch):
     # The warp-specialised forward, dQ and dK/dV configs (one loop that triton splits into a TMA producer and
-    # two consumer warp groups): each forced, at every head dim that has them, causal and not, GQA, and
-    # L != S off every block size (the copy engine's zero-filled tails are all that masks the keys past S, and
-    # the query rows past L, L = 1000 being a multiple of 4 as dQ's need but of no block). Checked: the
-    # output, the saved lse and the gradients, whose backward starts from both.
+    # two consumer warp groups), on the (head dim, causal) pairs scripts/probe_warp_spec.py runs first: each
+    # forced, at every head dim that has them, causal and not, GQA, and L != S off every block size (the copy
+    # engine's zero-filled tails are all that masks the keys past S, and the query rows past L, L = 1000 being
+    # a multiple of 4 as the backward kernels need but of no block). Checked: the output, the saved lse and
+    # the gradients, whose backward starts from both.
     from gptfast.kernels import attention as kernels
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -701,14 +734,7 @@ def test_triton_warp_specialized_configs_gpu(monkeypatch):
         pytest.skip("GPTFAST_TRITON_WARP_SPEC=0 (scripts/gpu_check.sh sets it when its probe of them failed)")
     if not kernels._WS_STATE["ok"]:
         pytest.skip("this triton has no tl.range(warp_specialize=...)")
-    launches = []
-    tuned = kernels._tuned
-
-    def record(kind, q, meta, tma=False, ws=False):
-        launches.append((kind, ws))
-        return tuned(kind, q, meta, tma, ws)
-
-    monkeypatch.setattr(kernels, "_tuned", record)
+    launches = _record_warp_spec(monkeypatch, kernels)
     for D, Hk, S, causal in (
         (128, 8, None, True),
         (128, 2, 900, False),
@@ -725,9 +751,9 @@ def test_triton_warp_specialized_configs_gpu(monkeypatch):
                 launches.clear()
                 what = f"D={D} causal={causal} Hk={Hk} S={S} {kind} {config}"
                 check(what)
-                # Not the plain TMA twin that a forced config falls back to where warp specialisation may not run.
+                # Not the plain TMA twin a forced config falls back to where warp specialisation may not run.
                 assert [ws for k, ws in launches if k == kind] == [True] * launched, what
-            monkeypatch.delitem(kernels.FORCED, kind)
+            monkeypatch.delitem(kernels.FORCED, kind, raising=False)
 
 
 def _fused_gpu_case(D, Hk, S, causal):
