@@ -16,23 +16,25 @@ dK and dV matched torch SDPA's in fp32 within the tolerance rule; 1: one did not
 import os
 import subprocess
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, so before the import
-# The unforced launches (the forward a backward probe starts from) run their defaults, untimed: what the probe
-# compiles is then what the test suite, which also sets this, compiles too.
+# The unforced launches (the forward a backward probe starts from, dK/dV at head dim 256) run their defaults,
+# untimed: what the probe compiles is then what the test suite, which also sets this, compiles too.
 os.environ["GPTFAST_AUTOTUNE"] = "0"
 
 from gptfast.kernels import attention as kernels
 from gptfast.ops import _library
 
-# (head dim, kv heads, causal) for 4 query heads, as in the GPU test (test_triton_warp_specialized_configs_gpu):
-# the bench's head dims (128 for attention, 64 in the GPT-2 step) causal, 128 non-causal with GQA and fewer
-# keys than queries (a tail block holding keys past S, which only the copy engine's zero fill masks), and 256.
-CASES = ((128, 4, True), (128, 2, False), (64, 4, True), (256, 4, True))
+# (head dim, kv heads, causal) for 4 query heads: the (head dim, causal) pairs of the GPU test
+# (test_triton_warp_specialized_configs_gpu), with GQA where it has GQA (triton compiles a group of 1 apart):
+# the bench's head dims (128 for attention, 64 in the GPT-2 step) causal, 128 non-causal with fewer keys than
+# queries (a tail block holding keys past S, which only the copy engine's zero fill masks), and 256.
+CASES = ((128, 4, True), (128, 2, False), (64, 4, True), (256, 2, True))
 KINDS = ("fwd", "dq", "dkdv")
 
 
@@ -136,21 +138,46 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["--case"]:
         return 1 if probe_case(*CASES[int(argv[1])]) else 0
+    # Each child's lines are passed on as they come, so a log cut short by the time limit still names the
+    # configs that finished; the children are killed before this process exits, whatever ends it (timeout's
+    # SIGINT reaches them too, but a child stuck in a kernel or a compiler pass would not act on it).
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--case", str(i)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            bufsize=1,
         )
         for i in range(len(CASES))
     ]
-    failed = 0
-    for proc in procs:
-        output, _ = proc.communicate()
-        print(output, end="", flush=True)
-        failed += proc.returncode != 0
+    readers = [threading.Thread(target=_relay, args=(proc.stdout,), daemon=True) for proc in procs]
+    try:
+        for reader in readers:
+            reader.start()
+        failed = 0
+        for i, proc in enumerate(procs):
+            if proc.wait() != 0:
+                failed += 1
+                print(f"probe case {i} {CASES[i]}: exit status {proc.returncode}", flush=True)
+        for reader in readers:
+            reader.join()
+    finally:
+        for i, proc in enumerate(procs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                print(f"probe case {i} {CASES[i]}: still running when stopped, killed", flush=True)
     return 1 if failed else 0
+
+
+_PRINT = threading.Lock()
+
+
+def _relay(stream) -> None:
+    for line in stream:
+        with _PRINT:
+            print(line, end="", flush=True)
 
 
 if __name__ == "__main__":

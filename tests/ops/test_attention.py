@@ -326,8 +326,8 @@ def test_triton_warp_specialized_configs(monkeypatch, D, Dv, L, S, causal):
     # The warp-specialised configs' own code under the interpreter: the forward's and dQ's one masked loop over
     # key blocks, dK/dV's one loop over (query head, query block), and their descriptor loads of Q, K, V, dO
     # and the lse and delta rows (the split into warp groups happens only on a GPU). L a multiple of 4, as
-    # both backward kernels need, over more than one block of queries and of keys (so causal dK/dV programs
-    # start past query 0), and GQA, whose dK/dV loop runs over both query heads of a group.
+    # both backward kernels need, mostly over more than one block of queries and of keys (so causal dK/dV
+    # programs start past query 0), and GQA, whose dK/dV loop runs over both query heads of a group.
     if "triton" not in [b for b, d in CASES if d == "cpu"]:
         pytest.skip("the triton backend cannot run here")
     from gptfast.kernels import attention as kernels
@@ -346,9 +346,9 @@ def test_triton_warp_specialized_configs(monkeypatch, D, Dv, L, S, causal):
 
 def test_warp_spec_probe_runs_every_warp_specialized_config():
     # scripts/gpu_check.sh trusts this probe to turn the warp-specialised configs off when one fails, so it must
-    # run each of them (forward, dQ, dK/dV) and say so, and fail when one runs as its plain twin; on this CPU
-    # the interpreter runs their one loop and their descriptor loads (triton's splitting into warp groups
-    # happens only on the GPU).
+    # run each of them (forward, dQ, dK/dV) and say so (a config that ran as its plain twin is a FAILED line,
+    # which fails the exit status checked here); on this CPU the interpreter runs their one loop and their
+    # descriptor loads (triton's splitting into warp groups happens only on the GPU).
     if "triton" not in [b for b, d in CASES if d == "cpu"]:
         pytest.skip("the triton backend cannot run here")
     from gptfast.kernels import attention as kernels
@@ -367,7 +367,7 @@ def test_warp_spec_probe_runs_every_warp_specialized_config():
         for kind in ("fwd", "dq", "dkdv"):
             for c in kernels.candidates(kind, torch.float16, D):
                 if kernels._warp_specialized(c):
-                    mark = f"D={D} Hk={Hk} "
+                    mark = f"D={D} Hk={Hk} L=72 S={72 if causal else 35} causal={causal} "
                     assert any(mark in line and f"'{kind}': {c}" in line for line in lines), (
                         kind,
                         c,
