@@ -214,7 +214,7 @@ EOF
     echo "## Warp-specialised attention probe"
     echo
     echo '```'
-    tail -n 12 "$OUT/probe.log"
+    tail -n 40 "$OUT/probe.log"
     echo '```'
     echo
   fi
