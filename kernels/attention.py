@@ -1621,7 +1621,7 @@ def _warp_spec_ok(kind: str, meta: dict, tensors: tuple | None) -> bool:
     16-byte aligned). Masks and dropout stay out: the pass rejects a loop that loads the mask through
     pointers, and dropout is not what it is tuned for. GPTFAST_TRITON_WARP_SPEC=0 turns them off
     (scripts/gpu_check.sh does when its probe of them fails). A FORCED config decides by itself."""
-    if tensors is None or meta["MASK_KIND"] != 0 or meta["HAS_DROPOUT"] or meta.get("DELTA_ONLY"):
+    if tensors is None or meta["MASK_KIND"] != 0 or meta["HAS_DROPOUT"]:
         return False
     if kind in FORCED:
         return _warp_specialized(FORCED[kind])
