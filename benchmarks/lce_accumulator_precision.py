@@ -1,12 +1,16 @@
-"""Why linear_cross_entropy keeps an fp32 dweight accumulator for bf16 inputs (design.md: accumulate in fp32).
+"""How linear_cross_entropy may sum its bf16 gradients (design.md: accumulate in fp32, error <= 2x torch's).
 
-A chunked linear cross-entropy adds one dweight contribution per chunk of tokens. Accumulating them in bf16
-(as Liger-Kernel does, and which would cut the op's peak memory by the 2 bytes per weight the fp32 accumulator
-costs) rounds the running sum once per chunk. This measures max|dW - reference| on random bf16 inputs, the
-reference in float64, for
-  - torch unfused: bf16 logits, bf16 dlogits, one dW GEMM (the error yardstick of the tolerance rule);
-  - chunks with an fp32 accumulator (what gptfast does);
-  - chunks with a bf16 accumulator (addmm in bf16 with fp32 math inside each GEMM);
+A linear cross-entropy chunked over tokens adds one dweight contribution per chunk. Summing them in bf16 (as
+Liger-Kernel does) rounds the running sum once per chunk; an fp32 accumulator costs 4 bytes per weight on top
+of the gradient. Taking dweight by vocab slices instead (the Triton backward for bf16 inputs of several
+chunks) writes each slice's rows with one GEMM over all tokens, so nothing is summed across GEMMs; dhidden is
+then the sum over slices. This measures max|grad - reference| on random bf16 inputs, the reference in
+float64, for
+  - torch unfused: bf16 logits, bf16 dlogits, one GEMM per gradient (the yardstick of the tolerance rule);
+  - dW over token chunks, with an fp32 accumulator, and with a bf16 one (addmm in bf16, fp32 inside);
+  - dW by vocab slices;
+  - dH over vocab slices, with an fp32 accumulator (addmm with out_dtype on CUDA), and with each slice's term
+    rounded to bf16 before an fp32 add (the fallback for torch builds without that addmm);
 and prints each error as a multiple of torch's. The rule allows 2x.
 
     python benchmarks/lce_accumulator_precision.py [--tokens 8192 --hidden 256 --vocab 16384 --chunk 1024]
@@ -37,8 +41,10 @@ def main() -> None:
         p[torch.arange(len(rows)), rows] -= 1
         return p
 
-    reference = dlogits(hidden.double() @ weight.double().T, target).T @ hidden.double()
-    unfused = (dlogits(hidden @ weight.T, target).bfloat16().T @ hidden).double()
+    d_ref = dlogits(hidden.double() @ weight.double().T, target)
+    ref_w, ref_h = d_ref.T @ hidden.double(), d_ref @ weight.double()
+    d_bf16 = dlogits(hidden @ weight.T, target).bfloat16()
+    unfused_w, unfused_h = d_bf16.T @ hidden, d_bf16 @ weight
     acc32 = torch.zeros(V, H)
     acc16 = torch.zeros(V, H, dtype=torch.bfloat16)
     for start in range(0, M, C):
@@ -46,15 +52,31 @@ def main() -> None:
         d_c = dlogits(h_c @ weight.T, t_c).bfloat16()
         acc32.addmm_(d_c.T.float(), h_c.float())
         acc16 = torch.addmm(acc16, d_c.T, h_c)
-    errors = {
-        "torch unfused (bf16)": (unfused - reference).abs().max().item(),
-        "chunks, fp32 accumulator": (acc32.bfloat16().double() - reference).abs().max().item(),
-        "chunks, bf16 accumulator": (acc16.double() - reference).abs().max().item(),
-    }
-    base = errors["torch unfused (bf16)"]
-    print(f"M={M} H={H} V={V}, {-(-M // C)} chunks of {C}; max|reference| = {reference.abs().max().item():.3g}")
-    for name, err in errors.items():
-        print(f"  {name:<26} max error {err:.3e}  = {err / base:.2f}x torch's")
+    S = max(256, C * V // M)  # kernels/linear_cross_entropy.py's slice width for this chunk size
+    sliced_w = torch.empty(V, H, dtype=torch.bfloat16)
+    h32, h_rounded = torch.zeros(M, H), torch.zeros(M, H)
+    for v0 in range(0, V, S):
+        d_s = d_bf16[:, v0 : v0 + S]  # what one slice's kernel writes (fp32 math, one rounding)
+        torch.mm(d_s.T, hidden, out=sliced_w[v0 : v0 + S])
+        h32.addmm_(d_s.float(), weight[v0 : v0 + S].float())
+        h_rounded += d_s @ weight[v0 : v0 + S]
+
+    def err(x, ref):
+        return (x.double() - ref).abs().max().item()
+
+    base_w, base_h = err(unfused_w, ref_w), err(unfused_h, ref_h)
+    print(f"M={M} H={H} V={V}, {-(-M // C)} token chunks of {C}, {-(-V // S)} vocab slices of {S}")
+    rows = [
+        ("dW torch unfused (bf16)", err(unfused_w, ref_w), base_w),
+        ("dW chunks, fp32 accumulator", err(acc32.bfloat16(), ref_w), base_w),
+        ("dW chunks, bf16 accumulator", err(acc16, ref_w), base_w),
+        ("dW by vocab slices", err(sliced_w, ref_w), base_w),
+        ("dH torch unfused (bf16)", err(unfused_h, ref_h), base_h),
+        ("dH slices, fp32 accumulator", err(h32.bfloat16(), ref_h), base_h),
+        ("dH slices, bf16-rounded terms", err(h_rounded.bfloat16(), ref_h), base_h),
+    ]
+    for name, e, base in rows:
+        print(f"  {name:<30} max error {e:.3e}  = {e / base:.2f}x torch's")
 
 
 if __name__ == "__main__":

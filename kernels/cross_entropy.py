@@ -121,6 +121,8 @@ def _cross_entropy_bwd_kernel(
     stride,
     out_stride,
     V,
+    col_start,
+    n_cols,
     ignore_index,
     label_smoothing,
     z_loss,
@@ -128,9 +130,11 @@ def _cross_entropy_bwd_kernel(
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Grid (M, cdiv(V, BLOCK)). ROWS_BUCKET only keys the autotuner."""
+    """Grid (M, cdiv(n_cols, BLOCK)) over the vocab columns [col_start, col_start + n_cols) of V, held at
+    column 0 of each row of logits and dlogits. ROWS_BUCKET only keys the autotuner."""
     row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    local = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    c = col_start + local
     label_smoothing = label_smoothing + tl.zeros((), ACC)
     z_loss = z_loss + tl.zeros((), ACC)
     t = tl.load(target_ptr + row).to(tl.int64)
@@ -139,9 +143,9 @@ def _cross_entropy_bwd_kernel(
     lse = tl.load(lse_ptr + row).to(ACC)
     # dx_j = dloss * (p_j (1 + 2 z lse) - (1 - eps) [j == t] - eps / V); ignored rows are 0 and never read
     scale = tl.where(valid, tl.load(dloss_ptr + row).to(ACC), 0.0)
-    x = tl.load(logits_ptr + row * stride + c, mask=c < tl.where(valid, V, 0), other=0.0).to(ACC)
+    x = tl.load(logits_ptr + row * stride + local, mask=local < tl.where(valid, n_cols, 0), other=0.0).to(ACC)
     g = _row_grad(x, c, t, lse, 1.0 + 2.0 * z_loss * lse, scale, valid, bad, V, label_smoothing)
-    tl.store(dlogits_ptr + row * out_stride + c, g.to(dlogits_ptr.dtype.element_ty), mask=c < V)
+    tl.store(dlogits_ptr + row * out_stride + local, g.to(dlogits_ptr.dtype.element_ty), mask=local < n_cols)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -219,26 +223,34 @@ def cross_entropy_backward(
     z_loss: float,
     out: torch.Tensor | None = None,
     block: int | None = None,
+    col_start: int = 0,
+    vocab: int | None = None,
 ) -> torch.Tensor:
-    """dlogits[M, V] from the saved lse[M]; out=logits computes it in place."""
+    """dlogits[M, n] from the saved lse[M]; out=logits computes it in place.
+
+    logits[M, n] are the vocab columns [col_start, col_start + n) of a vocab of `vocab` classes (default: all
+    n of them): linear_cross_entropy's weight-gradient pass hands over one vocab slice at a time."""
     if out is not None and out.stride(-1) != 1:
         raise ValueError("cross_entropy_backward: out needs contiguous rows")
     logits = _check_rows(logits)
-    M, V = logits.shape
+    M, n = logits.shape
+    V = n if vocab is None else vocab
+    if col_start < 0 or col_start + n > V:
+        raise ValueError(f"cross_entropy_backward: columns [{col_start}, {col_start + n}) lie outside V={V}")
     # Only a fresh output is autotuned: out=logits is in place, which timing runs would compound.
-    cands = _candidates(V, BWD_BLOCK, _BWD_TRIES) if block is None and out is None else []
+    cands = _candidates(n, BWD_BLOCK, _BWD_TRIES) if block is None and out is None else []
     out = torch.empty_like(logits) if out is None else out
-    if M == 0:
+    if M == 0 or n == 0:
         return out
     args = (dloss.contiguous(), logits, target, lse.contiguous(), out, logits.stride(0), out.stride(0), V)
-    args += (ignore_index, label_smoothing, z_loss, _bucket(M))
+    args += (col_start, n, ignore_index, label_smoothing, z_loss, _bucket(M))
     acc = acc_dtype(logits.dtype)
     if len(cands) > 1 and _tuning.enabled():
-        tuned = _tuning.autotuned(_cross_entropy_bwd_kernel, cands, ["V", "ROWS_BUCKET"])
-        launch(tuned)[lambda meta: (M, triton.cdiv(V, meta["BLOCK"]))](*args, ACC=acc)
+        tuned = _tuning.autotuned(_cross_entropy_bwd_kernel, cands, ["V", "n_cols", "ROWS_BUCKET"])
+        launch(tuned)[lambda meta: (M, triton.cdiv(n, meta["BLOCK"]))](*args, ACC=acc)
     else:
-        block = block or min(triton.next_power_of_2(V), BWD_BLOCK)
-        launch(_cross_entropy_bwd_kernel)[(M, triton.cdiv(V, block))](
+        block = block or min(triton.next_power_of_2(n), BWD_BLOCK)
+        launch(_cross_entropy_bwd_kernel)[(M, triton.cdiv(n, block))](
             *args, BLOCK=block, ACC=acc, num_warps=num_warps_for(block)
         )
     return out
@@ -302,10 +314,11 @@ def _bwd_case(dtype, tdtype, block, num_warps) -> dict:
         "dlogits_ptr": f"*{dtype}",
     }
     strides = {"stride": "i32", "out_stride": "i32"}
+    scalars = {"V": "i32", "col_start": "i32", "n_cols": "i32", **_SCALARS}
     return dict(
         name=f"cross_entropy_bwd_{dtype}_{tdtype}_B{block}w{num_warps}",
         fn=_cross_entropy_bwd_kernel,
-        signature={**pointers, **strides, **_SCALARS, **{k: "constexpr" for k in consts}},
+        signature={**pointers, **strides, **scalars, **{k: "constexpr" for k in consts}},
         constexprs=consts,
         num_warps=num_warps,
         num_stages=3,

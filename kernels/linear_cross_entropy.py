@@ -1,22 +1,37 @@
-"""Triton linear cross-entropy: cross_entropy(hidden @ weight.T + bias, target) one chunk of tokens at a time.
+"""Triton linear cross-entropy: cross_entropy(hidden @ weight.T + bias, target) without the full logits.
 
-The logits exist chunk_size rows at a time, in one reused (chunk_size, V) buffer of hidden's dtype, so peak
-extra memory is O(chunk_size * V) plus the fp32 gradient accumulators. Per chunk c of rows:
-  1. logits_c = h_c @ W^T (+ b)                     torch matmul (addmm when there is a bias), into the buffer
-  2. the fused cross-entropy kernel reads logits_c once for loss/lse and, when gradients are wanted,
+The logits exist a block at a time, in one reused buffer of hidden's dtype: chunk_size rows of all V
+columns, or all M rows of a slice of the vocab of about as many elements. Peak extra memory is that buffer,
+O(chunk_size * V), besides the gradients themselves.
+
+Token pass, per chunk c of rows (the forward; the backward of fp32/fp64 or one-chunk inputs):
+  1. logits_c = h_c @ W^T (+ b)                     torch matmul (addmm with a bias), into the buffer
+  2. the fused cross-entropy kernel reads logits_c once for loss and lse and, when gradients are wanted,
      overwrites the buffer with
        dlogits_c = dloss * (softmax(logits_c) (1 + 2 z lse) - (1 - eps) onehot - eps / V)
   3. dh_c = dlogits_c @ W                           written straight into dhidden's rows
-     dW  += dlogits_c^T @ h_c                       fp32 accumulator for half inputs (addmm, out_dtype)
-     db  += colsum(dlogits_c)                       fp32
-With with_grad the forward does steps 1-3 with dloss = 1 (gradients of loss.sum(); the public op scales them);
-the backward recomputes step 1 for the incoming per-row dloss. dweight/dbias are returned in the input dtype.
+     dW  += dlogits_c^T @ h_c,  db += colsum(dlogits_c)
 
-Cost of the fp32 dW accumulator (half inputs): 4 bytes per weight element, plus the final cast to the
-weight's dtype, and each chunk's dW update reads and writes it. On an H200 (torch 2.11) one update for a
-256-row chunk at V=128256, H=4096 took 1.6 ms in fp32 against 0.83 ms for a bf16 accumulator and 0.39 ms for
-the chunk's logits matmul: the update is bound by the accumulator's traffic, so chunks of >= 1024 rows keep it
-near the GEMM time.
+Step 3's dW sum runs over chunks. For fp32/fp64 inputs, and for a single chunk, it sums into the gradient
+itself. fp16/bf16 inputs over several chunks must sum in fp32 (design.md): a (V, H) fp32 accumulator costs
+twice the gradient (3 GiB at V=128256, H=4096, which put this op at 53% of unfused torch's peak on an H200),
+and summing in bf16 instead rounds once per chunk (3.1x torch's dW error at 4 chunks:
+benchmarks/lce_accumulator_precision.py). So their backward takes the gradients by vocab slices, from the
+lse the forward saved:
+
+Vocab pass, per slice s of the vocab (all M rows):
+  4. logits_s = h @ W_s^T (+ b_s)                   into the same buffer, viewed as (M, |s|)
+  5. the backward kernel overwrites it with dlogits_s from the saved lse (its columns offset into V)
+  6. dW_s = dlogits_s^T @ h                         one GEMM over all M rows, fp32 inside, rounded once into
+                                                    dweight's rows: nothing to accumulate
+     db_s = colsum(dlogits_s)                       fp32
+     dh  += dlogits_s @ W_s                         into an (M, H) fp32 accumulator (small beside W)
+The forward's token pass plus this is four logits-sized matmuls, one more than unfused torch, for a peak of
+the gradients plus one buffer. (The public op therefore sends such inputs down its recompute path:
+gradients taken during the forward would also be four matmuls, and held until the backward.)
+
+With with_grad the forward computes the gradients of loss.sum() (dloss = 1); the public op scales them. The
+backward takes an incoming per-row dloss and recomputes the logits. dweight/dbias come in the input dtype.
 """
 
 import torch
@@ -26,9 +41,10 @@ from gptfast.ops import _checks
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 
 
-# Registered as an opaque custom op, not a triton_op: the chunk loop is torch GEMMs around the fused CE kernel,
-# so inductor gains nothing from seeing inside, and on torch 2.11 tracing decomposes addmm(out_dtype=...) wrongly
-# (the dtype lands in beta: "unsupported operand type(s) for *: 'torch.dtype' and 'FakeTensor'", seen on an H200).
+# Registered as an opaque custom op, not a triton_op: the chunk loop is torch GEMMs around the fused CE
+# kernel, so inductor gains nothing from seeing inside, and on torch 2.11 tracing decomposes
+# addmm(out_dtype=...) wrongly (the dtype lands in beta: "unsupported operand type(s) for *: 'torch.dtype' and
+# 'FakeTensor'", seen on an H200).
 TRACEABLE = False
 
 
@@ -38,12 +54,89 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------- chunk helpers
 def _logits(
-    h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
-    """Step 1: out[c, V] = h_c @ W^T (+ b), in hidden's dtype, with no temporary."""
+    """Steps 1 and 4: out = h @ weight^T (+ bias), in hidden's dtype, with no temporary."""
     if bias is None:
-        return torch.mm(h_c, weight.t(), out=out)
-    return torch.addmm(bias, h_c, weight.t(), out=out)
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an accumulator wider than the half operands (fp32 over fp16/bf16), exactly."""
+    if a.is_cuda and _MIXED_ADDMM["ok"]:
+        # cuBLAS multiplies the half operands and adds into the fp32 accumulator (beta = 1), with no fp32 copy
+        # of either. Some torch releases require self to have the operands' dtype; they fall back once, below.
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _MIXED_ADDMM["ok"] = False
+    # CPU torch has no mixed-dtype addmm: fp32 copies of the operands. (Rounding each product to the half
+    # dtype before adding would save them but cost 1.5-1.65x torch's dhidden error in bf16:
+    # benchmarks/lce_accumulator_precision.py.)
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+_MIXED_ADDMM = {"ok": True}  # whether addmm(fp32 self, half mat1, half mat2, out_dtype=fp32) runs here
+
+
+def _chunks(rows: int, chunk_size: int):
+    for start in range(0, rows, chunk_size):
+        yield start, min(start + chunk_size, rows)
+
+
+def by_vocab_slices(hidden: torch.Tensor, chunk_size: int) -> bool:
+    """Whether the backward takes dW by vocab slices (steps 4-6) rather than summed over token chunks."""
+    return hidden.dtype in (torch.float16, torch.bfloat16) and hidden.shape[0] > chunk_size
+
+
+MIN_SLICE = 256  # vocab columns a slice has at least, so that its GEMMs stay wide
+
+
+def slice_columns(rows: int, vocab: int, chunk_size: int) -> int:
+    """Columns per vocab slice: the (rows, slice) logits take about the (chunk_size, V) token-pass buffer."""
+    return max(1, min(vocab, max(MIN_SLICE, chunk_size * vocab // max(rows, 1))))
+
+
+def _buffer(hidden: torch.Tensor, vocab: int, chunk_size: int, slices: bool) -> torch.Tensor:
+    """The flat buffer for (chunk, V) token-pass logits, or with slices for (M, slice) ones."""
+    M = hidden.shape[0]
+    return hidden.new_empty(M * slice_columns(M, vocab, chunk_size) if slices else min(chunk_size, M) * vocab)
+
+
+def _as_matrix(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _vocab_pass(
+    dloss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    options: tuple[int, float, float],
+    chunk_size: int,
+    buffer: torch.Tensor,
+    dweight: torch.Tensor,
+    dbias: torch.Tensor | None,
+    dhidden_acc: torch.Tensor | None,
+) -> None:
+    """Steps 4-6 over every vocab slice: dweight[s] (weight's dtype) and dbias[s] (fp32) are written, not
+    summed; dhidden_acc (fp32), when given, gets every slice's dlogits_s @ W_s added."""
+    M, V = hidden.shape[0], weight.shape[0]
+    step = slice_columns(M, V, chunk_size)
+    for v0, v1 in _chunks(V, step):
+        w_s = weight[v0:v1]
+        b_s = bias[v0:v1] if bias is not None else None
+        logits = _logits(hidden, w_s, b_s, _as_matrix(buffer, M, v1 - v0))
+        cross_entropy_backward(dloss, logits, target, lse, *options, out=logits, col_start=v0, vocab=V)
+        torch.mm(logits.t(), hidden, out=dweight[v0:v1])
+        if dbias is not None:
+            torch.sum(logits, dim=0, dtype=dbias.dtype, out=dbias[v0:v1])
+        if dhidden_acc is not None:
+            _add_product(dhidden_acc, logits, w_s)
 
 
 def _accumulate(
@@ -58,44 +151,27 @@ def _accumulate(
     torch.mm(dlogits, weight, out=dh_c)
     if dweight.dtype == dlogits.dtype:
         dweight.addmm_(dlogits.t(), h_c)
-    elif dlogits.is_cuda and _MIXED_ADDMM["ok"]:
-        # half inputs: cuBLAS multiplies the half operands and adds into the fp32 accumulator (no fp32 copy of
-        # dlogits). Some torch releases require self to have the operands' dtype; they fall back once, below.
-        try:
-            torch.addmm(dweight, dlogits.t(), h_c, out_dtype=dweight.dtype, out=dweight)
-        except RuntimeError:
-            _MIXED_ADDMM["ok"] = False
-            _accumulate_upcast(dlogits, h_c, dweight)
     else:
-        _accumulate_upcast(dlogits, h_c, dweight)
+        _add_product(dweight, dlogits.t(), h_c)
     if dbias is not None:
         dbias += dlogits.sum(dim=0, dtype=dbias.dtype)
 
 
-_MIXED_ADDMM = {"ok": True}  # whether addmm(fp32 self, half mat1, half mat2, out_dtype=fp32) runs here
-
-
-def _accumulate_upcast(dlogits: torch.Tensor, h_c: torch.Tensor, dweight: torch.Tensor) -> None:
-    """dweight (fp32) += dlogits^T h_c through fp32 copies of the chunk's operands: the CPU path (no
-    mixed-dtype addmm there) and the fallback on CUDA; costs a (chunk, V) fp32 temporary and an fp32 GEMM."""
-    dweight.addmm_(dlogits.t().to(dweight.dtype), h_c.to(dweight.dtype))
-
-
-def _grad_buffers(hidden, weight, bias):
+def _weight_grads(hidden, weight, bias, chunk_size, by_slices):
+    """dweight and dbias buffers: written slice by slice (dweight in its final dtype), or zeros to sum over
+    token chunks, in fp32 for the half inputs of several chunks that a forward with gradients sums."""
     acc = _acc(hidden.dtype)
-    dbias = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if bias is not None else None
-    return torch.empty_like(hidden), torch.zeros(weight.shape, dtype=acc, device=hidden.device), dbias
+    dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+    if by_slices:
+        return torch.empty_like(weight), dbias
+    dtype = acc if by_vocab_slices(hidden, chunk_size) else weight.dtype
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device), dbias
 
 
 def _finish(hidden, weight, bias, dhidden, dweight, dbias):
     acc = _acc(hidden.dtype)
     db = dbias.to(bias.dtype) if bias is not None else hidden.new_empty(0, dtype=acc)
-    return dhidden, dweight.to(weight.dtype), db
-
-
-def _chunks(rows: int, chunk_size: int):
-    for start in range(0, rows, chunk_size):
-        yield start, min(start + chunk_size, rows)
+    return dhidden.to(hidden.dtype), dweight.to(weight.dtype), db
 
 
 # ---------------------------------------------------------------------------------------------- the pair
@@ -122,12 +198,13 @@ def linear_cross_entropy_fwd(
     loss = hidden.new_empty(M, dtype=acc)
     lse = hidden.new_empty(M, dtype=acc)
     if with_grad:
-        dhidden, dweight, dbias = _grad_buffers(hidden, weight, bias)
-    buffer = hidden.new_empty(min(chunk_size, M), V)
+        dhidden = torch.empty_like(hidden)
+        dweight, dbias = _weight_grads(hidden, weight, bias, chunk_size, by_slices=False)
+    buffer = _buffer(hidden, V, chunk_size, slices=False)
     target = target.contiguous()
     options = (ignore_index, label_smoothing, z_loss)
     for start, stop in _chunks(M, chunk_size):
-        logits = _logits(hidden[start:stop], weight, bias, buffer[: stop - start])
+        logits = _logits(hidden[start:stop], weight, bias, _as_matrix(buffer, stop - start, V))
         cross_entropy_forward(
             logits,
             target[start:stop],
@@ -156,23 +233,23 @@ def linear_cross_entropy_bwd(
     z_loss: float,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dhidden[M, H], dweight[V, H], dbias[V] or empty) for the upstream dloss[M], recomputing each chunk's
-    logits and turning them into dlogits in place from the saved lse[M]."""
+    """(dhidden[M, H], dweight[V, H], dbias[V] or empty) for the upstream dloss[M], recomputing the logits
+    from the saved lse[M]: by vocab slices for half inputs of several chunks, by token chunks otherwise."""
     M, V = hidden.shape[0], weight.shape[0]
-    dhidden, dweight, dbias = _grad_buffers(hidden, weight, bias)
-    buffer = hidden.new_empty(min(chunk_size, M), V)
-    dloss, target = dloss.contiguous(), target.contiguous()
+    slices = by_vocab_slices(hidden, chunk_size)
+    dweight, dbias = _weight_grads(hidden, weight, bias, chunk_size, slices)
+    buffer = _buffer(hidden, V, chunk_size, slices)
+    dloss, target, options = dloss.contiguous(), target.contiguous(), (ignore_index, label_smoothing, z_loss)
+    if slices:
+        dhidden = torch.zeros(hidden.shape, dtype=_acc(hidden.dtype), device=hidden.device)
+        grads = (dweight, dbias, dhidden)
+        _vocab_pass(dloss, hidden, weight, target, bias, lse, options, chunk_size, buffer, *grads)
+        return _finish(hidden, weight, bias, dhidden, dweight, dbias)
+    dhidden = torch.empty_like(hidden)
     for start, stop in _chunks(M, chunk_size):
-        logits = _logits(hidden[start:stop], weight, bias, buffer[: stop - start])
+        logits = _logits(hidden[start:stop], weight, bias, _as_matrix(buffer, stop - start, V))
         cross_entropy_backward(
-            dloss[start:stop],
-            logits,
-            target[start:stop],
-            lse[start:stop],
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            out=logits,
+            dloss[start:stop], logits, target[start:stop], lse[start:stop], *options, out=logits
         )
         _accumulate(logits, hidden[start:stop], weight, dhidden[start:stop], dweight, dbias)
     return _finish(hidden, weight, bias, dhidden, dweight, dbias)

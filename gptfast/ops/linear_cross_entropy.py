@@ -3,8 +3,12 @@
 Two autograd paths over the backend's pair:
 - reduction 'mean'/'sum' with gradients: the forward also computes the gradients, chunk by chunk, while each
   chunk's logits are in hand (no recompute); the backward only scales them by the incoming scalar gradient.
-- reduction 'none', or no gradients: the forward keeps only the row LSEs and the backward recomputes each
-  chunk's logits, since a per-row upstream gradient cannot be applied to an already-summed dweight.
+- reduction 'none', no gradients, or fp16/bf16 inputs of more than one chunk: the forward keeps only the row
+  LSEs and the backward recomputes the logits. A per-row upstream gradient cannot be applied to an
+  already-summed dweight; and half inputs over several chunks would need a (V, H) fp32 accumulator for the
+  dweight sum, which the GPU backends avoid by taking dweight by vocab slices once every row's lse is known
+  (kernels/linear_cross_entropy.py). Gradients taken in the forward would then cost the same four matmuls,
+  and be held from the forward to the backward, plus their scaled copy.
 """
 import math
 
@@ -155,7 +159,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if needs_grad and reduction != "none" and rows > 0:
+    several_half_chunks = h2.dtype in (torch.float16, torch.bfloat16) and rows > chunk_size
+    if needs_grad and reduction != "none" and rows > 0 and not several_half_chunks:
         reduced = getattr(torch.ops.gptfast, f"{OP}_reduced_{name}")
         loss, *_ = reduced(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, reduction == "mean")
         return loss.to(dtype)

@@ -200,6 +200,29 @@ def test_triton_small_blocks_and_in_place_grad(block, dtype):
     torch.testing.assert_close(out, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_backward_over_vocab_slices(dtype):
+    # linear_cross_entropy's weight-gradient pass hands the backward one vocab slice at a time (columns
+    # [col_start, col_start + n) of V, held at column 0 of a narrower buffer): the slices must reproduce the
+    # full backward's columns. 300 columns in slices of 128, 128 and 44, with a block of 32 so that each slice
+    # spans several programs; the targets fall in every slice (and one row is ignored), label smoothing and
+    # z_loss make every column's term depend on V rather than on the slice width.
+    kernels, device = _triton_kernels()
+    x = (3 * torch.randn(8, 300, device=device)).to(dtype)
+    t = torch.tensor([5, 130, 299, -100, 200, 0, 256, 127], device=device)
+    args = (-100, 0.1, 1e-2)
+    _, lse = kernels.cross_entropy_forward(x, t, *args)
+    dloss = torch.rand(8, device=device) + 0.5
+    full = kernels.cross_entropy_backward(dloss, x, t, lse, *args, block=32)
+    for start, stop in ((0, 128), (128, 256), (256, 300)):
+        part = x[:, start:stop].contiguous()
+        window = dict(col_start=start, vocab=300)
+        g = kernels.cross_entropy_backward(dloss, part, t, lse, *args, out=part, block=32, **window)
+        torch.testing.assert_close(g, full[:, start:stop], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lie outside V=300"):
+        kernels.cross_entropy_backward(dloss, x[:, :64], t, lse, *args, col_start=256, vocab=300)
+
+
 def test_triton_out_of_range_target_gives_nan():
     # documented: the Triton kernels never read outside the row; a target outside [0, V) that is not
     # ignore_index makes that row's loss and gradient NaN (the other rows are untouched). The launchers are

@@ -112,6 +112,18 @@ SETTINGS = [
     ),
     ((1,), 8, 1, False, {}, (), "one token, one class"),
     ((6,), 12, 40, True, {"chunk_size": 100}, (), "one chunk larger than N"),
+    # fp16/bf16 over several chunks: the Triton backward takes dW by vocab slices of max(256, 8 * 700 // 40)
+    # columns, so 256, 256 and a partial 188, each target's slice different from its chunk
+    (
+        (40,),
+        16,
+        700,
+        True,
+        {"chunk_size": 8, "label_smoothing": 0.1, "z_loss": 1e-3},
+        (3, 17),
+        "vocab slices, mean, every option",
+    ),
+    ((40,), 16, 700, False, {"chunk_size": 8, "reduction": "none"}, (5,), "vocab slices, per-row dloss"),
 ]
 
 
@@ -122,6 +134,30 @@ def test_matches_torch(backend, device, dtype, rows, H, V, bias, options, ignore
     _skip_interpreted_bf16(backend, device, dtype)
     hidden, weight, t, b = _inputs(rows, H, V, device, dtype, bias, ignore_rows)
     check_against_torch(hidden, weight, t, b, backend, **options)
+
+
+@pytest.mark.parametrize("dtype,slices", [(torch.float16, [0, 256, 512]), (torch.float32, [])], ids=str)
+def test_triton_half_backward_goes_by_vocab_slices(monkeypatch, dtype, slices):
+    # The point of the slices is that no (V, H) fp32 dW accumulator exists: fp16/bf16 inputs of several chunks
+    # must reach the vocab pass, even with reduction 'mean' (the public op's recompute path). fp32 inputs sum
+    # dW over token chunks in the gradient itself. Records the windows the backward kernel is launched on.
+    if not any(b == "triton" for b, _ in CASES):
+        pytest.skip("no triton backend here")
+    from gptfast.kernels import linear_cross_entropy as lce
+
+    device = next(d for b, d in CASES if b == "triton")
+    starts = []
+    launch = lce.cross_entropy_backward
+
+    def recording(*args, col_start=0, **kwargs):
+        if kwargs.get("vocab") is not None:
+            starts.append(col_start)
+        return launch(*args, col_start=col_start, **kwargs)
+
+    monkeypatch.setattr(lce, "cross_entropy_backward", recording)
+    hidden, weight, t, b = _inputs((40,), 16, 700, device, dtype, True)
+    check_against_torch(hidden, weight, t, b, "triton", chunk_size=8)
+    assert starts == slices
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -280,8 +316,10 @@ def test_triton_bf16_gpu(reduction):
 
 @pytest.mark.gpu
 def test_triton_peak_memory_gpu():
-    # 8192 tokens, V = 32000, H = 1024, bf16: the unfused forward+backward holds several (N, V) tensors; the
-    # chunked op (default chunk size) holds one chunk of logits plus the fp32 weight-gradient accumulator
+    # 8192 tokens, V = 32000, H = 1024, bf16: the unfused forward+backward holds several (N, V) tensors (about
+    # 2 GiB). The chunked op (default 1024-row chunks, so its recompute path by vocab slices) holds a 62.5 MiB
+    # logits buffer, dW (62.5 MiB) and dhidden's fp32 accumulator (32 MiB): about 10% of that; issue 3's
+    # target is 25% (at H 4096, V 128256)
     hidden, weight, t, _ = _inputs((8192,), 1024, 32000, "cuda", torch.bfloat16, False)
     hidden.requires_grad_()
     weight.requires_grad_()
@@ -307,7 +345,7 @@ def test_triton_peak_memory_gpu():
     hidden.grad = weight.grad = None
     u = peak(unfused)
     print(f"linear_cross_entropy peak: triton {f / 2**20:.0f} MiB, unfused {u / 2**20:.0f} MiB ({f / u:.1%})")
-    assert f <= 0.6 * u
+    assert f <= 0.25 * u
 
 
 # ---------------------------------------------------------------------------------------------- errors
