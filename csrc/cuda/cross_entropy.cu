@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const Cr
   using Acc = typename AccOf<T>::type;
   const int64_t col_step = int64_t(gridDim.y) * blockDim.x * VEC;
   const int64_t col_start = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  const int64_t vocab = p.vocab > 0 ? p.vocab : p.cols;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     T* g = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
@@ -91,9 +92,10 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const Cr
     const Acc lse = static_cast<const Acc*>(p.lse_in)[row];
     const Acc eps = static_cast<Acc>(p.label_smoothing), z = static_cast<Acc>(p.z_loss);
     const bool ignored = t == p.ignore_index;
-    const Acc poison = !ignored && out_of_range(t, p.cols) ? Acc(NAN) : Acc(0);
+    const Acc poison = !ignored && out_of_range(t, vocab) ? Acc(NAN) : Acc(0);
     const Acc coef = ignored ? Acc(0) : dl * (Acc(1) + Acc(2) * z * lse);
-    const Acc smooth = ignored ? Acc(0) : dl * eps / static_cast<Acc>(p.cols);
+    const Acc smooth = ignored ? Acc(0) : dl * eps / static_cast<Acc>(vocab);
+    const int64_t t_col = t - p.col_offset;  // the target's column in this slice, when it is in it
     const Acc hit = ignored ? Acc(0) : dl * (Acc(1) - eps);
     // 2. One pass over the row's columns (this block's share of them), unrolled so that a thread's loads of
     //    its kBwdColChunksPerThread vectors are in flight together.
@@ -104,7 +106,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_bwd_kernel(const Cr
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const Acc prob = ignored ? Acc(0) : acc_exp(v[e] - lse);
-        v[e] = coef * prob - smooth - (c + e == t ? hit : Acc(0)) + poison;
+        v[e] = coef * prob - smooth - (c + e == t_col ? hit : Acc(0)) + poison;
       }
       store_vec<T, VEC>(g, c, p.cols, v);
     }

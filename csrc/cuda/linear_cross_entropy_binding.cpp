@@ -24,6 +24,14 @@
 //   tolerance rule).
 // - fp32 inputs: fp32 matmuls (as the reference), fp32 accumulators. fp64 inputs: all fp64. The chunk
 //   logits, the CE kernels and the accumulators are the same for every input dtype (fp32, or fp64).
+// - The backward of fp16/bf16 inputs over several chunks takes the gradients by vocab slices instead (as the
+//   Triton backend, kernels/linear_cross_entropy.py): per slice s of the vocab, all M rows,
+//     logits_s = h @ W_s^T (fp32), dlogits_s in place from the saved lse (the kernel told the slice's column
+//     offset and the whole vocab), rounded once to the input dtype; dW_s = dlogits_s^T @ h in one GEMM over
+//     every row, written into dweight's rows; db_s = colsum(dlogits_s); dh += dlogits_s @ W_s (fp32).
+//   So no (V, H) fp32 accumulator exists (twice the gradient's bytes): the peak is the gradients, the (M, H)
+//   fp32 dh accumulator and one slice of about chunk_size * V logits. The public op sends such inputs down
+//   its recompute path (gptfast/ops/linear_cross_entropy.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -156,6 +164,48 @@ void accumulate(const Inputs& in, const at::Tensor& dlogits, const at::Tensor& h
   }
 }
 
+// Columns per vocab slice: (M, slice) logits about the size of the (chunk_size, V) ones of the token pass,
+// at least 256 columns so that the slice's GEMMs stay wide (kernels/linear_cross_entropy.py's slice_columns).
+int64_t slice_columns(int64_t rows, int64_t vocab, int64_t chunk_size) {
+  return std::max<int64_t>(1, std::min(vocab, std::max<int64_t>(256, chunk_size * vocab / std::max<int64_t>(rows, 1))));
+}
+
+// The backward by vocab slices (see the header): fp16/bf16 operands (in.low), several chunks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_by_vocab_slices(
+    const Inputs& in, const at::Tensor& dloss, const at::Tensor& lse, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double z_loss,
+    int64_t chunk_size, cudaStream_t stream) {
+  const int64_t M = in.hidden.size(0), V = in.weight.size(0);
+  const auto acc = in.hidden.options().dtype(in.math);
+  at::Tensor dhidden = at::zeros(in.hidden.sizes(), acc), dweight = at::empty_like(in.weight);
+  at::Tensor dbias = in.bias.defined() ? at::empty(in.bias.sizes(), acc) : at::empty({0}, acc);
+  const int64_t step = slice_columns(M, V, chunk_size);
+  for (int64_t v0 = 0; v0 < V; v0 += step) {
+    const int64_t n = std::min(step, V - v0);
+    const at::Tensor w_s = in.weight.narrow(0, v0, n);
+    // 4. This slice's logits (fp32, all rows), 5. overwritten with dlogits, 6. the matmuls.
+    at::Tensor logits = at::mm(in.hidden, w_s.t(), at::kFloat);
+    if (in.bias.defined()) logits.add_(in.bias.narrow(0, v0, n));
+    CrossEntropyParams p = chunk_params(in, logits, 0, ignore_index, label_smoothing, z_loss);
+    p.col_offset = v0;
+    p.vocab = V;
+    p.lse_in = lse.data_ptr();
+    p.dloss = dloss.data_ptr();
+    check_launch(cross_entropy_bwd_launch(p, stream), kBwd);
+    if (in.bias.defined()) dbias.narrow(0, v0, n).copy_(logits.sum(0));
+    const at::Tensor dl = logits.to(in.operand);  // the one rounding of dlogits
+    at::Tensor rows = dweight.narrow(0, v0, n);
+    at::mm_out(rows, dl.t(), in.hidden);  // one GEMM over all M rows, fp32 inside, one rounding
+    if (addmm_takes_fp32_self(dhidden, dl)) {
+      at::addmm_out(dhidden, dhidden, dl, w_s, at::kFloat);
+    } else {
+      dhidden.add_(at::mm(dl, w_s, at::kFloat));
+    }
+  }
+  const at::Tensor dbias_out = in.bias.defined() ? dbias.to(bias->scalar_type()) : dbias;
+  return {dhidden.to(in.hidden.scalar_type()), dweight.to(weight.scalar_type()), dbias_out};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double z_loss,
@@ -207,9 +257,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd(
   c10::cuda::CUDAGuard guard(hidden.device());
   const auto acc = in.hidden.options().dtype(in.math);
   const at::Tensor dl = dloss.to(in.math).contiguous(), l = lse.to(in.math).contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  if (in.low && M > chunk_size) {
+    return backward_by_vocab_slices(in, dl, l, weight, bias, ignore_index, label_smoothing, z_loss, chunk_size,
+                                    stream);
+  }
   at::Tensor dhidden = at::empty_like(in.hidden), dweight = at::zeros(in.weight.sizes(), acc);
   at::Tensor dbias = in.bias.defined() ? at::zeros(in.bias.sizes(), acc) : at::empty({0}, acc);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   for (int64_t start = 0; start < M; start += chunk_size) {
     const int64_t n = std::min(chunk_size, M - start);
     // 1. Recompute this chunk's logits, 2. overwrite them with dlogits, 3. the matmuls.

@@ -32,12 +32,12 @@ int emu_softmax(int fwd, const void* a, const void* b, void* out, int64_t rows, 
 }
 int emu_ce(int fwd, const void* logits, int64_t ls, const void* target, int t32, float* loss, float* lse,
            const float* lse_in, const float* dloss, void* dlogits, int64_t ds, int64_t rows, int64_t cols,
-           int64_t ignore, double smooth, double z, int dtype) {
+           int64_t ignore, double smooth, double z, int dtype, int64_t col_offset, int64_t vocab) {
   CrossEntropyParams p;
   p.dtype = DType(dtype);
   p.logits = logits; p.logits_row_stride = ls; p.target = target; p.target_int32 = t32; p.loss = loss; p.lse = lse;
   p.lse_in = lse_in; p.dloss = dloss; p.dlogits = dlogits; p.dlogits_row_stride = ds; p.rows = rows; p.cols = cols;
-  p.ignore_index = ignore; p.label_smoothing = smooth; p.z_loss = z;
+  p.ignore_index = ignore; p.label_smoothing = smooth; p.z_loss = z; p.col_offset = col_offset; p.vocab = vocab;
   return emu_status(fwd ? cross_entropy_fwd_launch(p, nullptr) : cross_entropy_bwd_launch(p, nullptr));
 }
 // strides: 3 per tensor (batch, head, row) for q, k, v, out, dout

@@ -331,8 +331,10 @@ def test_cross_entropy_past_2_31_elements():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_matches_reference(dtype, bias, reduction):
     # 37 rows in chunks of 16 (a ragged last chunk), V = 1001 (odd: scalar CE path), H = 64.
-    # 'mean'/'sum' run the gradient-in-forward path, 'none' the recompute-in-backward path.
-    # fp16/bf16 run the input-dtype GEMMs with fp32 logits and accumulators; dweight accumulates over 3 chunks.
+    # fp32/fp64: 'mean'/'sum' run the gradient-in-forward path, 'none' the recompute-in-backward path, with
+    # dweight summed over 3 chunks. fp16/bf16 (several chunks) always recompute, by vocab slices of
+    # max(256, 16 * 1001 // 37) = 432 columns (432, 432, 137: the 16-byte and the scalar CE paths), with the
+    # input-dtype GEMMs over fp32 logits.
     _require_cuda_backend("linear_cross_entropy")
     M, H, V = 37, 64, 1001
     h = torch.randn(M, H, device="cuda", dtype=dtype)
@@ -758,13 +760,14 @@ def test_emulated_attention_nan_scores_keep_lse_nan(emu):
     assert dq.isnan().all() and dk.isnan().all() and dv.isnan().all()  # as torch's math attention gives
 
 
-def _emu_ce(emu, fwd, x, t, ignore, ls, z, lse=None, dloss=None, out=None):
+def _emu_ce(emu, fwd, x, t, ignore, ls, z, lse=None, dloss=None, out=None, col_offset=0, vocab=0):
     rows, cols = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss, lse_out = torch.empty(rows, dtype=acc), torch.empty(rows, dtype=acc)
     rc = emu.emu_ce(
         fwd, _p(x), _I(x.stride(0)), _p(t), int(t.dtype == torch.int32), _p(loss), _p(lse_out), _p(lse), _p(dloss),
         _p(out), _I(cols), _I(rows), _I(cols), _I(ignore), ctypes.c_double(ls), ctypes.c_double(z), _DT[x.dtype],
+        _I(col_offset), _I(vocab),
     )
     assert rc == 0
     return (loss, lse_out) if fwd else out
@@ -810,6 +813,23 @@ def test_emulated_cross_entropy_in_place_and_bad_targets(emu):
     assert loss[0].isfinite() and loss[1].isnan() and loss[2].isnan()
     g = _emu_ce(emu, 0, x, t, -100, 0.0, 0.0, lse=lse, dloss=torch.ones(3), out=torch.empty_like(x))
     assert g[0].isfinite().all() and g[1].isnan().all() and g[2].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cross_entropy_backward_over_vocab_slices(emu, dtype):
+    # linear_cross_entropy's vocab pass: the backward over columns [col_offset, col_offset + cols) of a
+    # 3001-class row (its own buffer, row stride cols) must reproduce those columns of the full backward.
+    # Slices of 1000 (16-byte path), 1001 (scalar path) and 1000 hold targets of every row between them;
+    # label smoothing and z_loss make every column depend on V, not on the slice width.
+    x = torch.randn(5, 3001, dtype=dtype) * 2
+    t = torch.tensor([10, 1500, 3000, -100, 2001])
+    _, lse = _emu_ce(emu, 1, x, t, -100, 0.1, 1e-3)
+    dl = torch.rand(5) + 0.5
+    full = _emu_ce(emu, 0, x, t, -100, 0.1, 1e-3, lse=lse, dloss=dl, out=torch.empty_like(x))
+    for start, stop in ((0, 1000), (1000, 2001), (2001, 3001)):
+        part = x[:, start:stop].contiguous()
+        _emu_ce(emu, 0, part, t, -100, 0.1, 1e-3, lse=lse, dloss=dl, out=part, col_offset=start, vocab=3001)
+        torch.testing.assert_close(part, full[:, start:stop], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
