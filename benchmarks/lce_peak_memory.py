@@ -54,7 +54,7 @@ def main() -> None:
     f, u = peak_bytes(fused, args.device), peak_bytes(unfused, args.device)
     mib = 2**20
     print(
-        f"M={M} H={H} V={V} {args.dtype} chunk={args.chunk or 'default'} backend={args.backend} on {args.device}: "
+        f"M={M} H={H} V={V} {args.dtype} chunk={args.chunk or 'default'} {args.backend} on {args.device}: "
         f"fused {f / mib:.1f} MiB, unfused torch {u / mib:.1f} MiB, {f / u:.1%}; "
         f"dweight alone {V * H * hidden.element_size() / mib:.1f} MiB"
     )
