@@ -9,8 +9,8 @@ float64, for
   - torch unfused: bf16 logits, bf16 dlogits, one GEMM per gradient (the yardstick of the tolerance rule);
   - dW over token chunks, with an fp32 accumulator, and with a bf16 one (addmm in bf16, fp32 inside);
   - dW by vocab slices;
-  - dH over vocab slices, with an fp32 accumulator (addmm with out_dtype on CUDA), and with each slice's term
-    rounded to bf16 before an fp32 add (the fallback for torch builds without that addmm);
+  - dH over vocab slices, with an fp32 accumulator (what gptfast does), and with each slice's term rounded
+    to bf16 before an fp32 add (which would spare the fp32 operands where no mixed-dtype matmul exists);
 and prints each error as a multiple of torch's. The rule allows 2x.
 
     python benchmarks/lce_accumulator_precision.py [--tokens 8192 --hidden 256 --vocab 16384 --chunk 1024]

@@ -1,8 +1,9 @@
 """Triton linear cross-entropy: cross_entropy(hidden @ weight.T + bias, target) without the full logits.
 
 The logits exist a block at a time, in one reused buffer of hidden's dtype: chunk_size rows of all V
-columns, or all M rows of a slice of the vocab of about as many elements. Peak extra memory is that buffer,
-O(chunk_size * V), besides the gradients themselves.
+columns, or all M rows of a slice of the vocab of about as many elements (at least 256 columns). Peak
+extra memory is that buffer, O(chunk_size * V), and one fp32 accumulator for half inputs of several chunks
+(dweight's, or with slices dhidden's), besides the gradients themselves.
 
 Token pass, per chunk c of rows (the forward; the backward of fp32/fp64 or one-chunk inputs):
   1. logits_c = h_c @ W^T (+ b)                     torch matmul (addmm with a bias), into the buffer
@@ -14,10 +15,11 @@ Token pass, per chunk c of rows (the forward; the backward of fp32/fp64 or one-c
 
 Step 3's dW sum runs over chunks. For fp32/fp64 inputs, and for a single chunk, it sums into the gradient
 itself. fp16/bf16 inputs over several chunks must sum in fp32 (design.md): a (V, H) fp32 accumulator costs
-twice the gradient (3 GiB at V=128256, H=4096, which put this op at 53% of unfused torch's peak on an H200),
-and summing in bf16 instead rounds once per chunk (3.1x torch's dW error at 4 chunks:
-benchmarks/lce_accumulator_precision.py). So their backward takes the gradients by vocab slices, from the
-lse the forward saved:
+twice the gradient (2 GiB at V=128256, H=4096, which with its cast put this op at 53% of unfused torch's
+peak on an H200), and summing in bf16 instead rounds once per chunk (3.9x torch's dW error at 8 chunks:
+benchmarks/lce_accumulator_precision.py). So where it holds less (fewer tokens than about V:
+gptfast.ops.linear_cross_entropy.takes_vocab_slices) their backward takes the gradients by vocab slices,
+from the lse the forward saved:
 
 Vocab pass, per slice s of the vocab (all M rows):
   4. logits_s = h @ W_s^T (+ b_s)                   into the same buffer, viewed as (M, |s|)
@@ -25,10 +27,10 @@ Vocab pass, per slice s of the vocab (all M rows):
   6. dW_s = dlogits_s^T @ h                         one GEMM over all M rows, fp32 inside, rounded once into
                                                     dweight's rows: nothing to accumulate
      db_s = colsum(dlogits_s)                       fp32
-     dh  += dlogits_s @ W_s                         into an (M, H) fp32 accumulator (small beside W)
+     dh  += dlogits_s @ W_s                         into an (M, H) fp32 accumulator
 The forward's token pass plus this is four logits-sized matmuls, one more than unfused torch, for a peak of
-the gradients plus one buffer. (The public op therefore sends such inputs down its recompute path:
-gradients taken during the forward would also be four matmuls, and held until the backward.)
+the gradients, dhidden's accumulator and one buffer. (The public op therefore sends such inputs down its
+recompute path: gradients taken during the forward would also be four matmuls, and held until the backward.)
 
 With with_grad the forward computes the gradients of loss.sum() (dloss = 1); the public op scales them. The
 backward takes an incoming per-row dloss and recomputes the logits. dweight/dbias come in the input dtype.
@@ -37,6 +39,7 @@ backward takes an incoming per-row dloss and recomputes the logits. dweight/dbia
 import torch
 
 from gptfast.ops import _checks
+from gptfast.ops.linear_cross_entropy import slice_columns, takes_vocab_slices
 
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 
@@ -64,39 +67,32 @@ def _logits(
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for an accumulator wider than the half operands (fp32 over fp16/bf16), exactly."""
-    if a.is_cuda and _MIXED_ADDMM["ok"]:
+    if a.is_cuda and _MIXED["addmm"]:
         # cuBLAS multiplies the half operands and adds into the fp32 accumulator (beta = 1), with no fp32 copy
-        # of either. Some torch releases require self to have the operands' dtype; they fall back once, below.
+        # of either. torch 2.8-2.10 require self to have the operands' dtype; they fall back once, below.
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError):
-            _MIXED_ADDMM["ok"] = False
-    # CPU torch has no mixed-dtype addmm: fp32 copies of the operands. (Rounding each product to the half
-    # dtype before adding would save them but cost 1.5-1.65x torch's dhidden error in bf16:
+            _MIXED["addmm"] = False
+    if a.is_cuda and _MIXED["mm"]:
+        try:  # the product in fp32 from the half operands, as an acc-sized temporary (torch >= 2.8)
+            acc += torch.mm(a, b, out_dtype=acc.dtype)
+            return
+        except (RuntimeError, TypeError):
+            _MIXED["mm"] = False
+    # CPU torch has neither overload: fp32 copies of the operands. (Rounding each product to the half dtype
+    # before adding would spare them but cost 1.5-1.65x torch's dhidden error in bf16:
     # benchmarks/lce_accumulator_precision.py.)
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-_MIXED_ADDMM = {"ok": True}  # whether addmm(fp32 self, half mat1, half mat2, out_dtype=fp32) runs here
+_MIXED = {"addmm": True, "mm": True}  # which fp32-from-half matmul overloads run here (CUDA)
 
 
 def _chunks(rows: int, chunk_size: int):
     for start in range(0, rows, chunk_size):
         yield start, min(start + chunk_size, rows)
-
-
-def by_vocab_slices(hidden: torch.Tensor, chunk_size: int) -> bool:
-    """Whether the backward takes dW by vocab slices (steps 4-6) rather than summed over token chunks."""
-    return hidden.dtype in (torch.float16, torch.bfloat16) and hidden.shape[0] > chunk_size
-
-
-MIN_SLICE = 256  # vocab columns a slice has at least, so that its GEMMs stay wide
-
-
-def slice_columns(rows: int, vocab: int, chunk_size: int) -> int:
-    """Columns per vocab slice: the (rows, slice) logits take about the (chunk_size, V) token-pass buffer."""
-    return max(1, min(vocab, max(MIN_SLICE, chunk_size * vocab // max(rows, 1))))
 
 
 def _buffer(hidden: torch.Tensor, vocab: int, chunk_size: int, slices: bool) -> torch.Tensor:
@@ -157,14 +153,19 @@ def _accumulate(
         dbias += dlogits.sum(dim=0, dtype=dbias.dtype)
 
 
+def _slices(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> bool:
+    return takes_vocab_slices(hidden.shape[0], hidden.shape[1], weight.shape[0], chunk_size, hidden.dtype)
+
+
 def _weight_grads(hidden, weight, bias, chunk_size, by_slices):
     """dweight and dbias buffers: written slice by slice (dweight in its final dtype), or zeros to sum over
-    token chunks, in fp32 for the half inputs of several chunks that a forward with gradients sums."""
+    token chunks, in fp32 when half-precision rows come in several chunks."""
     acc = _acc(hidden.dtype)
     dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
     if by_slices:
         return torch.empty_like(weight), dbias
-    dtype = acc if by_vocab_slices(hidden, chunk_size) else weight.dtype
+    several_half = hidden.dtype in (torch.float16, torch.bfloat16) and hidden.shape[0] > chunk_size
+    dtype = acc if several_half else weight.dtype
     return torch.zeros(weight.shape, dtype=dtype, device=weight.device), dbias
 
 
@@ -234,9 +235,9 @@ def linear_cross_entropy_bwd(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden[M, H], dweight[V, H], dbias[V] or empty) for the upstream dloss[M], recomputing the logits
-    from the saved lse[M]: by vocab slices for half inputs of several chunks, by token chunks otherwise."""
+    from the saved lse[M]: by vocab slices where takes_vocab_slices says so, by token chunks otherwise."""
     M, V = hidden.shape[0], weight.shape[0]
-    slices = by_vocab_slices(hidden, chunk_size)
+    slices = _slices(hidden, weight, chunk_size)
     dweight, dbias = _weight_grads(hidden, weight, bias, chunk_size, slices)
     buffer = _buffer(hidden, V, chunk_size, slices)
     dloss, target, options = dloss.contiguous(), target.contiguous(), (ignore_index, label_smoothing, z_loss)

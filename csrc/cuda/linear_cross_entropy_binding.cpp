@@ -30,8 +30,8 @@
 //     offset and the whole vocab), rounded once to the input dtype; dW_s = dlogits_s^T @ h in one GEMM over
 //     every row, written into dweight's rows; db_s = colsum(dlogits_s); dh += dlogits_s @ W_s (fp32).
 //   So no (V, H) fp32 accumulator exists (twice the gradient's bytes): the peak is the gradients, the (M, H)
-//   fp32 dh accumulator and one slice of about chunk_size * V logits. The public op sends such inputs down
-//   its recompute path (gptfast/ops/linear_cross_entropy.py).
+//   fp32 dh accumulator and one slice of about chunk_size * V logits. Taken where that holds less
+//   (takes_vocab_slices); the public op sends such inputs down its recompute path.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -165,9 +165,22 @@ void accumulate(const Inputs& in, const at::Tensor& dlogits, const at::Tensor& h
 }
 
 // Columns per vocab slice: (M, slice) logits about the size of the (chunk_size, V) ones of the token pass,
-// at least 256 columns so that the slice's GEMMs stay wide (kernels/linear_cross_entropy.py's slice_columns).
+// at least 256 columns so that the slice's GEMMs stay wide. The same as slice_columns in
+// gptfast/ops/linear_cross_entropy.py.
 int64_t slice_columns(int64_t rows, int64_t vocab, int64_t chunk_size) {
-  return std::max<int64_t>(1, std::min(vocab, std::max<int64_t>(256, chunk_size * vocab / std::max<int64_t>(rows, 1))));
+  const int64_t even = chunk_size * vocab / std::max<int64_t>(rows, 1);
+  return std::max<int64_t>(1, std::min(vocab, std::max<int64_t>(256, even)));
+}
+
+// Whether the backward goes by vocab slices: fp16/bf16 operands over several chunks, where the slices hold
+// less than the token chunks' (V, H) fp32 accumulator. The same rule as takes_vocab_slices in
+// gptfast/ops/linear_cross_entropy.py, which also sends these inputs down the public op's recompute path.
+// (fp16 under allow_fp16_accumulation has fp32 operands here, so it sums over token chunks even where the
+// public op chose the recompute path: correct, at one more matmul.)
+bool takes_vocab_slices(const Inputs& in, int64_t chunk_size) {
+  const int64_t M = in.hidden.size(0), H = in.hidden.size(1), V = in.weight.size(0);
+  if (!in.low || M <= chunk_size) return false;
+  return M * (H + slice_columns(M, V, chunk_size)) < V * (2 * H + chunk_size);
 }
 
 // The backward by vocab slices (see the header): fp16/bf16 operands (in.low), several chunks.
@@ -258,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd(
   const auto acc = in.hidden.options().dtype(in.math);
   const at::Tensor dl = dloss.to(in.math).contiguous(), l = lse.to(in.math).contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  if (in.low && M > chunk_size) {
+  if (takes_vocab_slices(in, chunk_size)) {
     return backward_by_vocab_slices(in, dl, l, weight, bias, ignore_index, label_smoothing, z_loss, chunk_size,
                                     stream);
   }

@@ -3,12 +3,13 @@
 Two autograd paths over the backend's pair:
 - reduction 'mean'/'sum' with gradients: the forward also computes the gradients, chunk by chunk, while each
   chunk's logits are in hand (no recompute); the backward only scales them by the incoming scalar gradient.
-- reduction 'none', no gradients, or fp16/bf16 inputs of more than one chunk: the forward keeps only the row
-  LSEs and the backward recomputes the logits. A per-row upstream gradient cannot be applied to an
-  already-summed dweight; and half inputs over several chunks would need a (V, H) fp32 accumulator for the
-  dweight sum, which the GPU backends avoid by taking dweight by vocab slices once every row's lse is known
-  (kernels/linear_cross_entropy.py). Gradients taken in the forward would then cost the same four matmuls,
-  and be held from the forward to the backward, plus their scaled copy.
+- reduction 'none', no gradients, or fp16/bf16 inputs that take vocab slices (takes_vocab_slices): the
+  forward keeps only the row LSEs and the backward recomputes the logits. A per-row upstream gradient cannot
+  be applied to an already-summed dweight; and half inputs over several chunks would need a (V, H) fp32
+  accumulator for the dweight sum, which the triton and cuda backends avoid (where it saves memory) by taking
+  dweight by vocab slices once every row's lse is known (kernels/linear_cross_entropy.py). Gradients taken
+  in the forward would then cost the same four matmuls, and be held from the forward to the backward, plus
+  their scaled copy.
 """
 import math
 
@@ -94,16 +95,42 @@ def _register_reduced(backend: str, fwd) -> None:
 _library.register_spec(_library.OpSpec(OP, _fake_fwd, _fake_bwd, _setup_context, _backward, _register_reduced))
 
 
+MIN_SLICE = 256  # vocab columns a slice has at least, so that its GEMMs stay wide
+
+
+def slice_columns(rows: int, vocab: int, chunk_size: int) -> int:
+    """Columns per vocab slice: (rows, slice) logits about the size of the (chunk_size, V) token-pass ones."""
+    return max(1, min(vocab, max(MIN_SLICE, chunk_size * vocab // max(rows, 1))))
+
+
+def takes_vocab_slices(rows: int, hidden: int, vocab: int, chunk_size: int, dtype: torch.dtype) -> bool:
+    """Whether fp16/bf16 gradients are taken by vocab slices (kernels/linear_cross_entropy.py), on the triton
+    and cuda backends and through the public op's recompute path; csrc/cuda/linear_cross_entropy_binding.cpp
+    has the same rule.
+
+    Only several chunks of fp16/bf16 rows need a wider dweight accumulator at all, and slices are taken where
+    they hold less. Beyond the gradients, in 2-byte units: summing over token chunks in the reduced path
+    holds the (V, H) fp32 accumulator (2 V H), (chunk, V) logits and the backward's scaled copy of dhidden
+    (M H); slices hold the (M, H) fp32 dhidden accumulator (2 M H) and (M, slice) logits. So slices win when
+    M (H + slice) < V (2 H + chunk): at 8k tokens x 4096 x 128k by 7x, and not once M passes about V.
+    """
+    if dtype not in (torch.float16, torch.bfloat16) or rows <= chunk_size:
+        return False
+    cols = slice_columns(rows, vocab, chunk_size)
+    return rows * (hidden + cols) < vocab * (2 * hidden + chunk_size)
+
+
 GPU_MIN_CHUNK = 1024
 
 
 def default_chunk_size(rows: int, vocab: int, hidden: int, device: torch.device | None = None) -> int:
     """Liger's rule: about as many chunks as vocab/hidden, so a chunk's logits are about the size of hidden.
 
-    On CUDA at least GPU_MIN_CHUNK rows: every chunk reads and writes the whole (V, H) fp32 dweight accumulator,
-    so at 8k tokens, H=4096, V=128k the rule's 256-row chunks move 32 x 4.2 GB of accumulator traffic (about
-    31 ms at an H200's measured 4.3 TB/s, by count, not timed), while 1024-row chunks move a quarter of it and
-    hold only 1024 * V more logits.
+    On CUDA at least GPU_MIN_CHUNK rows: where dweight is summed over token chunks (fp32 inputs, or half ones
+    with more tokens than classes: takes_vocab_slices), every chunk reads and writes the whole (V, H)
+    accumulator, so at 8k tokens, H=4096, V=128k the rule's 256-row chunks would move 32 x 4.2 GB of fp32
+    accumulator traffic (about 31 ms at an H200's measured 4.3 TB/s, by count, not timed), while 1024-row
+    chunks move a quarter of it and hold only 1024 * V more logits. Vocab slices take their width from it.
     """
     chunks = max(1, math.ceil(vocab / max(hidden, 1)))
     size = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(rows / chunks)))))
@@ -116,13 +143,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          z_loss: float = 0.0, chunk_size: int | None = None,
                          out_dtype: torch.dtype | None = None, backend: str | None = None) -> Tensor:
-    """cross_entropy(hidden @ weight.T + bias, target, ...) holding at most chunk_size rows of logits at once.
+    """cross_entropy(hidden @ weight.T + bias, target, ...) holding about chunk_size * V logits at once.
 
     hidden: (N, H) or (B, T, H); weight: (V, H); bias: (V,) or None; target: (N,) or (B, T) int64/int32.
     Same options, result and target contract (out-of-range targets, ignored rows) as ops.cross_entropy on the
-    full logits. chunk_size rows of logits are live at a time (default: Liger's rule, about N * H / V rows, at
-    least 1024 on CUDA), so peak extra memory is O(chunk_size * V). The result's dtype follows
-    ops.cross_entropy's rule (hidden's, float32 for fp16/bf16 under autocast, or out_dtype).
+    full logits. The logits are live chunk_size rows at a time (default: Liger's rule, about N * H / V rows,
+    at least 1024 on CUDA), or in the fp16/bf16 backward of the triton and cuda backends N rows of a vocab
+    slice of about as many elements (at least 256 columns; takes_vocab_slices), so peak extra memory is
+    O(chunk_size * V) plus the gradients and one fp32 accumulator: dweight's or, with slices, dhidden's. The
+    result's dtype follows ops.cross_entropy's rule (hidden's, float32 for fp16/bf16 under autocast, or
+    out_dtype).
     """
     op = OP
     _checks.tensor(op, "hidden", hidden)
@@ -159,8 +189,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    several_half_chunks = h2.dtype in (torch.float16, torch.bfloat16) and rows > chunk_size
-    if needs_grad and reduction != "none" and rows > 0 and not several_half_chunks:
+    slices = takes_vocab_slices(rows, h2.shape[1], vocab, chunk_size, h2.dtype)
+    if needs_grad and reduction != "none" and rows > 0 and not slices:
         reduced = getattr(torch.ops.gptfast, f"{OP}_reduced_{name}")
         loss, *_ = reduced(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, reduction == "mean")
         return loss.to(dtype)

@@ -17,7 +17,9 @@ linear_cross_entropy_fwd(hidden[M,H], weight[V,H], target[M], bias[V]?, ..., chu
     are those of loss.sum() (computed during the forward, as each chunk's logits are in hand); without it
     they are empty tensors.
 linear_cross_entropy_bwd(dloss[M], hidden, weight, target, bias?, lse, ..., chunk_size)
-    -> (dhidden, dweight, dbias)   recomputes each chunk's logits; dbias is empty when bias is None.
+    -> (dhidden, dweight, dbias)   recomputes the logits chunk by chunk (or, for fp16/bf16 on the triton and
+    cuda backends, by vocab slices: ops.linear_cross_entropy.takes_vocab_slices); dbias is empty when bias
+    is None.
 
 attention_fwd(q[B,Hq,L,D], k[B,Hk,S,D], v[B,Hk,S,Dv], attn_mask?, dropout_p, is_causal, scale, rng[2])
     -> (out[B,Hq,L,Dv], lse[B,Hq,L] fp32)

@@ -3,7 +3,8 @@
 Expected values: F.cross_entropy(hidden @ weight.T + bias) (+ z_loss * lse^2) in higher precision (fp64
 for fp32 inputs, fp32 for half inputs); the same in the input dtype sets the error budget (design.md's rule).
 Both autograd paths of the public op are checked for the loss and all three gradients: reduction 'mean'/'sum'
-(gradients computed during the forward) and 'none' (the backward recomputes the logits chunk by chunk).
+(gradients computed during the forward) and 'none' (the backward recomputes the logits), and the fp16/bf16
+inputs that take vocab slices (recomputed for every reduction, dweight a slice of the vocab at a time).
 """
 
 import subprocess
@@ -124,6 +125,9 @@ SETTINGS = [
         "vocab slices, mean, every option",
     ),
     ((40,), 16, 700, False, {"chunk_size": 8, "reduction": "none"}, (5,), "vocab slices, per-row dloss"),
+    # more tokens than classes: slices would hold more than the (V, H) fp32 dW accumulator, so half inputs
+    # sum dW over the 8 chunks in fp32 (64 * (16 + 20) >= 20 * (2 * 16 + 8): takes_vocab_slices)
+    ((64,), 16, 20, True, {"chunk_size": 8, "z_loss": 1e-3}, (9,), "more tokens than classes, mean"),
 ]
 
 
@@ -136,11 +140,16 @@ def test_matches_torch(backend, device, dtype, rows, H, V, bias, options, ignore
     check_against_torch(hidden, weight, t, b, backend, **options)
 
 
-@pytest.mark.parametrize("dtype,slices", [(torch.float16, [0, 256, 512]), (torch.float32, [])], ids=str)
-def test_triton_half_backward_goes_by_vocab_slices(monkeypatch, dtype, slices):
+@pytest.mark.parametrize(
+    "dtype,rows,V,slices",
+    [(torch.float16, 40, 700, [0, 256, 512]), (torch.float32, 40, 700, []), (torch.float16, 64, 20, [])],
+    ids=str,
+)
+def test_triton_half_backward_goes_by_vocab_slices(monkeypatch, dtype, rows, V, slices):
     # The point of the slices is that no (V, H) fp32 dW accumulator exists: fp16/bf16 inputs of several chunks
-    # must reach the vocab pass, even with reduction 'mean' (the public op's recompute path). fp32 inputs sum
-    # dW over token chunks in the gradient itself. Records the windows the backward kernel is launched on.
+    # and fewer tokens than about V must reach the vocab pass, even with reduction 'mean' (the public op's
+    # recompute path). fp32 inputs sum dW over token chunks in the gradient itself, and so do half inputs of
+    # more tokens than classes. Records the windows the backward kernel is launched on.
     if not any(b == "triton" for b, _ in CASES):
         pytest.skip("no triton backend here")
     from gptfast.kernels import linear_cross_entropy as lce
@@ -155,7 +164,7 @@ def test_triton_half_backward_goes_by_vocab_slices(monkeypatch, dtype, slices):
         return launch(*args, col_start=col_start, **kwargs)
 
     monkeypatch.setattr(lce, "cross_entropy_backward", recording)
-    hidden, weight, t, b = _inputs((40,), 16, 700, device, dtype, True)
+    hidden, weight, t, b = _inputs((rows,), 16, V, device, dtype, True)
     check_against_torch(hidden, weight, t, b, "triton", chunk_size=8)
     assert starts == slices
 
