@@ -245,6 +245,7 @@ def linear_cross_entropy_bwd(
         dhidden = torch.zeros(hidden.shape, dtype=_acc(hidden.dtype), device=hidden.device)
         grads = (dweight, dbias, dhidden)
         _vocab_pass(dloss, hidden, weight, target, bias, lse, options, chunk_size, buffer, *grads)
+        del buffer  # before dhidden's cast, which would otherwise peak beside it
         return _finish(hidden, weight, bias, dhidden, dweight, dbias)
     dhidden = torch.empty_like(hidden)
     for start, stop in _chunks(M, chunk_size):
