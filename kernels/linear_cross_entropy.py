@@ -29,8 +29,8 @@ Vocab pass, per slice s of the vocab (all M rows):
      db_s = colsum(dlogits_s)                       fp32
      dh  += dlogits_s @ W_s                         into an (M, H) fp32 accumulator
 The forward's token pass plus this is four logits-sized matmuls, one more than unfused torch, for a peak of
-the gradients, dhidden's accumulator and one buffer. (The public op therefore sends such inputs down its
-recompute path: gradients taken during the forward would also be four matmuls, and held until the backward.)
+the gradients, dhidden's accumulator and one buffer. (The public op sends every fp16/bf16 input down its
+recompute path, so this backward is what their gradients take; with_grad serves fp32/fp64 inputs.)
 
 With with_grad the forward computes the gradients of loss.sum() (dloss = 1); the public op scales them. The
 backward takes an incoming per-row dloss and recomputes the logits. dweight/dbias come in the input dtype.

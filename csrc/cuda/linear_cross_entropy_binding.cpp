@@ -174,13 +174,12 @@ int64_t slice_columns(int64_t rows, int64_t vocab, int64_t chunk_size) {
 
 // Whether the backward goes by vocab slices: fp16/bf16 operands over several chunks, where the slices hold
 // less than the token chunks' (V, H) fp32 accumulator. The same rule as takes_vocab_slices in
-// gptfast/ops/linear_cross_entropy.py, which also sends these inputs down the public op's recompute path.
-// (fp16 under allow_fp16_accumulation has fp32 operands here, so it sums over token chunks even where the
-// public op chose the recompute path: correct, at one more matmul.)
+// gptfast/ops/linear_cross_entropy.py. (fp16 under allow_fp16_accumulation has fp32 operands here, so it
+// sums over token chunks.)
 bool takes_vocab_slices(const Inputs& in, int64_t chunk_size) {
   const int64_t M = in.hidden.size(0), H = in.hidden.size(1), V = in.weight.size(0);
   if (!in.low || M <= chunk_size) return false;
-  return M * (H + slice_columns(M, V, chunk_size)) < V * (2 * H + chunk_size);
+  return M * (2 * H + slice_columns(M, V, chunk_size)) < V * (2 * H + chunk_size);
 }
 
 // The backward by vocab slices (see the header): fp16/bf16 operands (in.low), several chunks.

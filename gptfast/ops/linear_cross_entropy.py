@@ -1,15 +1,17 @@
 """ops.linear_cross_entropy: cross_entropy(hidden @ weight.T + bias, target) without the full logits.
 
 Two autograd paths over the backend's pair:
-- reduction 'mean'/'sum' with gradients: the forward also computes the gradients, chunk by chunk, while each
-  chunk's logits are in hand (no recompute); the backward only scales them by the incoming scalar gradient.
-- reduction 'none', no gradients, or fp16/bf16 inputs that take vocab slices (takes_vocab_slices): the
-  forward keeps only the row LSEs and the backward recomputes the logits. A per-row upstream gradient cannot
-  be applied to an already-summed dweight; and half inputs over several chunks would need a (V, H) fp32
-  accumulator for the dweight sum, which the triton and cuda backends avoid (where it saves memory) by taking
-  dweight by vocab slices once every row's lse is known (kernels/linear_cross_entropy.py). Gradients taken
-  in the forward would then cost the same four matmuls, and be held from the forward to the backward, plus
-  their scaled copy.
+- fp32/fp64 inputs, reduction 'mean'/'sum', with gradients: the forward also computes the gradients, chunk by
+  chunk, while each chunk's logits are in hand (no recompute); the backward only scales them by the incoming
+  scalar gradient.
+- otherwise (reduction 'none', no gradients, or fp16/bf16 inputs): the forward keeps only the row LSEs and
+  the backward recomputes the logits, turning them into dlogits for the incoming per-row gradient. A per-row
+  gradient cannot be applied to an already-summed dweight. For fp16/bf16 inputs the first path would round
+  dhidden and dweight once more than torch does (scaled after their rounding to the input dtype: up to 1.2x
+  the tolerance rule's bound in the long hypothesis runs), and over several chunks hold a (V, H) fp32
+  dweight accumulator, which the triton and cuda backends avoid (where it saves memory) by taking dweight by
+  vocab slices once every row's lse is known (takes_vocab_slices, kernels/linear_cross_entropy.py). The
+  price is one more logits-sized matmul (four, against unfused torch's three).
 """
 import math
 
@@ -104,20 +106,19 @@ def slice_columns(rows: int, vocab: int, chunk_size: int) -> int:
 
 
 def takes_vocab_slices(rows: int, hidden: int, vocab: int, chunk_size: int, dtype: torch.dtype) -> bool:
-    """Whether fp16/bf16 gradients are taken by vocab slices (kernels/linear_cross_entropy.py), on the triton
-    and cuda backends and through the public op's recompute path; csrc/cuda/linear_cross_entropy_binding.cpp
-    has the same rule.
+    """Whether fp16/bf16 gradients are taken by vocab slices (kernels/linear_cross_entropy.py) in the backward
+    of the triton and cuda backends; csrc/cuda/linear_cross_entropy_binding.cpp has the same rule.
 
     Only several chunks of fp16/bf16 rows need a wider dweight accumulator at all, and slices are taken where
-    they hold less. Beyond the gradients, in 2-byte units: summing over token chunks in the reduced path
-    holds the (V, H) fp32 accumulator (2 V H), (chunk, V) logits and the backward's scaled copy of dhidden
-    (M H); slices hold the (M, H) fp32 dhidden accumulator (2 M H) and (M, slice) logits. So slices win when
-    M (H + slice) < V (2 H + chunk): at 8k tokens x 4096 x 128k by 7x, and not once M passes about V.
+    they hold less. Beyond the gradients, in 2-byte units: summing over token chunks holds the (V, H) fp32
+    accumulator (2 V H) and (chunk, V) logits; slices hold the (M, H) fp32 dhidden accumulator (2 M H) and
+    (M, slice) logits. So slices win when M (2 H + slice) < V (2 H + chunk): at 8k tokens x 4096 x 128k by
+    6x, and not once M passes about V.
     """
     if dtype not in (torch.float16, torch.bfloat16) or rows <= chunk_size:
         return False
     cols = slice_columns(rows, vocab, chunk_size)
-    return rows * (hidden + cols) < vocab * (2 * hidden + chunk_size)
+    return rows * (2 * hidden + cols) < vocab * (2 * hidden + chunk_size)
 
 
 GPU_MIN_CHUNK = 1024
@@ -189,8 +190,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    slices = takes_vocab_slices(rows, h2.shape[1], vocab, chunk_size, h2.dtype)
-    if needs_grad and reduction != "none" and rows > 0 and not slices:
+    half = h2.dtype in (torch.float16, torch.bfloat16)
+    if needs_grad and reduction != "none" and rows > 0 and not half:
         reduced = getattr(torch.ops.gptfast, f"{OP}_reduced_{name}")
         loss, *_ = reduced(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, reduction == "mean")
         return loss.to(dtype)

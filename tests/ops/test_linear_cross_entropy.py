@@ -126,7 +126,7 @@ SETTINGS = [
     ),
     ((40,), 16, 700, False, {"chunk_size": 8, "reduction": "none"}, (5,), "vocab slices, per-row dloss"),
     # more tokens than classes: slices would hold more than the (V, H) fp32 dW accumulator, so half inputs
-    # sum dW over the 8 chunks in fp32 (64 * (16 + 20) >= 20 * (2 * 16 + 8): takes_vocab_slices)
+    # sum dW over the 8 chunks in fp32 (64 * (2 * 16 + 20) >= 20 * (2 * 16 + 8): takes_vocab_slices)
     ((64,), 16, 20, True, {"chunk_size": 8, "z_loss": 1e-3}, (9,), "more tokens than classes, mean"),
 ]
 
