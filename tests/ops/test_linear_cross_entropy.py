@@ -2,9 +2,9 @@
 
 Expected values: F.cross_entropy(hidden @ weight.T + bias) (+ z_loss * lse^2) in higher precision (fp64
 for fp32 inputs, fp32 for half inputs); the same in the input dtype sets the error budget (design.md's rule).
-Both autograd paths of the public op are checked for the loss and all three gradients: reduction 'mean'/'sum'
-(gradients computed during the forward) and 'none' (the backward recomputes the logits), and the fp16/bf16
-inputs that take vocab slices (recomputed for every reduction, dweight a slice of the vocab at a time).
+Both autograd paths of the public op are checked for the loss and all three gradients: fp32 with reduction
+'mean'/'sum' (gradients computed during the forward), and 'none' or fp16/bf16 (the backward recomputes the
+logits: by token chunks, or where takes_vocab_slices says so a slice of the vocab at a time).
 """
 
 import subprocess
