@@ -5,7 +5,7 @@ columns, or all M rows of a slice of the vocab of about as many elements (at lea
 extra memory is that buffer, O(chunk_size * V), and one fp32 accumulator for half inputs of several chunks
 (dweight's, or with slices dhidden's), besides the gradients themselves.
 
-Token pass, per chunk c of rows (the forward; the backward of fp32/fp64 or one-chunk inputs):
+Token pass, per chunk c of rows (the forward, and the backward unless it takes vocab slices):
   1. logits_c = h_c @ W^T (+ b)                     torch matmul (addmm with a bias), into the buffer
   2. the fused cross-entropy kernel reads logits_c once for loss and lse and, when gradients are wanted,
      overwrites the buffer with
