@@ -117,10 +117,10 @@ def _vocab_pass(
     buffer: torch.Tensor,
     dweight: torch.Tensor,
     dbias: torch.Tensor | None,
-    dhidden_acc: torch.Tensor | None,
+    dhidden_acc: torch.Tensor,
 ) -> None:
     """Steps 4-6 over every vocab slice: dweight[s] (weight's dtype) and dbias[s] (fp32) are written, not
-    summed; dhidden_acc (fp32), when given, gets every slice's dlogits_s @ W_s added."""
+    summed; dhidden_acc (fp32) gets every slice's dlogits_s @ W_s added."""
     M, V = hidden.shape[0], weight.shape[0]
     step = slice_columns(M, V, chunk_size)
     for v0, v1 in _chunks(V, step):
@@ -131,8 +131,7 @@ def _vocab_pass(
         torch.mm(logits.t(), hidden, out=dweight[v0:v1])
         if dbias is not None:
             torch.sum(logits, dim=0, dtype=dbias.dtype, out=dbias[v0:v1])
-        if dhidden_acc is not None:
-            _add_product(dhidden_acc, logits, w_s)
+        _add_product(dhidden_acc, logits, w_s)
 
 
 def _accumulate(
