@@ -51,7 +51,9 @@ class CrossEntropyLoss(_nn.Module):
     The constructor takes torch's arguments in torch's order, and forward(input, target) torch's layout:
     input (C,), (N, C) or (N, C, d1, ..., dk) logits with target (), (N,) or (N, d1, ..., dk) int64/int32
     class indices. class_dim=-1 keeps the classes last instead, a GPT's (B, T, V) logits with (B, T)
-    targets, with no transpose. Returns a scalar for 'mean'/'sum', target's shape for 'none'. Per-class
+    targets, with no transpose. Returns a scalar for 'mean'/'sum', target's shape for 'none'.
+    inplace_backward=True writes the gradient over the logits in the backward instead of a new buffer
+    (ops.cross_entropy documents the contract). Per-class
     `weight` and class-probability targets are not supported (a clear error); size_average and reduce are
     torch's deprecated spellings of reduction and are read as torch reads them.
     """
@@ -67,6 +69,7 @@ class CrossEntropyLoss(_nn.Module):
         *,
         z_loss: float = 0.0,
         class_dim: int = 1,
+        inplace_backward: bool = False,
         backend: str | None = None,
     ):
         super().__init__()
@@ -84,6 +87,7 @@ class CrossEntropyLoss(_nn.Module):
             reduction = _Reduction.legacy_get_string(size_average, reduce)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.class_dim, self.backend = z_loss, class_dim, backend
+        self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if self.class_dim == 1 and input.dim() > 2 and isinstance(target, Tensor):
@@ -108,6 +112,7 @@ class CrossEntropyLoss(_nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
+            inplace_backward=self.inplace_backward,
             backend=self.backend,
         )
 
@@ -115,7 +120,7 @@ class CrossEntropyLoss(_nn.Module):
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, class_dim={self.class_dim}, "
-            f"backend={self.backend!r}"
+            f"inplace_backward={self.inplace_backward}, backend={self.backend!r}"
         )
 
 

@@ -14,7 +14,11 @@ In-place gradient (off by default): `cross_entropy_forward(..., grad_in_place=Tr
 logits with the gradient of loss.sum() (dloss = 1 per row) in a second pass over the row (often still in L2).
 linear_cross_entropy uses it so that a chunk's logits buffer becomes its dlogits without a second buffer.
 `cross_entropy_backward(..., out=logits)` is the same in place for a given dloss (the kernel reads each
-element before writing it).
+element before writing it); `cross_entropy_bwd_inplace` is that for ops.cross_entropy's inplace_backward=True.
+The public flag writes in the backward, not the forward: the memory saved is the same (the logits' buffer
+becomes dlogits either way), but only the backward knows dloss. A forward that wrote d loss.sum() would need a
+further pass to scale it by dloss, and in fp16/bf16 it would round twice, which the tolerance rule does not
+allow; and the logits would be gone right after the forward, before a caller reads them.
 
 Out-of-range targets (not ignore_index and outside [0, V)): the kernels never read them. The row's loss is NaN
 and its gradient row is NaN, so the error cannot pass as a finite loss (checking on a GPU would need a host
@@ -277,6 +281,23 @@ def cross_entropy_bwd(
     """dlogits[M, V] (logits' dtype) for the upstream dloss[M], from the saved lse[M]."""
     return cross_entropy_backward(
         dloss, logits, target.contiguous(), lse, ignore_index, label_smoothing, z_loss
+    )
+
+
+def cross_entropy_bwd_inplace(
+    dloss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> None:
+    """cross_entropy_bwd's dlogits written over the (contiguous) logits[M, V]."""
+    if not logits.is_contiguous():
+        raise ValueError(f"cross_entropy_bwd_inplace: logits must be contiguous, got strides {logits.stride()}")
+    cross_entropy_backward(
+        dloss, logits, target.contiguous(), lse, ignore_index, label_smoothing, z_loss, out=logits
     )
 
 

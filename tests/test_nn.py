@@ -90,6 +90,27 @@ def test_cross_entropy_loss_is_class_last_with_class_dim_minus_1():
     _check(ours, TorchClassLast(label_smoothing=0.2), [logits, target])
 
 
+class _OnComputedLogits(torch.nn.Module):
+    """loss(2 * x, t): the in-place backward needs computed logits, as a model's are."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, x, target):
+        return self.loss(2.0 * x, target)
+
+
+@pytest.mark.parametrize("shape", [(13, 37), (2, 7, 3, 4)])  # class-last rows, and torch's (N, C, d1, d2)
+def test_cross_entropy_loss_inplace_backward_equals_torch(shape):
+    logits = torch.randn(shape)
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    target.view(-1)[::4] = -100
+    ours = _OnComputedLogits(nn.CrossEntropyLoss(label_smoothing=0.1, inplace_backward=True))
+    _check(ours, _OnComputedLogits(torch.nn.CrossEntropyLoss(label_smoothing=0.1)), [logits, target])
+    assert "inplace_backward=True" in repr(ours)
+
+
 def test_cross_entropy_loss_is_a_drop_in_for_torchs():
     # torch's layout (N, C, d1, d2) by default, and torch's constructor, positional arguments included:
     # (weight, size_average, ignore_index, reduce, reduction, label_smoothing).

@@ -44,23 +44,22 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits_in
   return {loss, lse};
 }
 
-at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits_in, const at::Tensor& target,
-                             const at::Tensor& lse_in, int64_t ignore_index, double label_smoothing, double z_loss) {
-  TORCH_CHECK(logits_in.dim() == 2, "cross_entropy_bwd: logits must be (M, V), got ", logits_in.sizes());
-  const at::Tensor logits = logits_in.contiguous();
+// dlogits of the contiguous (M, V) logits, written into `out` (the logits themselves for the in-place op:
+// ce_row_grad reads each element before it overwrites it).
+void write_grad(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse_in,
+                int64_t ignore_index, double label_smoothing, double z_loss, at::Tensor& out, const char* op) {
   const int64_t M = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(dloss.numel() == M && lse_in.numel() == M && target.numel() == M,
-              "cross_entropy_bwd: dloss, lse and target must have ", M, " elements, got ", dloss.numel(), ", ",
-              lse_in.numel(), " and ", target.numel());
+  TORCH_CHECK(dloss.numel() == M && lse_in.numel() == M && target.numel() == M, op,
+              ": dloss, lse and target must have ", M, " elements, got ", dloss.numel(), ", ", lse_in.numel(),
+              " and ", target.numel());
   const at::Tensor t = checked_targets(target, V, ignore_index, "cross_entropy");
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor dl = dloss.to(acc).contiguous(), lse = lse_in.to(acc).contiguous();
-  at::Tensor dlogits = empty_output_like(logits);
   const CrossEntropyOptions o{ignore_index, label_smoothing, z_loss};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* xp = logits.const_data_ptr<scalar_t>();
-    scalar_t* gp = dlogits.mutable_data_ptr<scalar_t>();
+    scalar_t* gp = out.mutable_data_ptr<scalar_t>();
     const int64_t* tp = t.const_data_ptr<int64_t>();
     const A* dlp = dl.const_data_ptr<A>();
     const A* lsep = lse.const_data_ptr<A>();
@@ -70,7 +69,25 @@ at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits_i
       }
     });
   });
+}
+
+at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits_in, const at::Tensor& target,
+                             const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss) {
+  TORCH_CHECK(logits_in.dim() == 2, "cross_entropy_bwd: logits must be (M, V), got ", logits_in.sizes());
+  const at::Tensor logits = logits_in.contiguous();
+  at::Tensor dlogits = empty_output_like(logits);
+  write_grad(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss, dlogits, "cross_entropy_bwd");
   return dlogits;
+}
+
+// ops.cross_entropy(..., inplace_backward=True): the gradient replaces the saved logits, so the backward
+// allocates no (M, V) buffer.
+void cross_entropy_bwd_inplace(const at::Tensor& dloss, at::Tensor& logits, const at::Tensor& target,
+                               const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(),
+              "cross_entropy_bwd_inplace: logits must be contiguous (M, V), got sizes ", logits.sizes(),
+              " and strides ", logits.strides());
+  write_grad(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss, logits, "cross_entropy_bwd_inplace");
 }
 
 }  // namespace
@@ -79,4 +96,5 @@ at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits_i
 TORCH_LIBRARY_IMPL(gptfast, CPU, m) {
   m.impl("cross_entropy_fwd", &gptfast::cpu::cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &gptfast::cpu::cross_entropy_bwd);
+  m.impl("cross_entropy_bwd_inplace", &gptfast::cpu::cross_entropy_bwd_inplace);
 }

@@ -6,6 +6,7 @@ Every pair gets a fake (meta) implementation and autograd, so torch.compile(full
 """
 import dataclasses
 import functools
+import re
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ class OpSpec:
     setup_context: Callable  # (ctx, inputs, output) -> None
     backward: Callable  # (ctx, bwd_op, *grads) -> grads of the forward's inputs
     register_extra: Callable | None = None  # (backend, fwd_op) -> None: further ops built on the pair
+    extras: tuple[tuple[str, Callable], ...] = ()  # (half, fake): further halves with a schema, e.g. bwd_inplace
 
 
 _SPECS: dict[str, OpSpec] = {}
@@ -41,15 +43,15 @@ def _attach(fwd_name: str, bwd_name: str, fwd, bwd, spec: OpSpec) -> None:
     )
 
 
-def _python_op(qualname: str, impl: Callable, schema: str, backend: str, traceable: bool):
+def _python_op(qualname: str, impl: Callable, schema: str, backend: str, traceable: bool, mutates=()):
     # Triton pairs on GPUs are triton_ops: torch.compile then traces into the launcher and sees the kernels
     # (launched through torch.library.wrap_triton). Under TRITON_INTERPRET=1 the kernels run on CPU tensors,
     # which that tracing cannot launch, so there they stay opaque custom ops; so does a kernel module that sets
     # TRACEABLE = False (its launcher calls torch ops that tracing decomposes wrongly). triton_op infers the
     # schema from the pair's annotations.
     if backend == "triton" and traceable and not backends.interpreting():
-        return torch.library.triton_op(qualname, impl, mutates_args=())
-    return torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
+        return torch.library.triton_op(qualname, impl, mutates_args=mutates)
+    return torch.library.custom_op(qualname, impl, mutates_args=mutates, schema=schema)
 
 
 @torch.compiler.assume_constant_result
@@ -68,9 +70,10 @@ def qualname(op: str, backend: str, half: str = "fwd") -> str:
     return f"{op}_{half}" if backend in ("cpu", "cuda") else f"{op}_{half}_{backend}"
 
 
-def fwd(op: str, backend: str):
-    """The registered forward of `op` on `backend`, looked up through torch.ops (which torch.compile traces)."""
-    return getattr(torch.ops.gptfast, qualname(op, backend))
+def fwd(op: str, backend: str, half: str = "fwd"):
+    """The registered forward (or another half) of `op` on `backend`, looked up through torch.ops (which
+    torch.compile traces)."""
+    return getattr(torch.ops.gptfast, qualname(op, backend, half))
 
 
 @functools.cache
@@ -84,6 +87,8 @@ def pair(op: str, backend: str):
         fwd_op, bwd_op = _python_pair(op, backend)
     if spec.register_extra:
         spec.register_extra(backend, fwd_op)
+    for half, fake in spec.extras:
+        _extra(op, backend, half, fake)
     return fwd_op, bwd_op
 
 
@@ -105,3 +110,30 @@ def _extension_pair(op: str):
     fwd_op, bwd_op = getattr(torch.ops.gptfast, f"{op}_fwd"), getattr(torch.ops.gptfast, f"{op}_bwd")
     _attach(f"gptfast::{op}_fwd", f"gptfast::{op}_bwd", fwd_op, bwd_op, _SPECS[op])
     return fwd_op, bwd_op
+
+
+def _extra(op: str, backend: str, half: str, fake: Callable) -> None:
+    """Registers a further half of `op` beside its pair (e.g. cross_entropy_bwd_inplace on `backend`) with its
+    fake and no autograd of its own (it runs inside a backward). The tensors its schema marks `(a!)` are the
+    ones it writes."""
+    if backend in ("cpu", "cuda"):
+        _extension_extra(f"{op}_{half}", fake)
+    else:
+        _python_extra(op, backend, half, fake)
+
+
+@functools.cache
+def _python_extra(op: str, backend: str, half: str, fake: Callable):
+    module = backends.kernel_module(backend, op)
+    schema = SCHEMAS[f"{op}_{half}"]
+    name = f"gptfast::{qualname(op, backend, half)}"
+    mutates = tuple(re.findall(r"Tensor\(\w!\) (\w+)", schema))
+    _python_op(name, getattr(module, f"{op}_{half}"), schema, backend, getattr(module, "TRACEABLE", True), mutates)
+    torch.library.register_fake(name, fake)
+
+
+@functools.cache
+def _extension_extra(name: str, fake: Callable):
+    import gptfast._C  # noqa: F401
+
+    torch.library.register_fake(f"gptfast::{name}", fake)

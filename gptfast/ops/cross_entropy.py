@@ -29,7 +29,35 @@ def _backward(ctx, bwd, dloss, _dlse):
     return dlogits, None, None, None, None
 
 
-_library.register_spec(_library.OpSpec("cross_entropy", _fake_fwd, _fake_bwd, _setup_context, _backward))
+def _fake_bwd_inplace(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss) -> None:
+    return None
+
+
+_library.register_spec(
+    _library.OpSpec(
+        "cross_entropy", _fake_fwd, _fake_bwd, _setup_context, _backward,
+        extras=(("bwd_inplace", _fake_bwd_inplace),),
+    )
+)
+
+
+class _InplaceBackward(torch.autograd.Function):
+    """The backend's forward, and a backward that writes dlogits over the saved logits instead of a new
+    (M, V) buffer. The in-place op bumps the logits' version counter, so anything else in the graph that
+    saved these logits and runs its backward later fails autograd's check rather than reading gradients."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, backend):
+        loss_rows, lse = _library.fwd("cross_entropy", backend)(logits, target, ignore_index, label_smoothing, z_loss)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.options, ctx.backend = (ignore_index, label_smoothing, z_loss), backend
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, target, lse = ctx.saved_tensors
+        _library.fwd("cross_entropy", ctx.backend, "bwd_inplace")(dloss.contiguous(), logits, target, lse, *ctx.options)
+        return logits, None, None, None, None, None
 
 
 def check_target(op: str, target, input: Tensor, input_name: str = "input") -> Tensor:
@@ -92,6 +120,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     out_dtype: torch.dtype | None = None,
+    inplace_backward: bool = False,
     backend: str | None = None,
 ) -> Tensor:
     """Cross-entropy of class-last logits, as torch.nn.functional.cross_entropy, plus PaLM's z_loss.
@@ -120,7 +149,29 @@ def cross_entropy(
     dtype = result_dtype(op, input, out_dtype)
     if input.shape[-1] == 0:
         raise ValueError(f"{op}: input must have at least one class, got shape {tuple(input.shape)}")
+    inplace = _check_inplace(op, inplace_backward, input)
     name = _library.resolve(op, input.device, backend, label_smoothing=ls, z_loss=z)
     logits = input.reshape(-1, input.shape[-1]).contiguous()
-    loss_rows, _ = _library.fwd(op, name)(logits, target.reshape(-1).contiguous(), ignore_index, ls, z)
+    rows_target = target.reshape(-1).contiguous()
+    if inplace:
+        loss_rows = _InplaceBackward.apply(logits, rows_target, ignore_index, ls, z, name)
+    else:
+        loss_rows, _ = _library.fwd(op, name)(logits, rows_target, ignore_index, ls, z)
     return reduce(loss_rows, target, ignore_index, reduction).to(dtype)
+
+
+def _check_inplace(op: str, inplace_backward, input: Tensor) -> bool:
+    """Whether this call takes the in-place backward: asked for, and a gradient will flow into input."""
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"{op}: inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if not (inplace_backward and input.requires_grad and torch.is_grad_enabled()):
+        return False
+    root = input if input._base is None else input._base
+    if root.is_leaf:
+        what = "a leaf" if root is input else "a view of a leaf"
+        raise ValueError(
+            f"{op}: inplace_backward=True writes the gradient over input, so input must be computed (a model's "
+            "logits), not a leaf tensor that requires grad or a view of one, whose .grad would then be its own "
+            f"storage; got {what} of shape {tuple(root.shape)}"
+        )
+    return True

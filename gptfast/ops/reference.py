@@ -90,6 +90,14 @@ def cross_entropy_bwd(
     return g.to(logits.dtype)
 
 
+def cross_entropy_bwd_inplace(
+    dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int, label_smoothing: float,
+    z_loss: float,
+) -> None:
+    """cross_entropy_bwd's dlogits written over logits (the spec of the in-place backward, not its memory)."""
+    logits.copy_(cross_entropy_bwd(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss))
+
+
 # --------------------------------------------------------------------------------- linear cross entropy
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
     ct = compute_dtype(hidden.dtype)

@@ -10,6 +10,8 @@ softmax_bwd(dy, y, scale, causal_rows) -> dx = scale * y * (dy - rowsum(dy * y))
 cross_entropy_fwd(logits[M,V], target[M], ignore_index, label_smoothing, z_loss) -> (loss[M], lse[M])
     loss and lse in fp32 (fp64 for fp64 logits); ignored rows have loss 0.
 cross_entropy_bwd(dloss[M], logits, target, lse, ignore_index, label_smoothing, z_loss) -> dlogits[M,V]
+cross_entropy_bwd_inplace(dloss[M], logits[M,V] (contiguous), target, lse, ...) -> ()
+    the same dlogits written over logits (ops.cross_entropy's inplace_backward=True)
 
 linear_cross_entropy_fwd(hidden[M,H], weight[V,H], target[M], bias[V]?, ..., chunk_size, with_grad)
     -> (loss[M], lse[M], dhidden[M,H], dweight[V,H], dbias[V])
@@ -41,6 +43,10 @@ SCHEMAS = {
     "cross_entropy_bwd": (
         "(Tensor dloss, Tensor logits, Tensor target, Tensor lse, int ignore_index, float label_smoothing,"
         " float z_loss) -> Tensor"
+    ),
+    "cross_entropy_bwd_inplace": (
+        "(Tensor dloss, Tensor(a!) logits, Tensor target, Tensor lse, int ignore_index, float label_smoothing,"
+        " float z_loss) -> ()"
     ),
     "linear_cross_entropy_fwd": (
         "(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing,"

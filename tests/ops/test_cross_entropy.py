@@ -25,8 +25,10 @@ def _skip_interpreted_bf16(backend, device, dtype):
         pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 Triton runs in the GPU tests")
 
 
-def check_against_torch(x, target, backend, **options):
-    """ops.cross_entropy's value and d/dinput vs torch (upcast) within 2x torch's own same-dtype error."""
+def check_against_torch(x, target, backend, inplace_backward=False, **options):
+    """ops.cross_entropy's value and d/dinput vs torch (upcast) within 2x torch's own same-dtype error.
+    inplace_backward=True runs ours on a computed copy of the input (the in-place backward refuses leaves) and
+    checks that the gradient it hands back is that copy's own storage."""
     hp = reference_dtype(x.dtype)
     out_shape = target.shape if options.get("reduction") == "none" else ()
     upstream = torch.rand(out_shape, device=x.device) + 0.5
@@ -37,7 +39,21 @@ def check_against_torch(x, target, backend, **options):
         (grad,) = torch.autograd.grad(out, inp, upstream.to(out.dtype))
         return out, grad
 
-    out, grad = run(lambda t: ops.cross_entropy(t, target, backend=backend, **options), x)
+    def ours(t):
+        if not inplace_backward:
+            return ops.cross_entropy(t, target, backend=backend, **options)
+        logits = t.clone()
+        before = logits.detach().clone()
+        logits.register_hook(lambda g: storages.append((g.data_ptr(), logits.data_ptr())))
+        out = ops.cross_entropy(logits, target, backend=backend, inplace_backward=True, **options)
+        assert torch.equal(logits.detach(), before), "the forward must leave the logits as they were"
+        return out
+
+    storages = []
+    out, grad = run(ours, x)
+    if inplace_backward:
+        [(grad_ptr, logits_ptr)] = storages
+        assert grad_ptr == logits_ptr or not x.is_contiguous(), "the gradient must reuse the logits' storage"
     ref, ref_grad = run(lambda t: torch_cross_entropy(t, target, **options), x.to(hp))
     same, same_grad = run(lambda t: torch_cross_entropy(t, target, **options), x)
     assert out.dtype == x.dtype and out.shape == ref.shape
@@ -82,6 +98,17 @@ def test_matches_torch(backend, device, dtype, shape, options, ignore_rows, why)
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,options,ignore_rows,why", SETTINGS, ids=[s[3] for s in SETTINGS])
+def test_inplace_backward_matches_torch(backend, device, dtype, shape, options, ignore_rows, why):
+    # the same cases through the in-place backward: same values and gradients, no (N, C) gradient buffer
+    _skip_interpreted_bf16(backend, device, dtype)
+    x = 3 * torch.randn(shape, device=device).to(dtype)
+    t = _targets(shape[:-1], shape[-1], device, ignore_rows, ignore_index=options.get("ignore_index", -100))
+    check_against_torch(x, t, backend, inplace_backward=True, **options)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_int32_targets_and_reductions(backend, device, reduction):
     # int32 class indices are read as such by every backend; each reduction of the same rows
@@ -98,6 +125,89 @@ def test_non_contiguous_input(backend, device, dtype):
     t = _targets((12,), 31, device, (3,))
     check_against_torch(base.t(), t, backend, z_loss=1e-3)
     check_against_torch(base.t()[:, ::2], torch.where(t >= 0, t % 16, t), backend, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_inplace_backward_non_contiguous_input(backend, device):
+    # a transposed buffer: the backward overwrites the op's contiguous copy, never the caller's tensor
+    base = torch.randn(31, 12, device=device)
+    t = _targets((12,), 31, device, (3,))
+    check_against_torch(base.t(), t, backend, inplace_backward=True, z_loss=1e-3)
+    leaf = base.clone().requires_grad_()
+    logits = leaf * 1.0
+    view = logits.t()
+    ops.cross_entropy(view, t, backend=backend, inplace_backward=True).backward()
+    torch.testing.assert_close(logits.detach(), base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_inplace_backward_overwrites_input_and_guards_other_users(backend, device):
+    leaf = torch.randn(5, 23, device=device, requires_grad=True)
+    t = _targets((5,), 23, device, (1,))
+    # After backward the logits hold their gradient (the documented effect of the flag).
+    logits = leaf * 2.0
+    loss = ops.cross_entropy(logits, t, reduction="sum", backend=backend, inplace_backward=True)
+    loss.backward()
+    expected = torch.func.grad(lambda x: F.cross_entropy(x, t, reduction="sum"))(leaf.detach() * 2.0)
+    torch.testing.assert_close(logits.detach(), expected)
+    # A node that saved the same logits and runs its backward after ours must fail, not read gradients.
+    logits = leaf * 2.0
+    other = logits.pow(2).sum()
+    loss = other + ops.cross_entropy(logits, t, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # Without a gradient to compute there is nothing to write: the logits stay as they are.
+    with torch.no_grad():
+        logits = leaf * 2.0
+        ops.cross_entropy(logits, t, backend=backend, inplace_backward=True)
+        torch.testing.assert_close(logits, leaf * 2.0, rtol=0, atol=0)
+
+
+KERNEL_CASES = [c for c in CASES if c[0] != "reference"]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_CASES, ids=ids(KERNEL_CASES))
+def test_inplace_backward_saves_the_gradient_buffer(backend, device):
+    # An LM head and its loss, forward+backward. The step peaks in the loss's backward: the default holds the
+    # logits and their dlogits there, the in-place backward only the logits, until the matmul's backward adds
+    # dW and dhidden. So it saves the (M, V) buffer less those two, which head dim 8 keeps small: 1 MiB of
+    # fp32 logits at 64 x 4096, 130 KiB of gradients. (The reference, a spec, allocates its dlogits and copies
+    # them.) peak_bytes is the CUDA allocator's peak, or on the CPU the profiler's count of allocator events.
+    from gptfast.bench.memory import peak_bytes
+
+    if backend == "triton" and device == "cpu":
+        pytest.skip(
+            "the Triton interpreter frees blocks of earlier launches during later ones, which shifts the CPU "
+            "profiler's count by a buffer; the in-place storage is checked on the CPU, the saving on GPUs"
+        )
+    M, H, V = 64, 8, 4096
+    hidden = torch.randn(M, H, device=device, requires_grad=True)
+    weight = torch.randn(V, H, device=device, requires_grad=True)
+    t = _targets((M,), V, device, (5,))
+
+    def peak(inplace):
+        def step():
+            loss = ops.cross_entropy(hidden @ weight.T, t, backend=backend, inplace_backward=inplace)
+            loss.backward()
+
+        hidden.grad = weight.grad = None  # outside the measured call: freeing them would offset its count
+        return peak_bytes(step, device)
+
+    peak(False), peak(True)  # first calls register the ops and warm the allocator
+    saved = peak(False) - peak(True)
+    expected = 4 * (M * V - V * H - M * H)
+    assert saved >= 0.9 * expected, f"the in-place backward saved {saved} bytes; the dlogits less dW and dh are {expected}"
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+def test_inplace_backward_torch_compile_fullgraph(backend, device):
+    x = torch.randn(2, 5, 21, device=device)
+    t = _targets((2, 5), 21, device, (3,))
+
+    def fn(inp):
+        return ops.cross_entropy(inp * 2.0, t, z_loss=1e-3, backend=backend, inplace_backward=True)
+
+    assert_compiles_like_eager(fn, x)
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -315,6 +425,13 @@ def test_argument_errors():
             ops.cross_entropy(x, t, label_smoothing=bad)
     with pytest.raises(ValueError, match="z_loss must be in"):
         ops.cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(TypeError, match="inplace_backward must be a bool, got int"):
+        ops.cross_entropy(x, t, inplace_backward=1)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"inplace_backward=True .* not a leaf tensor .*got a leaf of shape \(3, 5\)"):
+        ops.cross_entropy(leaf, t, inplace_backward=True)
+    with pytest.raises(ValueError, match=r"got a view of a leaf of shape \(3, 5\)"):
+        ops.cross_entropy(leaf.view(3, 5), t, inplace_backward=True)
 
 
 def test_out_of_range_target_raises_on_cpu_reference():
