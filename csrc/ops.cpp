@@ -2,6 +2,7 @@
 // cuda/<op>_binding.cpp with TORCH_LIBRARY_IMPL). The Python reference and Triton backends register
 // custom ops with these same schemas (gptfast/ops/schemas.py documents them; a test keeps both equal).
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -30,7 +31,10 @@ void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i].alias_info() && args[i].alias_info()->isWrite()) written.push_back((*stack)[first + i].toTensor());
   }
-  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  {
+    at::AutoDispatchBelowADInplaceOrView below;  // the kernel's own ops record no autograd history
+    op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  }
   for (auto& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 

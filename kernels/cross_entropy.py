@@ -294,8 +294,11 @@ def cross_entropy_bwd_inplace(
     z_loss: float,
 ) -> None:
     """cross_entropy_bwd's dlogits written over the (contiguous) logits[M, V]."""
-    if not logits.is_contiguous():
-        raise ValueError(f"cross_entropy_bwd_inplace: logits must be contiguous, got strides {logits.stride()}")
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError(
+            "cross_entropy_bwd_inplace: logits must be contiguous (M, V), got shape "
+            f"{tuple(logits.shape)} and strides {logits.stride()}"
+        )
     cross_entropy_backward(
         dloss, logits, target.contiguous(), lse, ignore_index, label_smoothing, z_loss, out=logits
     )

@@ -5,6 +5,7 @@
 #   1. build:   pip install --no-deps --no-build-isolation -e .  (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16)
 #      probe:   scripts/probe_warp_spec.py, each warp-specialised Triton config once (off for 2-3 if it fails)
 #   2. tests:   pytest tests -q -rs --junitxml  -> junit.xml, tests.log, tests_summary.md (per file)
+#      memory:  benchmarks/cross_entropy_inplace_memory.py at 8k x 4096 x 128k bf16 (cross_entropy's inplace_backward)
 #   3. bench:   gptfast bench --full --device cuda --out $OUT/bench  (report.md, results.json, plots)
 #   4. summary: summary.md with the commit, nvidia-smi, versions, test summary and the report's headline
 # Everything lands in $OUT (default ./gpu-check-out) as gpu-check.tgz, with summary.md, tests_summary.md and
@@ -107,10 +108,10 @@ rm -f "$OUT/junit.xml" "$OUT/tests_summary.md"
 # shellcheck disable=SC2086  # TESTS may hold several paths
 # 16 cores: spread the suite over pytest-xdist workers when it is there (the GPU image has it); Triton's
 # compile cache on disk is shared between them. 200 s: the suite took 149 s at 2baac1f, and the tests of every
-# autotune candidate since add some 30 Triton compiles; the bench keeps at least 130 s.
+# autotune candidate since add some 30 Triton compiles; the memory step and the bench keep at least 150 s.
 XDIST=()
 if [[ $DRY_RUN == 0 ]] && "$PYTHON" -c "import xdist" 2>/dev/null; then XDIST=(-n "${GPU_CHECK_WORKERS:-8}"); fi
-run_step tests "$(min "${TESTS_LIMIT:-200}" "$(( $(left) - 130 ))")" "$OUT/tests.log" \
+run_step tests "$(min "${TESTS_LIMIT:-200}" "$(( $(left) - 150 ))")" "$OUT/tests.log" \
   "$PYTHON" -m pytest $TESTS ${GPU_CHECK_K:+-k "$GPU_CHECK_K"} -q -rs -p no:cacheprovider "${XDIST[@]}" \
   --junitxml="$OUT/junit.xml"
 "$PYTHON" - "$OUT" >> "$STEPS_LOG" 2>&1 <<'EOF'
@@ -161,6 +162,17 @@ else:
 print("\n".join(lines[:3]))
 EOF
 
+# ------------------------------------------------------------------------------------------- memory
+# Peak memory of the LM head + loss with and without ops.cross_entropy's inplace_backward, at issue 3's LCE
+# shape (8k tokens x 4096 x 128k, bf16; a few seconds), beside torch's.
+if [[ $DRY_RUN == 1 ]]; then
+  MEM=(--tokens 64 --hidden 16 --vocab 512 --dtype float32 --backend reference --device cpu)
+else
+  MEM=(--tokens 8192 --hidden 4096 --vocab 128256 --dtype bfloat16 --backend triton --device cuda)
+fi
+run_step memory "$(min 45 "$(( $(left) - 120 ))")" "$OUT/memory.log" \
+  "$PYTHON" benchmarks/cross_entropy_inplace_memory.py "${MEM[@]}"
+
 # ------------------------------------------------------------------------------------------- 3. bench
 # `gptfast bench ARGS` is gptfast.bench.cli.main(ARGS); `python -m gptfast.bench` is the same call and needs
 # neither the console script on PATH nor gptfast/cli.py.
@@ -207,8 +219,9 @@ EOF
   echo
   echo "## Steps"
   echo
-  for step in build probe tests bench; do echo "- $step: ${STATUS[$step]:-not run}"; done
-  echo "- logs: build.log, probe.log, tests.log, bench.log, steps.log; junit.xml; bench/report.md, bench/results.json"
+  for step in build probe tests memory bench; do echo "- $step: ${STATUS[$step]:-not run}"; done
+  echo "- logs: build.log, probe.log, tests.log, memory.log, bench.log, steps.log; junit.xml; bench/report.md,"
+  echo "  bench/results.json"
   echo
   if [[ -s "$OUT/probe.log" ]]; then
     echo "## Warp-specialised attention probe"
@@ -220,6 +233,14 @@ EOF
   fi
   sed -n '1,200p' "$OUT/tests_summary.md" 2>/dev/null | sed 's/^# Test summary/## Tests/'
   echo
+  if [[ -s "$OUT/memory.log" ]]; then
+    echo "## LM head + loss peak memory (benchmarks/cross_entropy_inplace_memory.py)"
+    echo
+    echo '```'
+    grep -v -e '^USDT' -e '^\[W' "$OUT/memory.log" | tail -n 8
+    echo '```'
+    echo
+  fi
   if grep -q '^Triton autotuning for function' "$OUT/bench.log" 2>/dev/null; then
     echo "## Autotune picks (bench)"
     echo

@@ -109,6 +109,12 @@ def test_cross_entropy_loss_inplace_backward_equals_torch(shape):
     ours = _OnComputedLogits(nn.CrossEntropyLoss(label_smoothing=0.1, inplace_backward=True))
     _check(ours, _OnComputedLogits(torch.nn.CrossEntropyLoss(label_smoothing=0.1)), [logits, target])
     assert "inplace_backward=True" in repr(ours)
+    # the module passes the flag on: the rows' gradient comes back in the rows' own storage
+    rows = (2.0 * logits.requires_grad_()).movedim(1, -1).reshape(-1, shape[1]).contiguous()
+    seen = []
+    rows.register_hook(lambda g: seen.append(g.data_ptr()))
+    nn.CrossEntropyLoss(inplace_backward=True, class_dim=-1)(rows, target.reshape(-1)).backward()
+    assert seen == [rows.data_ptr()]
 
 
 def test_cross_entropy_loss_is_a_drop_in_for_torchs():

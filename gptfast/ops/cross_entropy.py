@@ -44,7 +44,9 @@ _library.register_spec(
 class _InplaceBackward(torch.autograd.Function):
     """The backend's forward, and a backward that writes dlogits over the saved logits instead of a new
     (M, V) buffer. The in-place op bumps the logits' version counter, so anything else in the graph that
-    saved these logits and runs its backward later fails autograd's check rather than reading gradients."""
+    saved these logits and runs its backward later (or a second backward through a retained graph) fails
+    autograd's check rather than reading gradients. It has no double backward: a create_graph=True backward
+    raises, rather than hand on a gradient that a second differentiation would treat as constant."""
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, backend):
@@ -55,9 +57,14 @@ class _InplaceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "cross_entropy: inplace_backward=True has no double backward, and this backward was asked to "
+                "build one (create_graph=True); use inplace_backward=False where the gradient is differentiated"
+            )
         logits, target, lse = ctx.saved_tensors
         _library.fwd("cross_entropy", ctx.backend, "bwd_inplace")(dloss.contiguous(), logits, target, lse, *ctx.options)
-        return logits, None, None, None, None, None
+        return logits.detach(), None, None, None, None, None  # the storage, without the forward's grad_fn
 
 
 def check_target(op: str, target, input: Tensor, input_name: str = "input") -> Tensor:
@@ -137,6 +144,19 @@ def cross_entropy(
     tensors the triton and cuda kernels give that row a NaN loss and a NaN gradient row instead (no host sync,
     no device-side assert); the reference backend hits gather's device-side assert, as torch does. A row whose
     target is ignore_index gets a zero gradient, even when its logits hold NaN or inf.
+
+    inplace_backward=True (off by default) saves the (N, C) gradient buffer, the largest allocation of an LM
+    loss: the triton, cuda and cpu backends write d loss / d input over input itself (or over its contiguous
+    copy, when input is not contiguous) and hand that storage on as the gradient; the reference backend, a
+    spec, computes the same values out of place and copies them there. Values and gradients are the same as
+    without it. Until the backward, input is untouched, so reading the logits after the forward (accuracy,
+    sampling) is safe; after it their contents are unspecified (the gradient, where it was written in place),
+    and the gradient may share their storage with the .grad of a leaf reached through ops that pass gradients
+    through unchanged (clone, an add). input must not be a leaf that requires grad, nor a view of one. If
+    something else in the graph saved input and runs its backward later, or a retained graph is run backward
+    twice, autograd raises its in-place modification error. Under saved-tensor hooks (non-reentrant
+    activation checkpointing, save_on_cpu), which skip that check, the backward stays out of place. A
+    create_graph=True backward through it raises: it has no double backward.
     """
     op = "cross_entropy"
     _checks.tensor(op, "input", input)
@@ -161,17 +181,27 @@ def cross_entropy(
 
 
 def _check_inplace(op: str, inplace_backward, input: Tensor) -> bool:
-    """Whether this call takes the in-place backward: asked for, and a gradient will flow into input."""
+    """Whether this call takes the in-place backward: asked for, a gradient will flow into input, and
+    autograd can check the saved logits' version. Saved-tensor hooks (non-reentrant activation checkpointing,
+    save_on_cpu, offloading) skip that check, so under them the backward stays out of place: the same values,
+    without the saving, rather than another node silently reading overwritten logits."""
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"{op}: inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if not (inplace_backward and input.requires_grad and torch.is_grad_enabled()):
         return False
     root = input if input._base is None else input._base
     if root.is_leaf:
-        what = "a leaf" if root is input else "a view of a leaf"
+        what = "a leaf" if root is input else f"a view of shape {tuple(input.shape)} of a leaf"
         raise ValueError(
             f"{op}: inplace_backward=True writes the gradient over input, so input must be computed (a model's "
             "logits), not a leaf tensor that requires grad or a view of one, whose .grad would then be its own "
             f"storage; got {what} of shape {tuple(root.shape)}"
         )
-    return True
+    return not _saved_tensor_hooks_active()
+
+
+def _saved_tensor_hooks_active() -> bool:
+    # torch.compile traces saved tensors itself (its backward graph holds them), so the check is eager-only.
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None

@@ -101,7 +101,8 @@ def test_matches_torch(backend, device, dtype, shape, options, ignore_rows, why)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,options,ignore_rows,why", SETTINGS, ids=[s[3] for s in SETTINGS])
 def test_inplace_backward_matches_torch(backend, device, dtype, shape, options, ignore_rows, why):
-    # the same cases through the in-place backward: same values and gradients, no (N, C) gradient buffer
+    # the same cases through the in-place backward: same values and gradients, handed back in the logits'
+    # storage (test_inplace_backward_saves_the_gradient_buffer checks the memory)
     _skip_interpreted_bf16(backend, device, dtype)
     x = 3 * torch.randn(shape, device=device).to(dtype)
     t = _targets(shape[:-1], shape[-1], device, ignore_rows, ignore_index=options.get("ignore_index", -100))
@@ -156,11 +157,47 @@ def test_inplace_backward_overwrites_input_and_guards_other_users(backend, devic
     loss = other + ops.cross_entropy(logits, t, backend=backend, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    # A retained graph run backward a second time would read the overwritten logits: autograd refuses.
+    logits = leaf * 2.0
+    loss = ops.cross_entropy(logits, t, backend=backend, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # No double backward: create_graph=True raises instead of handing on a gradient treated as constant.
+    loss = ops.cross_entropy(leaf * 2.0, t, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match=r"inplace_backward=True has no double backward.*create_graph=True"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
     # Without a gradient to compute there is nothing to write: the logits stay as they are.
     with torch.no_grad():
         logits = leaf * 2.0
         ops.cross_entropy(logits, t, backend=backend, inplace_backward=True)
         torch.testing.assert_close(logits, leaf * 2.0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
+@pytest.mark.parametrize("hooks", ["saved_tensors_hooks", "checkpoint"])
+def test_inplace_backward_stays_out_of_place_under_saved_tensor_hooks(backend, device, hooks):
+    # Saved-tensor hooks skip autograd's version check, so an in-place write would reach the pow node, which
+    # saved the same logits, unnoticed. Under them the op keeps its gradient out of place: the same result as
+    # without the flag, and no error.
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = torch.randn(6, 8, device=device, requires_grad=True)
+    weight = torch.randn(29, 8, device=device, requires_grad=True)
+    t = _targets((6,), 29, device, (2,))
+
+    def loss_of(h, w, inplace):
+        logits = h @ w.T
+        return logits.pow(2).mean() + ops.cross_entropy(logits, t, backend=backend, inplace_backward=inplace)
+
+    expected = torch.autograd.grad(loss_of(hidden, weight, False), (hidden, weight))
+    if hooks == "checkpoint":
+        loss = checkpoint(loss_of, hidden, weight, True, use_reentrant=False)
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+            loss = loss_of(hidden, weight, True)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), expected):
+        torch.testing.assert_close(got, want)
 
 
 KERNEL_CASES = [c for c in CASES if c[0] != "reference"]
@@ -200,14 +237,25 @@ def test_inplace_backward_saves_the_gradient_buffer(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
-def test_inplace_backward_torch_compile_fullgraph(backend, device):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_inplace_backward_torch_compile_fullgraph(backend, device, compiler):
+    # The compiled backward must still run the in-place op (seen by the profiler), with eager's values.
     x = torch.randn(2, 5, 21, device=device)
     t = _targets((2, 5), 21, device, (3,))
 
     def fn(inp):
         return ops.cross_entropy(inp * 2.0, t, z_loss=1e-3, backend=backend, inplace_backward=True)
 
-    assert_compiles_like_eager(fn, x)
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_e, out_c = fn(xe), compiled(xc)
+    out_e.backward()
+    with torch.profiler.profile() as prof:
+        out_c.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    names = {e.name for e in prof.events()}
+    assert any("cross_entropy_bwd_inplace" in n for n in names), sorted(names)
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -430,7 +478,7 @@ def test_argument_errors():
     leaf = x.clone().requires_grad_()
     with pytest.raises(ValueError, match=r"inplace_backward=True .* not a leaf tensor .*got a leaf of shape \(3, 5\)"):
         ops.cross_entropy(leaf, t, inplace_backward=True)
-    with pytest.raises(ValueError, match=r"got a view of a leaf of shape \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"got a view of shape \(3, 5\) of a leaf of shape \(3, 5\)"):
         ops.cross_entropy(leaf.view(3, 5), t, inplace_backward=True)
 
 
