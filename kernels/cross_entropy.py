@@ -176,9 +176,15 @@ def _candidates(V: int, default_block: int, tries) -> list[dict]:
     return _tuning.unique(configs)
 
 
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    # A one-column tensor's column stride is arbitrary (torch calls it contiguous whatever it is), and the
+    # kernels never step along it.
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
 def _check_rows(logits: torch.Tensor) -> torch.Tensor:
     # Rows may be strided (a slice of a wider buffer); each row must be contiguous.
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
+    return logits if _rows_contiguous(logits) else logits.contiguous()
 
 
 def cross_entropy_forward(
@@ -195,7 +201,7 @@ def cross_entropy_forward(
     """(loss[M], lse[M]) of logits[M, V]. grad_in_place=True also overwrites `logits` (which must then be
     row-contiguous already) with the gradient of loss.sum(). loss/lse may be given (contiguous [M] views) to
     write into; `block` forces the vocab columns per step (the tests use small blocks)."""
-    if grad_in_place and logits.stride(-1) != 1:
+    if grad_in_place and not _rows_contiguous(logits):
         raise ValueError("cross_entropy_forward: grad_in_place needs logits with contiguous rows")
     logits = _check_rows(logits)
     M, V = logits.shape
@@ -234,7 +240,7 @@ def cross_entropy_backward(
 
     logits[M, n] are the vocab columns [col_start, col_start + n) of a vocab of `vocab` classes (default: all
     n of them): linear_cross_entropy's weight-gradient pass hands over one vocab slice at a time."""
-    if out is not None and out.stride(-1) != 1:
+    if out is not None and not _rows_contiguous(out):
         raise ValueError("cross_entropy_backward: out needs contiguous rows")
     logits = _check_rows(logits)
     M, n = logits.shape

@@ -134,6 +134,10 @@ def test_inplace_backward_non_contiguous_input(backend, device):
     base = torch.randn(31, 12, device=device)
     t = _targets((12,), 31, device, (3,))
     check_against_torch(base.t(), t, backend, inplace_backward=True, z_loss=1e-3)
+    # one class: torch calls a (3, 1) column with stride (1, 3) contiguous, so it is written in place
+    one = torch.zeros(3, dtype=torch.long, device=device)
+    check_against_torch(torch.randn(1, 3, device=device).t(), one, backend, inplace_backward=True)
+    check_against_torch(torch.randn(1, 0, device=device).t(), one[:0], backend, inplace_backward=True)
     leaf = base.clone().requires_grad_()
     logits = leaf * 1.0
     view = logits.t()
