@@ -204,4 +204,8 @@ def _saved_tensor_hooks_active() -> bool:
     # torch.compile traces saved tensors itself (its backward graph holds them), so the check is eager-only.
     if torch.compiler.is_compiling():
         return False
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False) is not None  # False: not ignoring hooks while tracing (torch >= 2.5's signature)
+    except TypeError:
+        return top() is not None
