@@ -47,7 +47,7 @@ from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 # Registered as an opaque custom op, not a triton_op: the chunk loop is torch GEMMs around the fused CE
 # kernel, so inductor gains nothing from seeing inside, and on torch 2.11 tracing decomposes
 # addmm(out_dtype=...) wrongly (the dtype lands in beta: "unsupported operand type(s) for *: 'torch.dtype' and
-# 'FakeTensor'", seen on an H200).
+# 'FakeTensor'", seen on an H200). gptfast.ops._library runs such a pair's launches as plain kernel calls.
 TRACEABLE = False
 
 
@@ -73,12 +73,16 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
+        except torch.OutOfMemoryError:
+            raise  # a full device, not a missing overload: the fallbacks below would need more memory
         except (RuntimeError, TypeError):
             _MIXED["addmm"] = False
     if a.is_cuda and _MIXED["mm"]:
         try:  # the product in fp32 from the half operands, as an acc-sized temporary (torch >= 2.8)
             acc += torch.mm(a, b, out_dtype=acc.dtype)
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):
             _MIXED["mm"] = False
     # CPU torch has neither overload: fp32 copies of the operands. (Rounding each product to the half dtype

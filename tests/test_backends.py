@@ -112,3 +112,22 @@ def test_package_exports_the_design_api():
     for name in ("softmax", "cross_entropy", "linear_cross_entropy", "scaled_dot_product_attention"):
         assert callable(getattr(gptfast.ops, name))
     assert callable(gptfast.backends.available) and callable(gptfast.backends.use)
+
+
+def test_opaque_triton_ops_launch_kernels_directly(monkeypatch):
+    # An opaque (TRACEABLE = False) triton pair on a GPU is a custom_op that torch never traces into, so its
+    # wrap_triton launches must run as plain kernel calls, as a triton_op's do when eager: left on, each would
+    # take torch's traced-kernel path (about 1 ms of dispatch) and add to a side table that only grows.
+    from torch._library.triton import is_wrap_triton_enabled
+
+    seen = []
+
+    def impl(x: torch.Tensor) -> torch.Tensor:
+        seen.append(is_wrap_triton_enabled())
+        return x.clone()
+
+    monkeypatch.setattr(backends, "interpreting", lambda: False)
+    op = _library._python_op("gptfast_test::opaque_launches", impl, "(Tensor x) -> Tensor", "triton", False)
+    op(torch.ones(2))
+    assert seen == [False]
+    assert is_wrap_triton_enabled()  # and only inside the op

@@ -51,7 +51,27 @@ def _python_op(qualname: str, impl: Callable, schema: str, backend: str, traceab
     # schema from the pair's annotations.
     if backend == "triton" and traceable and not backends.interpreting():
         return torch.library.triton_op(qualname, impl, mutates_args=mutates)
+    if backend == "triton" and not backends.interpreting():
+        impl = _direct_launches(impl)
     return torch.library.custom_op(qualname, impl, mutates_args=mutates, schema=schema)
+
+
+def _direct_launches(impl: Callable) -> Callable:
+    """impl with its wrap_triton launches run as plain kernel calls, as a triton_op's are when eager.
+
+    An opaque custom op is never traced into, but wrap_triton does not know that: left on, every launch goes
+    through torch's traced-kernel path in eager too (about 1 ms of dispatch each, and an entry in a side table
+    that grows for the life of the process)."""
+    switch = getattr(getattr(torch._library, "triton", None), "set_wrap_triton_enabled", None)
+    if switch is None:  # a torch without the switch has no traced path to skip
+        return impl
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        with switch(False):
+            return impl(*args, **kwargs)
+
+    return run
 
 
 @torch.compiler.assume_constant_result
