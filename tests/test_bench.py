@@ -287,3 +287,18 @@ def _ceilings() -> dict:
     from gptfast.bench import ceilings
 
     return ceilings.measure("cpu", torch.float32, "tiny").as_dict()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gptfast.model") is None, reason="gptfast.model is not in this tree"
+)
+def test_model_suite_compiles_a_peer_marked_compiled():
+    # The GPU report's "gptfast:auto fused_loss + torch.compile" row, here on the reference backend: its step
+    # runs under torch.compile (the only compiled peer: TINY excludes torch's) and is checked like the others.
+    peer = Peer("gptfast:reference + torch.compile", "gptfast", MODEL._gpt(backend="reference"), compiled=True)
+    torch._dynamo.utils.counters.clear()
+    with one_thread():
+        res = run_suite(MODEL, TINY, extra_peers=[peer])
+    row = next(r for r in res.rows if r.peer == peer.name)
+    assert row.status == "ok" and row.check == "PASS", (row.note, row.check_detail)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0

@@ -45,6 +45,8 @@ class Peer:
     kind: "gptfast" (a gptfast backend), "eager" (torch's own op), "compile" (torch.compile), "external"
     (Liger-Kernel, flash-attn). prepare/restore convert a canonical tensor to the peer's layout and back
     (flash-attn wants (B, L, H, D)); they are applied to the differentiable args, grad_out, outputs and grads.
+    compiled: a suite that compiles its "compile" peers (the model suite) compiles this one too, whatever
+    its kind: gptfast's GPT under torch.compile is a gptfast row, set against torch's GPT under torch.compile.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Peer:
     make: Callable
     prepare: Callable | None = None
     restore: Callable | None = None
+    compiled: bool = False
 
 
 class Runnable:
@@ -199,6 +202,7 @@ def run_peer(
         except Skip as e:
             row.status, row.note = "skipped", str(e)
         except Exception as e:  # noqa: BLE001
+            # torch's own compile failing is a note; gptfast's GPT failing to compile is an error of ours
             row.status = "skipped" if peer.kind == "compile" and _is_compile_error(e) else "error"
             row.note = ("torch.compile failed: " if row.status == "skipped" else "") + first_line(e)
             if not isinstance(
