@@ -123,7 +123,9 @@ class ModelSuite(OpSuite):
             name = "gptfast:auto fused_loss + torch.compile"
             peers.append(Peer(name, "gptfast", self._gpt(fused_loss=True), compiled=True))
         else:
-            notes.append("gptfast:auto fused_loss + torch.compile not run: CUDA only (a second inductor compile here)")
+            notes.append(
+                "gptfast:auto fused_loss + torch.compile not run: CUDA only (a second inductor compile here)"
+            )
         return peers, notes
 
     def _gpt(self, **fields):
