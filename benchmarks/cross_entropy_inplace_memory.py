@@ -1,4 +1,4 @@
-"""Peak memory of an LM head and its loss, forward+backward: torch, ops.cross_entropy, and its inplace_backward.
+"""Peak memory of an LM head and its loss, forward+backward: torch, ops.cross_entropy, its inplace_backward.
 
     python benchmarks/cross_entropy_inplace_memory.py                       # CPU: the cpu backend, fp32
     python benchmarks/cross_entropy_inplace_memory.py --tokens 8192 --hidden 4096 --vocab 128256 \

@@ -295,7 +295,8 @@ def _ceilings() -> dict:
 def test_model_suite_compiles_a_peer_marked_compiled():
     # The GPU report's "gptfast:auto fused_loss + torch.compile" row, here on the reference backend: its step
     # runs under torch.compile (the only compiled peer: TINY excludes torch's) and is checked like the others.
-    peer = Peer("gptfast:reference + torch.compile", "gptfast", MODEL._gpt(backend="reference"), compiled=True)
+    name = "gptfast:reference + torch.compile"
+    peer = Peer(name, "gptfast", MODEL._gpt(backend="reference"), compiled=True)
     torch._dynamo.utils.counters.clear()
     with one_thread():
         res = run_suite(MODEL, TINY, extra_peers=[peer])

@@ -24,7 +24,7 @@ class OpSpec:
     setup_context: Callable  # (ctx, inputs, output) -> None
     backward: Callable  # (ctx, bwd_op, *grads) -> grads of the forward's inputs
     register_extra: Callable | None = None  # (backend, fwd_op) -> None: further ops built on the pair
-    extras: tuple[tuple[str, Callable], ...] = ()  # (half, fake): further halves with a schema, e.g. bwd_inplace
+    extras: tuple[tuple[str, Callable], ...] = ()  # (half, fake): more halves with a schema (bwd_inplace)
 
 
 _SPECS: dict[str, OpSpec] = {}
@@ -148,7 +148,8 @@ def _python_extra(op: str, backend: str, half: str, fake: Callable):
     schema = SCHEMAS[f"{op}_{half}"]
     name = f"gptfast::{qualname(op, backend, half)}"
     mutates = tuple(re.findall(r"Tensor\(\w!\) (\w+)", schema))
-    _python_op(name, getattr(module, f"{op}_{half}"), schema, backend, getattr(module, "TRACEABLE", True), mutates)
+    traceable = getattr(module, "TRACEABLE", True)
+    _python_op(name, getattr(module, f"{op}_{half}"), schema, backend, traceable, mutates)
     torch.library.register_fake(name, fake)
 
 

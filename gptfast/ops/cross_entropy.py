@@ -50,7 +50,8 @@ class _InplaceBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, backend):
-        loss_rows, lse = _library.fwd("cross_entropy", backend)(logits, target, ignore_index, label_smoothing, z_loss)
+        fwd = _library.fwd("cross_entropy", backend)
+        loss_rows, lse = fwd(logits, target, ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(logits, target, lse)
         ctx.options, ctx.backend = (ignore_index, label_smoothing, z_loss), backend
         return loss_rows
@@ -60,10 +61,12 @@ class _InplaceBackward(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "cross_entropy: inplace_backward=True has no double backward, and this backward was asked to "
-                "build one (create_graph=True); use inplace_backward=False where the gradient is differentiated"
+                "build one (create_graph=True); use inplace_backward=False where the gradient is "
+                "differentiated"
             )
         logits, target, lse = ctx.saved_tensors
-        _library.fwd("cross_entropy", ctx.backend, "bwd_inplace")(dloss.contiguous(), logits, target, lse, *ctx.options)
+        bwd_inplace = _library.fwd("cross_entropy", ctx.backend, "bwd_inplace")
+        bwd_inplace(dloss.contiguous(), logits, target, lse, *ctx.options)
         return logits.detach(), None, None, None, None, None  # the storage, without the forward's grad_fn
 
 
@@ -193,9 +196,9 @@ def _check_inplace(op: str, inplace_backward, input: Tensor) -> bool:
     if root.is_leaf:
         what = "a leaf" if root is input else f"a view of shape {tuple(input.shape)} of a leaf"
         raise ValueError(
-            f"{op}: inplace_backward=True writes the gradient over input, so input must be computed (a model's "
-            "logits), not a leaf tensor that requires grad or a view of one, whose .grad would then be its own "
-            f"storage; got {what} of shape {tuple(root.shape)}"
+            f"{op}: inplace_backward=True writes the gradient over input, so input must be computed (a "
+            "model's logits), not a leaf tensor that requires grad or a view of one, whose .grad would then "
+            f"be its own storage; got {what} of shape {tuple(root.shape)}"
         )
     return not _saved_tensor_hooks_active()
 

@@ -45,8 +45,8 @@ SCHEMAS = {
         " float z_loss) -> Tensor"
     ),
     "cross_entropy_bwd_inplace": (
-        "(Tensor dloss, Tensor(a!) logits, Tensor target, Tensor lse, int ignore_index, float label_smoothing,"
-        " float z_loss) -> ()"
+        "(Tensor dloss, Tensor(a!) logits, Tensor target, Tensor lse, int ignore_index,"
+        " float label_smoothing, float z_loss) -> ()"
     ),
     "linear_cross_entropy_fwd": (
         "(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing,"

@@ -169,7 +169,7 @@ def test_inplace_backward_overwrites_input_and_guards_other_users(backend, devic
         loss.backward()
     # No double backward: create_graph=True raises instead of handing on a gradient treated as constant.
     loss = ops.cross_entropy(leaf * 2.0, t, backend=backend, inplace_backward=True)
-    with pytest.raises(RuntimeError, match=r"inplace_backward=True has no double backward.*create_graph=True"):
+    with pytest.raises(RuntimeError, match=r"inplace_backward=True has no double backward.*create_graph"):
         torch.autograd.grad(loss, leaf, create_graph=True)
     # Without a gradient to compute there is nothing to write: the logits stay as they are.
     with torch.no_grad():
@@ -237,7 +237,7 @@ def test_inplace_backward_saves_the_gradient_buffer(backend, device):
     peak(False), peak(True)  # first calls register the ops and warm the allocator
     saved = peak(False) - peak(True)
     expected = 4 * (M * V - V * H - M * H)
-    assert saved >= 0.9 * expected, f"the in-place backward saved {saved} bytes; the dlogits less dW and dh are {expected}"
+    assert saved >= 0.9 * expected, f"the in-place backward saved {saved} bytes, of {expected} expected"
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
@@ -480,7 +480,7 @@ def test_argument_errors():
     with pytest.raises(TypeError, match="inplace_backward must be a bool, got int"):
         ops.cross_entropy(x, t, inplace_backward=1)
     leaf = x.clone().requires_grad_()
-    with pytest.raises(ValueError, match=r"inplace_backward=True .* not a leaf tensor .*got a leaf of shape \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"inplace_backward=True .* not a leaf tensor .*got a leaf of shape"):
         ops.cross_entropy(leaf, t, inplace_backward=True)
     with pytest.raises(ValueError, match=r"got a view of shape \(3, 5\) of a leaf of shape \(3, 5\)"):
         ops.cross_entropy(leaf.view(3, 5), t, inplace_backward=True)
