@@ -106,7 +106,10 @@ def kernel_module(backend: str, op: str):
     return None
 
 
+@functools.cache
 def _has_dispatch_kernel(op: str, key: str) -> bool:
+    # Asked on every call of an op (a few microseconds in the dispatcher); the answer is fixed once gptfast._C
+    # has loaded, which why_not checks first.
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"gptfast::{op}_fwd", key)
 
 
