@@ -300,11 +300,7 @@ def cross_entropy_bwd_inplace(
     z_loss: float,
 ) -> None:
     """cross_entropy_bwd's dlogits written over the (contiguous) logits[M, V]."""
-    if logits.dim() != 2 or not logits.is_contiguous():
-        raise ValueError(
-            "cross_entropy_bwd_inplace: logits must be contiguous (M, V), got shape "
-            f"{tuple(logits.shape)} and strides {logits.stride()}"
-        )
+    _checks.contiguous_matrix("cross_entropy_bwd_inplace", "logits", logits)
     cross_entropy_backward(
         dloss, logits, target.contiguous(), lse, ignore_index, label_smoothing, z_loss, out=logits
     )

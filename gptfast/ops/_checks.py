@@ -31,6 +31,16 @@ def same_dtype(op: str, **tensors: Tensor) -> None:
             raise TypeError(f"{op}: {n} must have the same dtype as {first_name} ({first.dtype}), got {t.dtype}")
 
 
+def contiguous_matrix(op: str, name: str, value: Tensor) -> Tensor:
+    """A contiguous 2-d tensor: what an op that writes `value` in place needs (a copy would not be written)."""
+    if value.dim() != 2 or not value.is_contiguous():
+        raise ValueError(
+            f"{op}: {name} must be contiguous (M, V), got shape {tuple(value.shape)} and strides "
+            f"{value.stride()}"
+        )
+    return value
+
+
 def number(op: str, name: str, value, low: float, high: float, high_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")

@@ -90,23 +90,14 @@ SETTINGS = [
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,options,ignore_rows,why", SETTINGS, ids=[s[3] for s in SETTINGS])
-def test_matches_torch(backend, device, dtype, shape, options, ignore_rows, why):
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["", "inplace_backward"])
+def test_matches_torch(backend, device, dtype, shape, options, ignore_rows, why, inplace_backward):
+    # inplace_backward: the same values and gradients, handed back in the logits' storage
+    # (test_inplace_backward_saves_the_gradient_buffer checks the memory)
     _skip_interpreted_bf16(backend, device, dtype)
     x = 3 * torch.randn(shape, device=device).to(dtype)
     t = _targets(shape[:-1], shape[-1], device, ignore_rows, ignore_index=options.get("ignore_index", -100))
-    check_against_torch(x, t, backend, **options)
-
-
-@pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,options,ignore_rows,why", SETTINGS, ids=[s[3] for s in SETTINGS])
-def test_inplace_backward_matches_torch(backend, device, dtype, shape, options, ignore_rows, why):
-    # the same cases through the in-place backward: same values and gradients, handed back in the logits'
-    # storage (test_inplace_backward_saves_the_gradient_buffer checks the memory)
-    _skip_interpreted_bf16(backend, device, dtype)
-    x = 3 * torch.randn(shape, device=device).to(dtype)
-    t = _targets(shape[:-1], shape[-1], device, ignore_rows, ignore_index=options.get("ignore_index", -100))
-    check_against_torch(x, t, backend, inplace_backward=True, **options)
+    check_against_torch(x, t, backend, inplace_backward=inplace_backward, **options)
 
 
 @pytest.mark.parametrize("backend,device", CASES, ids=ids(CASES))
