@@ -41,6 +41,22 @@ def _attach(fwd_name: str, bwd_name: str, fwd, bwd, spec: OpSpec) -> None:
     torch.library.register_autograd(
         fwd_name, lambda ctx, *grads: spec.backward(ctx, bwd, *grads), setup_context=spec.setup_context
     )
+    torch.library.register_autograd(bwd_name, _no_derivative(bwd_name))
+
+
+def _no_derivative(name: str) -> Callable:
+    """The backward halves' autograd: a create_graph=True gradient is built, but differentiating it raises.
+
+    Without one, autograd's fallback for a C++ op without an Autograd kernel warns and treats the op as having
+    no derivative, so a double backward through the cpu or cuda backend returned a silently wrong number."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} (a gptfast backward pass) has no derivative: a gradient taken through gptfast ops with "
+            "create_graph=True cannot be differentiated again (double backward is not supported)"
+        )
+
+    return backward
 
 
 def _python_op(qualname: str, impl: Callable, schema: str, backend: str, traceable: bool, mutates=()):
@@ -84,6 +100,55 @@ def resolve(op: str, device: torch.device, backend: str | None = None, **feature
     name = backends.select(op, device, backend, **features)
     pair(op, name)
     return name
+
+
+def call(op: str, backend: str, *args):
+    """`op`'s forward on `backend` (registered by resolve), differentiable: how every public op runs.
+
+    torch.compile and functorch transforms (vmap) get the registered op, torch.ops.gptfast.<op>_fwd..., whose
+    autograd is torch.library's. Eager calls run the same kernels with the same OpSpec glue, but through an
+    autograd.Function of their own that calls the op below the dispatcher's Python autograd kernel: that
+    kernel refills the schema's defaults and wraps a Function of its own on every call, 10-25% of a small
+    op's host time (benchmarks/host_overhead.py), which a GPU running mid-size kernels waits for.
+    """
+    fwd_op = fwd(op, backend)
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return fwd_op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _eager_function(op, backend).apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd_op(*args)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, last dim), contiguous: itself when it already is, since every reshape or view that
+    autograd records is a node of its own, with host time in both passes."""
+    rows = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    return rows.contiguous()
+
+
+@functools.cache
+def _eager_function(op: str, backend: str) -> type[torch.autograd.Function]:
+    spec = _SPECS[op]
+    fwd_op, bwd_op = fwd(op, backend), fwd(op, backend, "bwd")
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = fwd_op(*args)
+        spec.setup_context(ctx, args, output)
+        return output
+
+    def bwd_below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return bwd_op(*args)
+
+    def backward(ctx, *grads):
+        # A create_graph=True backward keeps the backward half's autograd (_no_derivative), as the registered
+        # op's does.
+        return spec.backward(ctx, bwd_op if torch.is_grad_enabled() else bwd_below_autograd, *grads)
+
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(f"{qualname(op, backend)}_eager", (torch.autograd.Function,), methods)
 
 
 def qualname(op: str, backend: str, half: str = "fwd") -> str:

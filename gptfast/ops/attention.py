@@ -117,5 +117,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     # (seed, offset) on the CPU: drawn from torch's default generator, read by both passes, never synced.
     rng = torch.randint(0, 2**62, (2,), dtype=torch.int64) if dropout_p > 0 else torch.zeros(2, dtype=torch.int64)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, _ = _library.fwd(OP, name)(q, k, v, mask, dropout_p, bool(is_causal), scale, rng)
+    out, _ = _library.call(OP, name, q, k, v, mask, dropout_p, bool(is_causal), scale, rng)
     return out.squeeze(0) if unbatched else out

@@ -50,10 +50,10 @@ class _InplaceBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, backend):
-        fwd = _library.fwd("cross_entropy", backend)
-        loss_rows, lse = fwd(logits, target, ignore_index, label_smoothing, z_loss)
+        options = (ignore_index, label_smoothing, z_loss)
+        loss_rows, lse = _library.call("cross_entropy", backend, logits, target, *options)
         ctx.save_for_backward(logits, target, lse)
-        ctx.options, ctx.backend = (ignore_index, label_smoothing, z_loss), backend
+        ctx.options, ctx.backend = options, backend
         return loss_rows
 
     @staticmethod
@@ -101,7 +101,7 @@ def sum_rows(loss_rows: Tensor) -> Tensor:
 def reduce(loss_rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
     """Row losses to the requested reduction, on device, with no host sync. 'mean' over non-ignored rows."""
     if reduction == "none":
-        return loss_rows.reshape(target.shape)
+        return loss_rows if loss_rows.shape == target.shape else loss_rows.reshape(target.shape)
     total = sum_rows(loss_rows)
     if reduction == "sum":
         return total
@@ -174,12 +174,12 @@ def cross_entropy(
         raise ValueError(f"{op}: input must have at least one class, got shape {tuple(input.shape)}")
     inplace = _check_inplace(op, inplace_backward, input)
     name = _library.resolve(op, input.device, backend, label_smoothing=ls, z_loss=z)
-    logits = input.reshape(-1, input.shape[-1]).contiguous()
-    rows_target = target.reshape(-1).contiguous()
+    logits = _library.as_rows(input)
+    rows_target = (target if target.dim() == 1 else target.reshape(-1)).contiguous()
     if inplace:
         loss_rows = _InplaceBackward.apply(logits, rows_target, ignore_index, ls, z, name)
     else:
-        loss_rows, _ = _library.fwd(op, name)(logits, rows_target, ignore_index, ls, z)
+        loss_rows, _ = _library.call(op, name, logits, rows_target, ignore_index, ls, z)
     return reduce(loss_rows, target, ignore_index, reduction).to(dtype)
 
 

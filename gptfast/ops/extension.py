@@ -1,5 +1,6 @@
 """What the C++ extension's kernels refuse. Both backends are reached through torch.ops.gptfast.<op>_fwd/_bwd;
 the dispatcher picks the CPU or CUDA kernel by the tensors' device."""
+import functools
 import platform
 
 import torch
@@ -15,7 +16,7 @@ def unsupported_cpu(op: str, **features) -> str | None:
     The kernels are compiled for AVX2 + FMA on x86-64 (see setup.py), so a CPU without AVX2 is refused here
     rather than meeting an illegal instruction. Attention has no dropout and no fp64 path.
     """
-    if platform.machine().lower() in ("x86_64", "amd64") and not torch.cpu._is_avx2_supported():
+    if _lacks_avx2():
         return "gptfast._C's cpu kernels are compiled for AVX2 and this CPU has no AVX2; use backend='reference'"
     if op == "attention":
         if features.get("dropout"):
@@ -27,6 +28,11 @@ def unsupported_cpu(op: str, **features) -> str | None:
                 " use backend='reference'"
             )
     return None
+
+
+@functools.cache
+def _lacks_avx2() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and not torch.cpu._is_avx2_supported()
 
 
 _CUDA_ATTENTION_HEAD_DIMS = (32, 64, 96, 128)

@@ -85,6 +85,14 @@ def _register_reduced(backend: str, fwd) -> None:
         ctx.save_for_backward(*output[1:])
 
     def backward(ctx, dloss, *_unused):
+        if torch.is_grad_enabled():
+            # The gradients were taken in the forward, so a graph built here would hold them as constants: a
+            # second differentiation would be silently wrong, not just slow.
+            raise RuntimeError(
+                f"{OP}: the gradients of a reduced loss are computed in its forward and have no derivative, "
+                "and this backward was asked to build one (create_graph=True); gptfast ops have no double "
+                "backward"
+            )
         dh, dw, db = ctx.saved_tensors
         g = dloss.to(dh.dtype)
         return dh * g, dw * g, None, (db * g) if ctx.has_bias else None, None, None, None, None, None
@@ -176,8 +184,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     check_target(op, target, hidden, "hidden")
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
     dtype = result_dtype(op, hidden, out_dtype)
-    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    t1 = target.reshape(-1).contiguous()
+    h2 = _library.as_rows(hidden)
+    t1 = (target if target.dim() == 1 else target.reshape(-1)).contiguous()
     rows, vocab = h2.shape[0], weight.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, vocab, h2.shape[1], device)
@@ -195,5 +203,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         reduced = getattr(torch.ops.gptfast, f"{OP}_reduced_{name}")
         loss, *_ = reduced(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, reduction == "mean")
         return loss.to(dtype)
-    loss_rows, *_ = _library.fwd(op, name)(h2, weight, t1, bias, ignore_index, ls, z, chunk_size, False)
+    loss_rows, *_ = _library.call(op, name, h2, weight, t1, bias, ignore_index, ls, z, chunk_size, False)
     return reduce(loss_rows, target, ignore_index, reduction).to(dtype)

@@ -45,8 +45,13 @@ def softmax(x: Tensor, dim: int = -1, *, scale: float | None = None, causal: boo
             f"got x.dim()={x.dim()} and dim={dim}"
         )
     name = _library.resolve(op, x.device, backend)
-    xt = x.movedim(dim, -1) if x.dim() else x.reshape(1)
+    # The usual case, a contiguous (rows, columns) x along its last dim, takes no view (see as_rows).
+    xt = (x.movedim(dim, -1) if dim != x.dim() - 1 else x) if x.dim() else x.reshape(1)
     # reshape(-1, 0) is ambiguous: rows of no columns are (0, 0), as is the result before its reshape back.
-    rows = (xt.reshape(-1, xt.shape[-1]) if xt.shape[-1] else xt.reshape(0, 0)).contiguous()
-    y = _library.fwd(op, name)(rows, scale, x.shape[-2] if causal else 0)
-    return y.reshape(xt.shape).movedim(-1, dim).reshape(x.shape)
+    rows = _library.as_rows(xt) if xt.shape[-1] else xt.reshape(0, 0)
+    y = _library.call(op, name, rows, scale, x.shape[-2] if causal else 0)
+    if y.shape != xt.shape:
+        y = y.reshape(xt.shape)
+    if xt is not x:
+        y = y.movedim(-1, dim) if x.dim() else y.reshape(x.shape)
+    return y
