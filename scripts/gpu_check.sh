@@ -6,6 +6,7 @@
 #      probe:   scripts/probe_warp_spec.py, each warp-specialised Triton config once (off for 2-3 if it fails)
 #   2. tests:   pytest tests -q -rs --junitxml  -> junit.xml, tests.log, tests_summary.md (per file)
 #      memory:  benchmarks/cross_entropy_inplace_memory.py at 8k x 4096 x 128k bf16 (cross_entropy's inplace_backward)
+#      host:    benchmarks/host_overhead.py on triton and cuda: host time per call at tiny shapes
 #   3. bench:   gptfast bench --full --device cuda --out $OUT/bench  (report.md, results.json, plots)
 #   4. summary: summary.md with the commit, nvidia-smi, versions, test summary and the report's headline
 # Everything lands in $OUT (default ./gpu-check-out) as gpu-check.tgz, with summary.md, tests_summary.md and
@@ -173,6 +174,16 @@ fi
 run_step memory "$(min 45 "$(( $(left) - 120 ))")" "$OUT/memory.log" \
   "$PYTHON" benchmarks/cross_entropy_inplace_memory.py "${MEM[@]}"
 
+# ------------------------------------------------------------------------------------------- host
+# Host time per call at tiny shapes (a few seconds): what bounds the mid-size rows of the bench (the 4096 x
+# 32768 cross-entropy ran at 0.56x torch at 2baac1f) and the model step's eager peers.
+if [[ $DRY_RUN == 1 ]]; then
+  HOST=(--device cpu --backend cpu --rounds 2 --calls 20)
+else
+  HOST=(--device cuda --backend triton,cuda --rounds 5 --calls 200)
+fi
+run_step host "$(min 40 "$(( $(left) - 110 ))")" "$OUT/host.log" "$PYTHON" benchmarks/host_overhead.py "${HOST[@]}"
+
 # ------------------------------------------------------------------------------------------- 3. bench
 # `gptfast bench ARGS` is gptfast.bench.cli.main(ARGS); `python -m gptfast.bench` is the same call and needs
 # neither the console script on PATH nor gptfast/cli.py.
@@ -219,9 +230,9 @@ EOF
   echo
   echo "## Steps"
   echo
-  for step in build probe tests memory bench; do echo "- $step: ${STATUS[$step]:-not run}"; done
-  echo "- logs: build.log, probe.log, tests.log, memory.log, bench.log, steps.log; junit.xml; bench/report.md,"
-  echo "  bench/results.json"
+  for step in build probe tests memory host bench; do echo "- $step: ${STATUS[$step]:-not run}"; done
+  echo "- logs: build.log, probe.log, tests.log, memory.log, host.log, bench.log, steps.log;"
+  echo "  junit.xml; bench/report.md, bench/results.json"
   echo
   if [[ -s "$OUT/probe.log" ]]; then
     echo "## Warp-specialised attention probe"
@@ -238,6 +249,14 @@ EOF
     echo
     echo '```'
     grep -v -e '^USDT' -e '^\[W' "$OUT/memory.log" | tail -n 8
+    echo '```'
+    echo
+  fi
+  if [[ -s "$OUT/host.log" ]]; then
+    echo "## Host time per call (benchmarks/host_overhead.py)"
+    echo
+    echo '```'
+    grep -v -e '^USDT' -e '^\[W' "$OUT/host.log" | tail -n 30
     echo '```'
     echo
   fi

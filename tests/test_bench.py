@@ -303,3 +303,14 @@ def test_model_suite_compiles_a_peer_marked_compiled():
     row = next(r for r in res.rows if r.peer == peer.name)
     assert row.status == "ok" and row.check == "PASS", (row.note, row.check_detail)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+
+def test_host_overhead_script_runs_both_tables():
+    # scripts/gpu_check.sh runs it on the GPU machine; here only that it runs and prints both tables for every
+    # backend asked for (the figures themselves are the benchmark's, never asserted).
+    cmd = [sys.executable, str(ROOT / "benchmarks/host_overhead.py"), "--backend", "cpu,reference",
+           "--rounds", "1", "--calls", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    for backend in ("cpu", "reference"):
+        assert f"backend {backend} on cpu" in out
+    assert out.count("dispatch path") == 2 and out.count("cross_entropy fwd+bwd") == 4
