@@ -4,6 +4,8 @@ autograd. Both must give the same bits, and neither may differentiate a backward
 
 Shapes are tiny: these tests check wiring, not numerics (the op tests do that on both paths' kernels).
 """
+import io
+
 import pytest
 import torch
 
@@ -87,18 +89,67 @@ def test_double_backward_raises_instead_of_a_wrong_number(op, backend, device):
         _double_backward(op, backend, device)
 
 
-def test_reduced_linear_cross_entropy_refuses_create_graph():
-    # fp32 with a mean takes the reduced op, whose gradients come from the forward: a graph built over them
-    # would hold them as constants.
-    h = torch.randn(5, 6, requires_grad=True)
-    w = torch.randn(13, 6, requires_grad=True)
-    loss = ops.linear_cross_entropy(h, w, torch.tensor([3, -100, 0, 12, 7]), backend="reference")
-    with pytest.raises(RuntimeError, match="no derivative.*create_graph=True"):
-        torch.autograd.grad(loss, h, create_graph=True)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_reduced_linear_cross_entropy_second_derivatives(backend):
+    # fp64 with a mean takes the reduced op, whose gradients come from the forward. Differentiating them
+    # again with respect to hidden must raise (a graph over them alone would hold them as constants), while
+    # the derivative through the upstream gradient is exact: torch.autograd.functional.jvp takes it so.
+    if backend == "cpu" and ("cpu", "cpu") not in cases("linear_cross_entropy"):
+        pytest.skip("the cpu backend is not built here")
+    g = torch.Generator().manual_seed(3)
+    h, w, v = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 6), (13, 6), (5, 6)))
+    target = torch.tensor([3, -100, 0, 12, 7])
+    ours = lambda t: ops.linear_cross_entropy(t, w, target, backend=backend)  # noqa: E731
+    theirs = lambda t: torch.nn.functional.cross_entropy(t @ w.T, target)  # noqa: E731
+    jvp = torch.autograd.functional.jvp
+    torch.testing.assert_close(jvp(ours, h, v)[1], jvp(theirs, h, v)[1])
+    leaf = h.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(ours(leaf), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="no derivative with respect to hidden"):
+        grad.sum().backward()
 
 
-def test_vmap_takes_the_registered_op():
+def test_vmap_takes_the_registered_op_with_gradients():
     # functorch transforms see only ops through the dispatcher; _library.call hands them the registered op.
-    x = torch.randn(3, 4, 5)
-    batched = torch.func.vmap(lambda t: ops.softmax(t, backend="reference"))
-    torch.testing.assert_close(batched(x), x.softmax(-1))
+    # Through the eager Function instead, vmap's output would silently not require grad.
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    y = torch.func.vmap(lambda t: ops.softmax(t, backend="reference"))(x)
+    assert y.requires_grad
+    dy = torch.randn(3, 4, 5)
+    (grad,) = torch.autograd.grad(y, x, dy)
+    ref = x.detach().requires_grad_()
+    torch.testing.assert_close(y, ref.softmax(-1))
+    torch.testing.assert_close(grad, torch.autograd.grad(ref.softmax(-1), ref, dy)[0])
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    # Neither path has a jvp rule; both used to return a zero tangent (torch.func.jvp) or none (dual tensors).
+    x, v = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda t: ops.softmax(t, backend="reference"), (x,), (v,))
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+            ops.softmax(torch.autograd.forward_ad.make_dual(x, v), backend="reference")
+        torch.testing.assert_close(ops.softmax(x, backend="reference"), x.softmax(-1))  # no tangent: fine
+
+
+def test_jit_trace_records_the_registered_op():
+    # torch.jit.save can serialise dispatcher ops only, not the eager path's Python autograd.Function, which
+    # a trace records when the parameters require grad.
+    traced = torch.jit.trace(_TracedSoftmax(), (torch.randn(4, 5),))
+    assert "gptfast::softmax_fwd_reference" in str(traced.graph)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    x = torch.randn(4, 5)
+    loaded = torch.jit.load(buffer)
+    torch.testing.assert_close(loaded(x), loaded.linear(x).softmax(-1))
+
+
+class _TracedSoftmax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 5)
+
+    def forward(self, x):
+        return ops.softmax(self.linear(x), backend="reference")

@@ -10,6 +10,7 @@ import re
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import backends
 from .schemas import SCHEMAS
@@ -105,19 +106,39 @@ def resolve(op: str, device: torch.device, backend: str | None = None, **feature
 def call(op: str, backend: str, *args):
     """`op`'s forward on `backend` (registered by resolve), differentiable: how every public op runs.
 
-    torch.compile and functorch transforms (vmap) get the registered op, torch.ops.gptfast.<op>_fwd..., whose
-    autograd is torch.library's. Eager calls run the same kernels with the same OpSpec glue, but through an
-    autograd.Function of their own that calls the op below the dispatcher's Python autograd kernel: that
-    kernel refills the schema's defaults and wraps a Function of its own on every call, 10-25% of a small
-    op's host time (benchmarks/host_overhead.py), which a GPU running mid-size kernels waits for.
+    torch.compile, torch.jit.trace (which can save only dispatcher ops) and functorch transforms (vmap) get
+    the registered op, torch.ops.gptfast.<op>_fwd..., whose autograd is torch.library's. Eager calls run the
+    same kernels with the same OpSpec glue, but through an autograd.Function of their own that calls the op
+    below the dispatcher's Python autograd kernel: that kernel refills the schema's defaults and wraps a
+    Function of its own on every call, 10-25% of a small op's host time (benchmarks/host_overhead.py), which
+    a GPU running mid-size kernels waits for. Forward-mode AD, which neither path has, raises.
     """
     fwd_op = fwd(op, backend)
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return fwd_op(*args)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        _refuse_forward_ad(op, any(i.key() == _JVP for i in torch._C._functorch.get_interpreter_stack()))
+        return fwd_op(*args)
+    if forward_ad._current_level >= 0:  # inside a dual_level(): refuse inputs that carry a tangent
+        _refuse_forward_ad(op, any(
+            isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args
+        ))
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _eager_function(op, backend).apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return fwd_op(*args)
+
+
+_JVP = torch._C._functorch.TransformType.Jvp
+
+
+def _refuse_forward_ad(op: str, tangents: bool) -> None:
+    # Both paths would drop the tangent silently (torch.func.jvp gave 0): the ops have no jvp rule.
+    if tangents:
+        raise NotImplementedError(
+            f"gptfast {op} has no forward-mode derivative (torch.func.jvp, torch.autograd.forward_ad); "
+            "use reverse mode (backward, torch.autograd.grad) or the torch op"
+        )
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

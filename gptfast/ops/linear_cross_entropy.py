@@ -82,24 +82,38 @@ def _register_reduced(backend: str, fwd) -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.has_bias = inputs[3] is not None
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output[1:], inputs[0], inputs[1], inputs[3])
 
     def backward(ctx, dloss, *_unused):
-        if torch.is_grad_enabled():
-            # The gradients were taken in the forward, so a graph built here would hold them as constants: a
-            # second differentiation would be silently wrong, not just slow.
-            raise RuntimeError(
-                f"{OP}: the gradients of a reduced loss are computed in its forward and have no derivative, "
-                "and this backward was asked to build one (create_graph=True); gptfast ops have no double "
-                "backward"
-            )
-        dh, dw, db = ctx.saved_tensors
+        dh, dw, db, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            dh, dw, db = _TakenInForward.apply(dh, dw, db, *inputs)
         g = dloss.to(dh.dtype)
         return dh * g, dw * g, None, (db * g) if ctx.has_bias else None, None, None, None, None, None
 
     op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=_REDUCED_SCHEMA)
     op.register_fake(fake)
     op.register_autograd(backward, setup_context=setup_context)
+
+
+class _TakenInForward(torch.autograd.Function):
+    """The reduced op's gradients (dh, dw, db), as outputs that depend on (hidden, weight, bias).
+
+    They were computed in the forward, so a create_graph=True graph over them alone would treat them as
+    constants: their derivative with respect to hidden, weight or bias would be silently zero. Through this
+    node it raises instead, while the derivative with respect to the upstream gradient (dloss), which is
+    exact, stays available (torch.autograd.functional.jvp and hvp-style double backward through dloss)."""
+
+    @staticmethod
+    def forward(ctx, dh, dw, db, *inputs):
+        return dh.view_as(dh), dw.view_as(dw), db.view_as(db)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{OP}: the gradients of a reduced loss are computed in its forward and have no derivative with "
+            "respect to hidden, weight or bias (double backward through gptfast ops is not supported)"
+        )
 
 
 _library.register_spec(_library.OpSpec(OP, _fake_fwd, _fake_bwd, _setup_context, _backward, _register_reduced))
