@@ -133,6 +133,7 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
         torch.testing.assert_close(ops.softmax(x, backend="reference"), x.softmax(-1))  # no tangent: fine
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # a trace fixes shapes; the op's branches on them
 def test_jit_trace_records_the_registered_op():
     # torch.jit.save can serialise dispatcher ops only, not the eager path's Python autograd.Function, which
     # a trace records when the parameters require grad.
