@@ -38,6 +38,14 @@ def autotuned(kernel, configs: list[dict], key: list[str]):
     return _TUNED[cache_key]
 
 
+def next_power_of_2(n):
+    """triton.next_power_of_2 (0 for 0) on host ints without triton's constexpr-function wrapper, which costs
+    3.6 us a call in triton 3.9, several times per launch. Symbolic sizes (torch.compile) go to triton's."""
+    if isinstance(n, int):
+        return 1 << (n - 1).bit_length() if n > 0 else 0
+    return triton.next_power_of_2(n)
+
+
 def unique(configs: list[dict]) -> list[dict]:
     """configs without repeats, in order (the default stays first)."""
     out = []

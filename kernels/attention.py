@@ -30,6 +30,7 @@ numbered the same in the kernels below.
 Dropout draws a Philox number per score element (b, h, i, j) from (seed, offset) = rng, so the backward
 regenerates exactly the forward's mask; `dropout_mask` returns that mask for tests."""
 
+import functools
 import inspect
 import os
 import warnings
@@ -1524,16 +1525,22 @@ def _tuned(kind: str, q: Tensor, meta: dict, tma: bool = False, ws: bool = False
     """The autotuned kernel for this dtype and padded head dim: one autotuner per candidate list, so nothing
     needs pruning at call time (torch.compile traces these launches). tma: whether the TMA configs may run;
     ws: whether the warp-specialised ones may too (see _warp_spec_ok)."""
+    block = max(meta["BLOCK_D"], meta["BLOCK_DV"])
+    return _tuned_for(kind, q.element_size(), block, tma, ws, backends.autotune_enabled(), FORCED.get(kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_for(kind: str, itemsize: int, block: int, tma: bool, ws: bool, autotune: bool, forced):
+    # Cached: building the candidate configs and the autotuner's key took 13-20 us of host time per launch.
     table, kernel = _TABLES[kind]
-    candidates = table[_table_key(q.element_size(), max(meta["BLOCK_D"], meta["BLOCK_DV"]))]
+    candidates = table[_table_key(itemsize, block)]
     candidates = [c for c in candidates if (tma or not _uses_tma(c)) and (ws or not _warp_specialized(c))]
-    candidates = candidates if backends.autotune_enabled() else candidates[:1]
+    candidates = candidates if autotune else candidates[:1]
     if _INTERPRET:
         candidates = [_INTERPRETER_CONFIG]
-    if kind in FORCED:
+    if forced is not None:
         # A forced TMA config where TMA may not run (fp32's delta pass) runs as its pointer twin, a forced
         # warp-specialised one where that may not (a mask, dropout, unaligned rows) as its plain TMA twin.
-        forced = FORCED[kind]
         candidates = [forced if ws else forced[:5] if tma else forced[:4]]
     return _tuning.autotuned(kernel, [_to_config(c) for c in candidates], _AUTOTUNE_KEY)
 
@@ -1553,7 +1560,7 @@ def _launch(kernel):
 
 def _block(dim: int) -> int:
     # tl.dot needs K >= 16, and tiles are powers of two: pad the head dim, masking the padding.
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, _tuning.next_power_of_2(dim))
 
 
 def _mask_args(attn_mask: Tensor | None, q: Tensor):
@@ -1576,8 +1583,8 @@ def _shared_meta(q: Tensor, v: Tensor, L: int, S: int, is_causal: bool, mask_kin
     return dict(
         # Lengths enter the autotune key as powers of two, so a decode loop (L = 1, S growing) does not retune
         # at every step; int() keeps symbolic sizes under torch.compile out of triton's bit tricks.
-        L_BUCKET=triton.next_power_of_2(max(int(L), 1)),
-        S_BUCKET=triton.next_power_of_2(max(int(S), 1)),
+        L_BUCKET=_tuning.next_power_of_2(max(int(L), 1)),
+        S_BUCKET=_tuning.next_power_of_2(max(int(S), 1)),
         D=D,
         DV=DV,
         BLOCK_D=_block(D),

@@ -30,6 +30,8 @@ represents them (0.25, 0.125, ...). Targets int32 or int64. Row offsets are int6
 (32k rows x 128k vocab) indexes correctly.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -164,16 +166,18 @@ _BWD_TRIES = ((2048, 4), (4096, 4), (8192, 8), (8192, 16))
 def _bucket(n) -> int:
     """n's power-of-two bucket, for autotune keys; 0 for a symbolic size (torch.compile with dynamic shapes),
     which int() would specialise."""
-    return triton.next_power_of_2(max(n, 1)) if isinstance(n, int) else 0
+    return _tuning.next_power_of_2(max(n, 1)) if isinstance(n, int) else 0
 
 
-def _candidates(V: int, default_block: int, tries) -> list[dict]:
-    """The default config first, then the tries whose block does not pass the padded vocab."""
-    padded = triton.next_power_of_2(max(int(V), 1))  # the block depends on V, so V is specialised anyway
+@functools.lru_cache(maxsize=1024)
+def _candidates(V: int, default_block: int, tries) -> tuple[dict, ...]:
+    """The default config first, then the tries whose block does not pass the padded vocab (cached: built
+    on every launch, they cost 5 us of host time; read-only)."""
+    padded = _tuning.next_power_of_2(max(int(V), 1))  # the block depends on V, so V is specialised anyway
     first = min(padded, default_block)
     configs = [dict(BLOCK=first, num_warps=num_warps_for(first))]
     configs += [dict(BLOCK=b, num_warps=w) for b, w in tries if b <= padded]
-    return _tuning.unique(configs)
+    return tuple(_tuning.unique(configs))
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:
@@ -213,12 +217,12 @@ def cross_entropy_forward(
     args = (logits, target, loss, lse, logits.stride(0), V, ignore_index, label_smoothing, z_loss, _bucket(M))
     flags = dict(SMOOTHING=label_smoothing > 0.0, GRAD_IN_PLACE=grad_in_place, ACC=acc_dtype(logits.dtype))
     # The in-place forward is never timed against itself: each timing run would overwrite the logits again.
-    cands = _candidates(V, FWD_BLOCK, _FWD_TRIES) if block is None and not grad_in_place else []
+    cands = _candidates(int(V), FWD_BLOCK, _FWD_TRIES) if block is None and not grad_in_place else ()
     if len(cands) > 1 and _tuning.enabled():
         tuned = _tuning.autotuned(_cross_entropy_fwd_kernel, cands, ["V", "ROWS_BUCKET", "SMOOTHING"])
         launch(tuned)[(M,)](*args, **flags)
     else:
-        block = block or min(triton.next_power_of_2(V), FWD_BLOCK)
+        block = block or min(_tuning.next_power_of_2(V), FWD_BLOCK)
         launch(_cross_entropy_fwd_kernel)[(M,)](*args, BLOCK=block, **flags, num_warps=num_warps_for(block))
     return loss, lse
 
@@ -248,7 +252,7 @@ def cross_entropy_backward(
     if col_start < 0 or col_start + n > V:
         raise ValueError(f"cross_entropy_backward: columns [{col_start}, {col_start + n}) lie outside V={V}")
     # Only a fresh output is autotuned: out=logits is in place, which timing runs would compound.
-    cands = _candidates(n, BWD_BLOCK, _BWD_TRIES) if block is None and out is None else []
+    cands = _candidates(int(n), BWD_BLOCK, _BWD_TRIES) if block is None and out is None else ()
     out = torch.empty_like(logits) if out is None else out
     if M == 0 or n == 0:
         return out
@@ -259,7 +263,7 @@ def cross_entropy_backward(
         tuned = _tuning.autotuned(_cross_entropy_bwd_kernel, cands, ["V", "n_cols", "ROWS_BUCKET"])
         launch(tuned)[lambda meta: (M, triton.cdiv(n, meta["BLOCK"]))](*args, ACC=acc)
     else:
-        block = block or min(triton.next_power_of_2(n), BWD_BLOCK)
+        block = block or min(_tuning.next_power_of_2(n), BWD_BLOCK)
         launch(_cross_entropy_bwd_kernel)[(M, triton.cdiv(n, block))](
             *args, BLOCK=block, ACC=acc, num_warps=num_warps_for(block)
         )

@@ -20,6 +20,8 @@ Shapes: x, y, dy, dx are (M, N), row-major contiguous. Math is fp32 for fp16/bf1
 fp64 inputs; outputs have the input's dtype. All offsets are int64 (M * N may exceed 2^31).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -232,9 +234,9 @@ def num_warps_for(block: int) -> int:
 
 def config(M: int, N: int, block: int | None = None) -> dict:
     """Launch shape for (M, N): single pass (ROWS rows of BLOCK columns) or online (BLOCK columns a step)."""
-    block = block or (triton.next_power_of_2(N) if N <= SINGLE_PASS_MAX else ONLINE_BLOCK)
+    block = block or (_tuning.next_power_of_2(N) if N <= SINGLE_PASS_MAX else ONLINE_BLOCK)
     if block >= N:
-        rows = min(max(1, ROW_TILE // block), triton.next_power_of_2(M))
+        rows = min(max(1, ROW_TILE // block), _tuning.next_power_of_2(M))
         return dict(single=True, ROWS=rows, BLOCK=block, num_warps=num_warps_for(rows * block))
     return dict(single=False, ROWS=1, BLOCK=block, num_warps=num_warps_for(block))
 
@@ -251,7 +253,7 @@ def candidates(M: int, N: int, backward: bool = False) -> list[dict]:
     out = [first]
     if first["single"]:
         block, rows = first["BLOCK"], first["ROWS"]
-        more_rows = min(2 * rows, triton.next_power_of_2(M))
+        more_rows = min(2 * rows, _tuning.next_power_of_2(M))
         for r, w in ((rows, first["num_warps"] // 2), (rows, first["num_warps"] * 2), (more_rows, None)):
             w = w or num_warps_for(r * block)
             if 1 <= w <= 32 and _fits(r * block, w, backward):
@@ -282,6 +284,14 @@ def _tuned(kernel, M: int, N: int):
     flag, or (None, the config) when one config runs."""
     if not _tuning.enabled():
         return None, config(M, N)
+    if isinstance(M, int) and isinstance(N, int):  # not symbolic sizes (torch.compile), which do not hash
+        return _tuned_sizes(kernel, M, N)
+    return _tuned_sizes.__wrapped__(kernel, M, N)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tuned_sizes(kernel, M: int, N: int):
+    # Cached: the candidates and the autotuner's key cost about 10 us of host time per launch.
     cands = candidates(M, N, kernel is _softmax_bwd_kernel)
     if len(cands) == 1:
         return None, cands[0]
@@ -292,7 +302,7 @@ def _tuned(kernel, M: int, N: int):
 def _run(kernel, M: int, N: int, block, candidate, args: tuple, causal: bool, acc) -> None:
     """Launches `kernel` over an (M, N) problem: the given candidate, the given block's config, the autotuned
     candidates, or the default config."""
-    bucket = triton.next_power_of_2(max(int(N), 1))
+    bucket = _tuning.next_power_of_2(max(int(N), 1))
     if candidate is not None:
         tuned, fixed = None, candidate
     elif block is not None:
