@@ -38,7 +38,7 @@ test-full: setup
 # The main job: a short training demo on the embedded corpus and a sample from it, then the benchmark report
 # (quick sizes, every op on every backend that runs here) in bench-out/.
 run: setup
-	$(VENV)/bin/gptfast train --preset tiny --max-steps 200 --out runs/demo
+	$(VENV)/bin/gptfast train --preset tiny --max-steps 200 --out runs/demo --overwrite
 	$(VENV)/bin/gptfast generate --checkpoint runs/demo/ckpt.pt --max-new-tokens 200
 	$(VENV)/bin/gptfast bench --quick --out bench-out
 

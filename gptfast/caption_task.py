@@ -19,7 +19,7 @@ from . import backends, captions, checkpoint, distributed
 from .captions import CaptionSpec
 from .model import GPTConfig
 from .multimodal import MultimodalGPT
-from .train import TrainConfig, Trainer, UsageError, model_config
+from .train import TrainConfig, Trainer, UsageError, check_out, model_config
 
 # 1000 steps of 64 images of one or two shapes reach >= 90% on every attribute of the test split (README).
 TRAIN_DEFAULTS = {
@@ -108,6 +108,7 @@ def train_captions(
         spec = CaptionSpec(options["image_size"], options["max_shapes"])
     except ValueError as e:
         raise UsageError(str(e)) from None
+    check_out(cfg)
 
     torch.manual_seed(cfg.seed)  # model init; on resume the RNG state is restored from the checkpoint below
     if state is not None and state["data"]["spec"] != spec.to_dict():

@@ -49,6 +49,9 @@ def save(state: dict, path: str) -> None:
     _remove_dead_writers_temps(directory, os.path.basename(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path, os.getpid()), suffix=".tmp")
     try:
+        # mkstemp makes the file 0600 whatever the umask; the checkpoint gets an ordinary file's mode, so that
+        # other users or nodes reading a shared --out (gptfast generate, a resume) still can.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
             torch.save({"format": FORMAT, "version": VERSION, **state}, writer)
@@ -64,6 +67,12 @@ def save(state: dict, path: str) -> None:
             pass
         raise
     _fsync_dir(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask sets it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _temp_prefix(path: str, pid: int) -> str:

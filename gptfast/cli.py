@@ -9,6 +9,7 @@ name. Bad arguments, missing or damaged files print one line on stderr and exit 
 import argparse
 import dataclasses
 import importlib
+import math
 import sys
 from typing import Callable
 
@@ -27,25 +28,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------- argument types
-def _int(low: int):
+def _int(low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
 
     return parse
 
 
-def _float(low: float, high: float | None = None, high_open: bool = False):
+def _float(low: float, high: float | None = None, high_open: bool = False, finite: bool = True):
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if finite and math.isinf(value):  # an infinite learning rate trains to NaN without an error
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         too_high = high is not None and (value >= high if high_open else value > high)
         if not value >= low or too_high:
             bracket = ")" if high_open else "]"
@@ -73,7 +77,7 @@ def add_train(subparsers) -> None:
         "images of shapes. Writes OUT/ckpt.pt atomically; --resume continues it exactly.",
     )
     from .model import GPTConfig
-    from .train import TASKS
+    from .train import MAX_SEED, TASKS
 
     p.add_argument(
         "--task",
@@ -126,7 +130,9 @@ def add_train(subparsers) -> None:
         "--save-every", type=_int(0), help=f"steps between checkpoints, 0 = end only {_default('save_every')}"
     )
     p.add_argument("--out", metavar="DIR", help=f"output directory for ckpt.pt {_default('out')}")
-    p.add_argument("--seed", type=_int(0), help=f"seed for init, data order and dropout {_default('seed')}")
+    p.add_argument(
+        "--seed", type=_int(0, MAX_SEED), help=f"seed for init, data order and dropout {_default('seed')}"
+    )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
         "--backend", choices=backends.NAMES, help="gptfast ops backend (default: the fastest here)"
@@ -137,6 +143,12 @@ def add_train(subparsers) -> None:
         help="CPU threads per op (default: torch's, all cores; 1 for captions, see caption_task.CPU_THREADS)",
     )
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/ckpt.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start a new run even where OUT/ckpt.pt exists (replacing it); without it that is refused",
+    )
     p.add_argument(
         "--fsdp",
         action="store_true",
@@ -180,7 +192,7 @@ def add_generate(subparsers) -> None:
         description="Sample text from a checkpoint written by `gptfast train`; a captions checkpoint "
         "captions new images and prints each caption beside the true one, then the accuracy.",
     )
-    from .train import TASKS
+    from .train import MAX_SEED, TASKS
 
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="e.g. runs/demo/ckpt.pt")
     p.add_argument("--task", choices=TASKS, help="the checkpoint's task, checked (default: the checkpoint's)")
@@ -189,13 +201,13 @@ def add_generate(subparsers) -> None:
     p.add_argument("--num-images", type=_int(1), help="captions: fresh images to caption (default: 8)")
     p.add_argument(
         "--temperature",
-        type=_float(0.0),
+        type=_float(0.0, finite=False),
         help="softmax temperature, 0 = greedy (default: 0.8 for text, 0 for captions)",
     )
     p.add_argument(
         "--top-k", type=_int(1), default=None, help="sample among the k likeliest bytes (default: all)"
     )
-    p.add_argument("--seed", type=_int(0), default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=_int(0, MAX_SEED), default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
         "--backend", choices=backends.NAMES, help="gptfast ops backend (default: the fastest here)"

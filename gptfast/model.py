@@ -306,7 +306,12 @@ class GPT(_nn.Module):
         """logits (B, V) -> next token ids (B, 1)."""
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
-        logits = logits.float() / temperature
+        # Shifted so that the largest is 0 first, and the temperature kept above fp32's underflow: a tiny one then
+        # sends the others to -inf (the limit: the argmax, ties shared) instead of overflowing every logit to
+        # inf, or dividing by a temperature that rounds to 0, whose softmax is NaN.
+        logits = logits.float()
+        shifted = logits - logits.amax(dim=-1, keepdim=True)
+        logits = shifted / max(temperature, torch.finfo(torch.float32).tiny)
         if top_k is not None and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
             logits = logits.masked_fill(logits < kth, float("-inf"))

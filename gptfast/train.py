@@ -61,13 +61,35 @@ class TrainConfig:
     device: str = "auto"
     backend: str | None = None
     resume: bool = False
+    overwrite: bool = False  # a new run where out/ckpt.pt exists replaces it; else that is refused
     progress: bool = True
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (see gptfast.distributed)
     model_overrides: dict = dataclasses.field(default_factory=dict)  # GPTConfig fields over the preset's
     task_options: dict = dataclasses.field(default_factory=dict)  # another task's settings, e.g. max_shapes
 
     # What a resume does not take from the checkpoint: where and how this process runs, not what it computes.
-    NOT_RESUMED = ("out", "device", "backend", "resume", "progress", "stop_after", "fsdp")
+    NOT_RESUMED = ("out", "device", "backend", "resume", "overwrite", "progress", "stop_after", "fsdp")
+
+    def validate(self) -> None:
+        """UsageError naming the first setting out of range (the CLI checks them too; this covers the API),
+        since each of these trained to NaN, ascended the gradient or wrote nothing without an error."""
+        ints = {"max_steps": 1, "batch_size": 1, "eval_every": 0, "eval_iters": 1, "save_every": 0,
+                "log_every": 1, "corpus_bytes": 1}
+        for name, low in ints.items():
+            _check_number(name, getattr(self, name), low, integer=True)
+        for name in ("stop_after", "warmup_steps"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), 1 if name == "stop_after" else 0, integer=True)
+        _check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        if self.lr is not None:
+            _check_number("lr", self.lr, 0.0)
+        _check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_number("weight_decay", self.weight_decay, 0.0)
+        _check_number("grad_clip", self.grad_clip, 0.0)
+        for name in ("beta1", "beta2"):
+            _check_number(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        if self.dropout is not None:
+            _check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
 
     @property
     def peak_lr(self) -> float:
@@ -79,6 +101,21 @@ class TrainConfig:
 
     def checkpoint_path(self) -> str:
         return os.path.join(self.out, CHECKPOINT_NAME)
+
+
+MAX_SEED = 2**63 - 2  # torch seeds are 64-bit signed, and the held-out batches take seed + 1
+
+
+def _check_number(name: str, value, low, high=None, high_open: bool = False, integer: bool = False) -> None:
+    flag = "--" + name.replace("_", "-")
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise UsageError(f"{flag}: must be {'an integer' if integer else 'a number'}, got {value!r}")
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (math.isfinite(value) and value >= low) or too_high:
+        bound = f"in [{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
+        bound = bound if integer or high is not None else f"finite and {bound}"
+        raise UsageError(f"{flag}: must be {bound}, got {value!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -113,6 +150,23 @@ def check_backend(name: str | None, device: torch.device) -> None:
         reason = backends.why_not(name, op, device)
         if reason:
             raise UsageError(f"--backend {name}: cannot run {op} on {device.type}: {reason}")
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Refuses, before any step, an --out that would lose an earlier run's checkpoint or that the first save
+    would fail on (after the whole run's compute)."""
+    path = cfg.checkpoint_path()
+    if not (cfg.resume or cfg.overwrite) and os.path.exists(path):
+        raise UsageError(
+            f"--out {cfg.out}: {path} already holds a checkpoint; pass --resume to continue that run, or "
+            "--overwrite to start a new one over it"
+        )
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {cfg.out}: cannot create the output directory ({e.strerror or e})") from None
+    if not os.access(cfg.out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {cfg.out}: the output directory is not writable")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -172,6 +226,9 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg, device)
         self.step = 0
         self.metrics: dict = {"val_loss": None, "train_loss": None, "history": []}
+        # The losses of the steps since the last logged train loss: their sum (on device) and count. Saved, so
+        # that a resumed run logs the same train losses as an uninterrupted one.
+        self.window, self.window_count = None, 0
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -185,14 +242,23 @@ class Trainer:
             "rng": {**rng, "sampler": self.sampler.state_dict()},
             "train_config": dataclasses.asdict(self.cfg),
             "metrics": self.metrics,
+            "loss_window": self._window_state(),
             **self.dist.checkpoint_extra(self.model, rng),
         }
+
+    def _window_state(self) -> dict:
+        # A collective under torchrun (every rank saves in step): rank 0 writes the ranks' mean sum.
+        total = None if self.window is None else self.dist.mean(self.window).item()
+        return {"sum": total, "count": self.window_count}
 
     def load_state_dict(self, state: dict) -> None:
         self.dist.load_model_state_dict(self.model, state["model"])
         self.dist.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         self.metrics = state.get("metrics", self.metrics)
+        window = state.get("loss_window", {"sum": None, "count": 0})
+        self.window_count = window["count"]
+        self.window = None if window["sum"] is None else torch.tensor(window["sum"], device=self.device)
         self.sampler.load_state_dict(state["rng"]["sampler"])
         own_rng = self.dist.rank_rng_state(state)
         set_rng_state(own_rng or state["rng"], self.device)
@@ -256,21 +322,25 @@ class Trainer:
             unit="step",
         )
         tokens_per_step = None
-        running, count, tick, tok_s = None, 0, time.perf_counter(), None
+        timed, tick, tok_s = 0, time.perf_counter(), None
         while self.step < end:
             batch = self.sampler.next()
             tokens_per_step = batch[-1].numel() * self.dist.world_size  # targets: one per trained position
             loss = self.train_step(batch)
-            running = loss.float() if running is None else running + loss.float()
-            count += 1
+            self.window = loss.float() if self.window is None else self.window + loss.float()
+            self.window_count += 1
+            timed += 1
             bar.update(1)
-            if count == cfg.log_every or self.step == end:
+            logged = self.window_count == cfg.log_every or self.step == cfg.max_steps
+            if logged or self.step == end:
                 now = time.perf_counter()
                 # One sync (and one all-reduce across ranks) per log interval.
-                self.metrics["train_loss"] = self.dist.mean(running / count).item()
-                tok_s = count * tokens_per_step / (now - tick)
+                self.metrics["train_loss"] = self.dist.mean(self.window / self.window_count).item()
+                tok_s = timed * tokens_per_step / (now - tick)
                 bar.set_postfix(loss=f"{self.metrics['train_loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-                running, count, tick = None, 0, now
+                if logged:  # a --stop-after stop keeps its window, so the resumed run logs where this would
+                    self.window, self.window_count = None, 0
+                timed, tick = 0, now
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 self._log_eval(self.evaluate())
                 tick = time.perf_counter()  # eval time is not training throughput
@@ -373,6 +443,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     if cfg.task not in TASKS:
         raise UsageError(f"--task: must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    cfg.validate()
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
     try:
@@ -408,6 +479,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Context) -> 
         train_tokens, val_tokens = data.split(text, block)
     except data.DataError as e:
         raise UsageError(str(e)) from None
+    check_out(cfg)
     model.to(device)
     sampler = ctx.shard(data.BatchSampler(train_tokens, block, cfg.batch_size, cfg.seed))
 
@@ -430,7 +502,10 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Context) -> 
             )
         trainer.load_state_dict(state)
 
-    backend_name = backends.select("attention", device, cfg.backend)
+    try:
+        backend_name = backends.select("attention", device, cfg.backend, dropout=model.config.dropout > 0)
+    except backends.BackendUnavailable as e:  # before the step-0 eval rather than at the first step
+        raise UsageError(f"--backend {cfg.backend} with --dropout {model.config.dropout}: {e}") from None
     if ctx.is_main:
         ranks = f", {ctx.world_size} ranks ({'FSDP' if ctx.fsdp else 'DDP'})" if ctx.distributed else ""
         print(

@@ -123,6 +123,10 @@ def _one_line_error(capsys, argv, match: str):
         (["train", "--bogus"], "unrecognized arguments: --bogus"),
         (["generate"], "the following arguments are required: --checkpoint"),
         (["generate", "--checkpoint", "x.pt", "--top-k", "0"], "--top-k: must be >= 1"),
+        (["train", "--lr", "inf"], "--lr: must be finite, got inf"),  # trained to NaN, exit 0, before
+        (["train", "--weight-decay", "1e400"], "--weight-decay: must be finite"),
+        (["train", "--seed", "18446744073709551615"], "--seed: must be in [0, 9223372036854775806]"),
+        (["generate", "--checkpoint", "x.pt", "--seed", str(2**64)], "--seed: must be in [0,"),
         ([], "the following arguments are required"),
         (["fly"], "invalid choice: 'fly'"),
     ],
@@ -150,6 +154,20 @@ def test_too_short_data(capsys, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_new_run_over_an_existing_checkpoint_is_refused(capsys, trained, tmp_path):
+    # It used to replace the earlier run's checkpoint without a word.
+    before = open(os.path.join(trained, "ckpt.pt"), "rb").read()
+    _one_line_error(capsys, ["train", "--out", trained, "--max-steps", "1"], "already holds a checkpoint")
+    assert open(os.path.join(trained, "ckpt.pt"), "rb").read() == before
+
+
+def test_unwritable_out_is_refused_before_training(capsys, tmp_path):
+    # Found only at the first save (after the whole run's steps) before, as a traceback.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(capsys, ["train", "--out", str(blocker / "run")], f"--out {blocker / 'run'}: cannot create")
+
+
 def test_unavailable_device_and_backend(capsys):
     _one_line_error(capsys, ["train", "--device", "cuda"], "CUDA is not available")
     _one_line_error(capsys, ["train", "--backend", "cuda"], "--backend cuda: cannot run")

@@ -284,6 +284,15 @@ def test_top_k_1_is_greedy_and_generate_restores_mode():
     assert torch.equal(model.generate(prompt, 10, temperature=1.5, top_k=1), greedy)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-320])  # logits / T overflowed; 1e-320 is 0 in fp32
+def test_a_tiny_temperature_samples_the_greedy_tokens(temperature):
+    # Its limit is the argmax: it raised multinomial's "inf, nan or element < 0" before.
+    model = small()
+    prompt = tokens(2, 4)
+    greedy = model.generate(prompt, 8, temperature=0.0)
+    assert torch.equal(model.generate(prompt, 8, temperature=temperature), greedy)
+
+
 # -------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "make_idx, error, match",

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from gptfast import checkpoint, data
-from gptfast.train import TrainConfig, lr_at, make_optimizer, train
+from gptfast import backends, checkpoint, data
+from gptfast.train import Trainer, TrainConfig, UsageError, lr_at, make_optimizer, train
 from gptfast.model import GPT, GPTConfig
 
 # A model small enough for a few steps per second on a loaded 2-core machine.
@@ -167,6 +167,61 @@ def test_resume_is_bit_exact(tmp_path, text_file):
         assert all(torch.equal(sa[key], sb[key]) for key in sa), k
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert a["metrics"]["val_loss"] == b["metrics"]["val_loss"]
+    # The stop (step 3) falls inside a log window (10 steps): its partial window is saved, so the train loss
+    # logged at the end averages the same six steps (it averaged only the resumed three before).
+    assert a["metrics"]["train_loss"] == b["metrics"]["train_loss"]
+
+
+def test_overwrite_starts_a_new_run_over_an_old_checkpoint(tmp_path, text_file):
+    train(micro_config(tmp_path, text_file, max_steps=2, seed=1))
+    with pytest.raises(UsageError, match="already holds a checkpoint.*--resume.*--overwrite"):
+        train(micro_config(tmp_path, text_file, max_steps=1, seed=2))
+    result = train(micro_config(tmp_path, text_file, max_steps=1, seed=2, overwrite=True))
+    assert checkpoint.load(result["checkpoint"])["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "setting, match",
+    [
+        # Each of these ran without an error before: NaN losses, a NaN checkpoint, or gradient ascent.
+        (dict(batch_size=0), "--batch-size: must be >= 1, got 0"),
+        (dict(eval_iters=0), "--eval-iters: must be >= 1"),
+        (dict(max_steps=0), "--max-steps: must be >= 1"),
+        (dict(lr=float("inf")), "--lr: must be finite and >= 0.0, got inf"),
+        (dict(min_lr_ratio=-1.0), r"--min-lr-ratio: must be in \[0.0, 1.0\], got -1.0"),
+        (dict(warmup_steps=-3), "--warmup-steps: must be >= 0"),
+        (dict(weight_decay=float("nan")), "--weight-decay: must be finite"),
+        (dict(beta2=1.0), r"--beta2: must be in \[0.0, 1.0\)"),
+        (dict(seed=2**64), "--seed: must be in"),
+        (dict(log_every=1.5), "--log-every: must be an integer"),
+    ],
+)
+def test_bad_settings_are_refused_by_the_api(tmp_path, text_file, setting, match, monkeypatch):
+    monkeypatch.setattr(Trainer, "train_step", _no_step)
+    with pytest.raises(UsageError, match=match):
+        train(micro_config(tmp_path, text_file, **setting))
+
+
+def _no_step(*args):
+    raise AssertionError("the settings must be refused before any step")
+
+
+def test_backend_without_dropout_is_refused_before_any_step(tmp_path, text_file, monkeypatch):
+    if backends.why_not("cpu", "attention", torch.device("cpu")) is not None:
+        pytest.skip("the cpu backend is not built here")
+    monkeypatch.setattr(Trainer, "evaluate", _no_step)
+    with pytest.raises(UsageError, match="--backend cpu with --dropout 0.1: .*dropout"):
+        train(micro_config(tmp_path, text_file, backend="cpu", dropout=0.1))
+
+
+def test_checkpoint_has_an_ordinary_file_mode(tmp_path):
+    # mkstemp's 0600 had locked other users (a shared --out) out of every checkpoint.
+    old = os.umask(0o022)
+    try:
+        checkpoint.save({"step": 1}, str(tmp_path / "ckpt.pt"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "ckpt.pt").st_mode & 0o777 == 0o644
 
 
 def test_checkpoint_holds_what_resume_needs(tmp_path, text_file):
