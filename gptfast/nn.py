@@ -21,9 +21,11 @@ def _legacy_softmax_dim(ndim: int) -> int:
 class Softmax(_nn.Module):
     """torch.nn.Softmax(dim) on gptfast's softmax, with its scale= and causal= options.
 
-    forward(x) -> softmax(scale * x) along dim, same shape and dtype as x. causal=True masks x[..., i, j] for
+    forward(x) -> softmax(scale * x) along dim, same shape and dtype as x (float32 for fp16/bf16 x under CUDA
+    autocast, whose float32 list holds softmax, as torch's module gives). causal=True masks x[..., i, j] for
     j > i (the last two dims form the (L, S) score matrix) and needs dim=-1. dim=None follows torch's legacy
-    rule (dim 0 for 0-, 1- and 3-d inputs, else dim 1), so the module can replace torch's one for one.
+    rule (dim 0 for 0-, 1- and 3-d inputs, else dim 1), so the module can replace torch's one for one. One
+    difference, design.md's: a row that is all -inf gives zeros where torch's gives NaN.
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class Softmax(_nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dim = _legacy_softmax_dim(x.dim()) if self.dim is None else self.dim
+        if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and torch.is_autocast_enabled("cuda"):
+            x = x.float()  # what autocast does for torch's softmax; custom ops are outside its lists
         return ops.softmax(x, dim, scale=self.scale, causal=self.causal, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -48,6 +48,7 @@ class _Missing:
 
 
 _MISSING = _Missing()
+_CALL = "_gptfast_patch_call"  # an undo entry that runs a function instead of restoring an attribute
 
 
 class _UndoLog:
@@ -60,9 +61,16 @@ class _UndoLog:
         self.entries.append((obj, name, _own_attribute(obj, name)))
         setattr(obj, name, value)
 
+    def call(self, fn) -> None:
+        """fn() runs at undo, in its place in the reverse order (a module-level function or a partial of one,
+        so that deep copies and pickles of a patched model keep it)."""
+        self.entries.append((fn, _CALL, None))
+
     def undo(self) -> None:
         for obj, name, old in reversed(self.entries):
-            if old is _MISSING:
+            if name is _CALL:
+                obj()
+            elif old is _MISSING:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
@@ -104,6 +112,8 @@ def patch(
             "gptfast.patch: fused_loss=True computes the cross-entropy, so it needs cross_entropy=True"
         )
     hf_kind = _hugging_face_kind(model)
+    if hf_kind is None:
+        _refuse_a_wrapped_hugging_face_model(model)
     if fused_loss and hf_kind != "GPT2LMHeadModel":
         raise ValueError(
             f"gptfast.patch: fused_loss=True needs a model with an LM head (GPT2LMHeadModel); "
@@ -164,12 +174,34 @@ def _swap_torch_modules(model, log: _UndoLog, backend, softmax: bool, cross_entr
                 continue
             else:
                 continue
+            _share_hooks(child, new)
             log.set(parent, name, new.train(child.training))
     if left_alone:
         warnings.warn(
             "gptfast.patch: left as torch's, which gptfast cannot represent: " + ", ".join(left_alone),
             stacklevel=3,
         )
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _share_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """The replacement runs the module's hooks: the same dicts, so the user's handles still remove them (a
+    hook that scales a loss or a softmax input had silently stopped running)."""
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 # ------------------------------------------------------------------------------------- transformers GPT-2
@@ -196,6 +228,26 @@ def _hugging_face_kind(model) -> str | None:
     )
 
 
+def _refuse_a_wrapped_hugging_face_model(model) -> None:
+    """TypeError for a module that holds a Hugging Face model below it (a torch.compile wrapper, a user's
+    module): patching the tree would leave that model's attention and loss as they are, silently."""
+    if "transformers" not in sys.modules:
+        return
+    from transformers import PreTrainedModel
+
+    for path, module in model.named_modules():
+        if path and isinstance(module, PreTrainedModel):
+            fix = (
+                "patch the model before compiling it"
+                if path.split(".")[0] == "_orig_mod"
+                else f"patch that model itself (its path: {path})"
+            )
+            raise TypeError(
+                f"gptfast.patch: {type(model).__name__} holds a Hugging Face {type(module).__name__} at "
+                f"{path!r}, which patching the wrapper would leave unpatched; {fix}"
+            )
+
+
 def _patch_gpt2(model, log: _UndoLog, backend, attention: bool, loss: bool, fused_loss: bool) -> None:
     if attention:
         _register_attention()
@@ -204,6 +256,9 @@ def _patch_gpt2(model, log: _UndoLog, backend, attention: bool, loss: bool, fuse
         config = model.config
         own = copy.deepcopy(config)
         own._attn_implementation = ATTENTION_NAME
+        # Runs after the modules get `config` back: what changed on `own` while patched (a resized vocab, a
+        # pad token) goes to the original, which unpatch would otherwise hand back stale.
+        log.call(functools.partial(_merge_config, own, config))
         for module in model.modules():
             if getattr(module, "config", None) is config:
                 log.set(module, "config", own)
@@ -226,6 +281,12 @@ def _patch_gpt2(model, log: _UndoLog, backend, attention: bool, loss: bool, fuse
                 f"{type(model).__name__}.loss_function to route the loss through; upgrade transformers, or "
                 "pass fused_loss=True (gptfast computes the loss itself) or cross_entropy=False"
             )
+
+
+def _merge_config(patched, original) -> None:
+    for key, value in vars(patched).items():
+        if "attn_implementation" not in key:
+            setattr(original, key, value)
 
 
 def _transformers_version() -> str:
@@ -284,8 +345,9 @@ def hf_attention(
 
     query (B, H, L, D), key and value (B, Hk, S, D) -> (attn_output (B, L, H, D), None): no attention weights,
     as with sdpa. attention_mask: None (causal self-attention, or none at all), a 4-D bool mask (True =
-    attend) or an additive float mask, already causal when it has L query rows. A (B, 1, 1, S) mask for L > 1
-    is padding only (transformers 4.x builds that for implementations other than sdpa), so causality is added.
+    attend) or an additive float mask, the complete mask where transformers builds masks itself
+    (masking_utils), broadcast over the queries as SDPA does. Before masking_utils, a (B, 1, 1, S) mask for
+    L > 1 is padding only (GPT2Model built that for implementations other than sdpa), so causality is added.
     """
     if kwargs.get("head_mask") is not None:
         raise ValueError("gptfast attention: head_mask is not supported; unpatch the model to use it")
@@ -302,7 +364,7 @@ def hf_attention(
             # in bf16 (and empty a padding row), so it becomes the queries' own most negative value.
             floor = torch.finfo(query.dtype).min
             mask = torch.where(mask == float("-inf"), mask, mask.clamp_min(floor)).to(query.dtype)
-        if causal_module and mask.shape[-2] == 1 and L > 1:
+        if causal_module and mask.shape[-2] == 1 and L > 1 and not _masks_built_by_transformers():
             mask = _and_causal(mask, L, S)
     elif causal_module and L > 1:
         if L == S:
@@ -323,6 +385,17 @@ def hf_attention(
         backend=getattr(module, _BACKEND, None),
     )  # (B, H, L, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _masks_built_by_transformers() -> bool:
+    # With masking_utils a user's own 4-D mask reaches the attention as it is, the complete mask: adding
+    # causality to a (B, 1, 1, S) one there turned a bidirectional mask causal, silently.
+    try:
+        import transformers.masking_utils  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _bottom_right_causal(L: int, S: int, device) -> Tensor:

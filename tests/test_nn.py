@@ -259,3 +259,15 @@ def test_modules_pass_their_backend():
             RuntimeError, match="'cuda'"
         ):  # named, so refused on CPU tensors: it was passed on
             module(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softmax_under_cuda_autocast_returns_float32_as_torch(dtype):
+    # CUDA autocast runs softmax in float32; gptfast's op is a custom op outside its lists, so the module
+    # upcasts itself (patch swaps it for torch's one in arbitrary models).
+    x = torch.randn(8, 300, device="cuda", dtype=dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        ours, theirs = nn.Softmax(dim=-1)(x), torch.nn.Softmax(dim=-1)(x)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)

@@ -114,6 +114,17 @@ def test_gpt2_lm_head_matches_unpatched(backend, padding, fused_loss):
     check_parity(backend, padding=padding, fused_loss=fused_loss)
 
 
+def test_gpt2_with_a_user_4d_mask_matches_unpatched():
+    # transformers passes a 4-D mask through as the complete mask; a (B, 1, 1, S) one attends bidirectionally.
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(gpt2_config()).eval()
+    patched = gptfast.patch(copy.deepcopy(base), backend="reference")
+    ids = torch.randint(0, VOCAB, (2, 8))
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    mask[0, ..., -2:] = False
+    torch.testing.assert_close(patched(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits)
+
+
 def test_gpt2_model_matches_unpatched():
     # The bare transformer: no loss, so the hidden states and the gradients of a random projection of them.
     torch.manual_seed(0)
@@ -216,10 +227,17 @@ class _Layer(torch.nn.Module):
         "padding_bool",
         "kv_cache",  # L < S queries after cached keys, no mask: causality aligned to the bottom right
         "layer_scaling",  # no `scaling` argument (4.x): 1/sqrt(D) / (layer_idx + 1) from the layer
+        "complete_mask",  # masking_utils: a user's (B, 1, 1, S) mask is the whole mask, broadcast over queries
     ],
 )
-def test_hf_attention_masks_and_scaling_equal_torch(case):
+def test_hf_attention_masks_and_scaling_equal_torch(case, monkeypatch):
+    import importlib
+
     from gptfast.patch import hf_attention
+
+    # Which transformers builds the masks: the complete one (masking_utils), or GPT2Model a padding-only one.
+    patch_module = importlib.import_module("gptfast.patch")  # gptfast.patch is also the function's name
+    monkeypatch.setattr(patch_module, "_masks_built_by_transformers", lambda: case == "complete_mask")
 
     B, H, L, S, D = 2, 3, 5 if case == "kv_cache" else 7, 7, 16
     q, k, v = torch.randn(B, H, L, D, dtype=torch.float64), *torch.randn(2, B, H, S, D, dtype=torch.float64)
@@ -238,6 +256,9 @@ def test_hf_attention_masks_and_scaling_equal_torch(case):
         full = torch.where(causal, mask, torch.finfo(torch.float64).min)
     elif case == "padding_bool":
         mask = keep[:, None, None, :]
+    elif case == "complete_mask":
+        mask = keep[:, None, None, :]
+        full = mask  # no causality added: the 0.24-off patched logits of a bidirectional mask, before
     elif case == "kv_cache":
         full = causal
     else:
@@ -335,6 +356,29 @@ def test_unsupported_models_are_refused_with_the_supported_types():
     assert not is_patched(classifier)
 
 
+def test_a_wrapped_hugging_face_model_is_refused():
+    # Patching the wrapper changed nothing inside it before, without a word (and marked the inner model).
+    model = GPT2LMHeadModel(gpt2_config())
+    with pytest.raises(TypeError, match=r"OptimizedModule holds a Hugging Face GPT2LMHeadModel.*before compiling"):
+        gptfast.patch(torch.compile(model))
+    with pytest.raises(TypeError, match=r"Sequential holds a Hugging Face GPT2LMHeadModel at '0'"):
+        gptfast.patch(torch.nn.Sequential(model))
+    assert not is_patched(model) and model.config._attn_implementation != "gptfast"
+
+
+def test_unpatch_keeps_config_changes_made_while_patched():
+    # The patched modules share a copy of the config; unpatch handed back the old object, stale.
+    model = gptfast.patch(GPT2LMHeadModel(gpt2_config()), backend="reference")
+    model.resize_token_embeddings(VOCAB + 3)
+    model.config.pad_token_id = 5
+    gptfast.unpatch(model)
+    assert model.config.vocab_size == VOCAB + 3 and model.config.pad_token_id == 5
+    assert model.config._attn_implementation != "gptfast"
+    assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))
+    ids = torch.randint(0, VOCAB + 3, (2, 6))
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
 def test_a_transformers_without_per_instance_loss_function_is_refused(monkeypatch):
     # As in releases whose loss_function ignores an instance's own: patch says so and changes nothing.
     model = GPT2LMHeadModel(gpt2_config())
@@ -422,6 +466,22 @@ def test_plain_tree_leaves_what_gptfast_cannot_represent():
         gptfast.patch(model)
     assert model["w"] is weighted and type(model["s"]) is ScaledSoftmax
     assert isinstance(model["ok"], gptfast.nn.Softmax)
+
+
+def test_plain_tree_keeps_the_modules_hooks():
+    # A swapped module dropped its hooks before: this loss came out 10x smaller, the softmax unscaled.
+    model = torch.nn.ModuleDict({"softmax": torch.nn.Softmax(dim=-1), "loss": torch.nn.CrossEntropyLoss()})
+    x, t = torch.randn(3, 5), torch.randint(0, 5, (3,))
+    halve = model["softmax"].register_forward_pre_hook(lambda module, args: (args[0] / 2,))
+    model["loss"].register_forward_hook(lambda module, args, out: out * 10)
+    before = model["softmax"](x), model["loss"](x, t)
+    gptfast.patch(model, backend="reference")
+    assert isinstance(model["softmax"], gptfast.nn.Softmax)
+    after = model["softmax"](x), model["loss"](x, t)
+    torch.testing.assert_close(after[0], before[0])
+    torch.testing.assert_close(after[1], before[1])
+    halve.remove()  # the user's handle still works on the replacement
+    torch.testing.assert_close(model["softmax"](x), x.softmax(-1))
 
 
 def test_plain_tree_flags_and_training_mode():
