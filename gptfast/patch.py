@@ -498,4 +498,7 @@ def _fused_lm_forward(model, original_forward, backend, *args, **kwargs):
     )
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)  # use_return_dict is deprecated in 5.x
-    return result if return_dict else result.to_tuple()
+    if return_dict:
+        return result
+    loss, *rest = result.to_tuple()  # which drops the None logits: keep their place, so out[1] stays logits
+    return (loss, None, *rest)

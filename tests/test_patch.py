@@ -114,6 +114,20 @@ def test_gpt2_lm_head_matches_unpatched(backend, padding, fused_loss):
     check_parity(backend, padding=padding, fused_loss=fused_loss)
 
 
+def test_fused_loss_tuple_output_keeps_the_logits_place():
+    # return_dict=False: (loss, logits, past_key_values, ...) unpatched; the fused loss has logits=None, and
+    # dropping it (as ModelOutput.to_tuple does) had moved the cache into out[1].
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(gpt2_config()).eval()
+    patched = gptfast.patch(copy.deepcopy(base), backend="reference", fused_loss=True)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    theirs = base(ids, labels=ids, return_dict=False, use_cache=True)
+    ours = patched(ids, labels=ids, return_dict=False, use_cache=True)
+    assert len(ours) == len(theirs) and ours[1] is None
+    assert type(ours[2]) is type(theirs[2])
+    torch.testing.assert_close(ours[0], theirs[0])
+
+
 def test_gpt2_with_a_user_4d_mask_matches_unpatched():
     # transformers passes a 4-D mask through as the complete mask; a (B, 1, 1, S) one attends bidirectionally.
     torch.manual_seed(0)
