@@ -76,8 +76,20 @@ def _umask() -> int:
 
 
 def _temp_prefix(path: str, pid: int) -> str:
-    # The writer's PID in the name tells a later save whether a leftover temp file's writer is still alive.
-    return f".{os.path.basename(path)}.{pid}."
+    # The writer's PID (and, on Linux, its start time) in the name tells a later save whether a leftover temp
+    # file's writer is still alive: a PID alone comes back in another process (PID 1 in every restarted
+    # container), which would keep a dead writer's checkpoint-sized file forever.
+    start = _start_time(pid)
+    return f".{os.path.basename(path)}.{pid}{'' if start is None else '-' + start}."
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _remove_dead_writers_temps(directory: str, name: str) -> None:
@@ -90,8 +102,8 @@ def _remove_dead_writers_temps(directory: str, name: str) -> None:
     for entry in os.listdir(directory):
         if not (entry.startswith(stem) and entry.endswith(".tmp")):
             continue
-        pid = entry[len(stem) :].split(".", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        pid, _, start = entry[len(stem) :].split(".", 1)[0].partition("-")
+        if not pid.isdigit() or _alive(int(pid), start or None):
             continue
         try:
             os.unlink(os.path.join(directory, entry))
@@ -99,14 +111,15 @@ def _remove_dead_writers_temps(directory: str, name: str) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` runs, and is the one that started at `start` (when the name recorded it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # another user's live process
-    return True
+        pass  # another user's live process
+    return start is None or _start_time(pid) in (None, start)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -121,6 +121,19 @@ def test_save_removes_only_dead_writers_temp_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", live.name, other.name, "notes.txt"])
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/stat"), reason="needs Linux's /proc")
+def test_save_removes_a_dead_writers_temp_file_whose_pid_came_back(tmp_path):
+    # A writer records its start time beside its PID: a temp file named with this live PID but another
+    # start time was left by a dead writer whose PID was reused (PID 1 in a restarted container), and goes.
+    reused = tmp_path / f".ckpt.pt.{os.getpid()}-1.abc.tmp"
+    live = tmp_path / checkpoint._temp_prefix(str(tmp_path / "ckpt.pt"), os.getpid())
+    live = live.with_name(live.name + "def.tmp")
+    for f in (reused, live):
+        f.write_bytes(b"partial")
+    checkpoint.save({"step": 1}, str(tmp_path / "ckpt.pt"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", live.name])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
 def test_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
     path = str(tmp_path / "ckpt.pt")
