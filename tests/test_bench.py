@@ -314,3 +314,20 @@ def test_host_overhead_script_runs_both_tables():
     for backend in ("cpu", "reference"):
         assert f"backend {backend} on cpu" in out
     assert out.count("dispatch path") == 2 and out.count("cross_entropy fwd+bwd") == 4
+
+
+def test_headline_names_a_larger_shape_left_unmeasured():
+    # A time budget drops the largest shape first in quick mode: the headline then falls back to a smaller
+    # one, and must say so rather than pass it off as the op's largest size.
+    def row(label, size, peer, kind, status="ok"):
+        timing = {"median_ms": 1.0} if status == "ok" else None
+        return {"label": label, "size": size, "phase": "fwd", "peer": peer, "kind": kind, "status": status,
+                "timing": timing, "peak_bytes": 10, "rate": 1.0, "pct_ceiling": None, "speedup_eager": 1.0,
+                "speedup_compile": None, "check": "PASS"}
+
+    rows = [row("small", 1, "gptfast:cpu", "gptfast"), row("small", 1, "torch", "eager"),
+            row("big", 2, "gptfast:cpu", "gptfast", status="skipped")]
+    results = {"suites": {"softmax": {"rows": rows, "metric": "GB/s"}}}
+    (line,) = report.headline(results)
+    assert line["label"] == "small" and line["unmeasured"] == "big"
+    assert "| small (big: no gptfast row) |" in "\n".join(report._headline_md(results))
