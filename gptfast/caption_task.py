@@ -116,6 +116,14 @@ def train_captions(
             f"--resume: the checkpoint was trained on {state['data']['spec']}, these settings give "
             f"{spec.to_dict()}"
         )
+    saved_patch = state["image"].get("patch_size") if state is not None else None
+    if saved_patch is not None and options["patch_size"] != saved_patch:
+        # The model is rebuilt from the checkpoint's geometry: another patch size would be ignored, and then
+        # recorded in the new checkpoint's settings against the model it holds.
+        raise UsageError(
+            f"--resume: the checkpoint's model takes {saved_patch}-pixel patches, these settings give "
+            f"patch_size={options['patch_size']}"
+        )
     model = build_captioner(cfg, options, state)
     model.to(device)
     ctx.seed(cfg.seed)

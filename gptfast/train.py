@@ -323,6 +323,7 @@ class Trainer:
         )
         tokens_per_step = None
         timed, tick, tok_s = 0, time.perf_counter(), None
+        stopped_loss = self.metrics["train_loss"]
         while self.step < end:
             batch = self.sampler.next()
             tokens_per_step = batch[-1].numel() * self.dist.world_size  # targets: one per trained position
@@ -335,11 +336,15 @@ class Trainer:
             if logged or self.step == end:
                 now = time.perf_counter()
                 # One sync (and one all-reduce across ranks) per log interval.
-                self.metrics["train_loss"] = self.dist.mean(self.window / self.window_count).item()
+                window_loss = self.dist.mean(self.window / self.window_count).item()
                 tok_s = timed * tokens_per_step / (now - tick)
-                bar.set_postfix(loss=f"{self.metrics['train_loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-                if logged:  # a --stop-after stop keeps its window, so the resumed run logs where this would
+                bar.set_postfix(loss=f"{window_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                stopped_loss = window_loss
+                if logged:
+                    self.metrics["train_loss"] = window_loss
                     self.window, self.window_count = None, 0
+                # else a --stop-after stop inside a window: it keeps the window and leaves the metrics as an
+                # uninterrupted run has them, so the resumed run logs the same train losses where this would.
                 timed, tick = 0, now
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 self._log_eval(self.evaluate())
@@ -350,7 +355,7 @@ class Trainer:
         bar.close()
         return {
             "step": self.step,
-            "train_loss": self.metrics["train_loss"],
+            "train_loss": stopped_loss,  # the last window's mean, logged or not
             "val_loss": self.metrics["val_loss"],
             "tokens_per_s": tok_s,
             "checkpoint": cfg.checkpoint_path(),

@@ -109,6 +109,14 @@ def test_checkpoint_records_the_task_and_rebuilds_the_model(tmp_path):
     assert captions.evaluate(model, test, spec) == result["test"]
 
 
+def test_resume_refuses_another_patch_size(tmp_path):
+    # The resumed model is the checkpoint's (8-pixel patches): a new patch_size was ignored, then recorded.
+    train(config(tmp_path, stop_after=1))
+    cfg = config(tmp_path, resume=True, task_options={"test_images": 16, "patch_size": 4})
+    with pytest.raises(UsageError, match="takes 8-pixel patches, these settings give patch_size=4"):
+        train(cfg)
+
+
 def test_bad_task_settings(tmp_path):
     with pytest.raises(UsageError, match="unknown task option.*patch"):
         train(config(tmp_path, task_options={"patch": 4}))

@@ -171,6 +171,7 @@ def test_resume_is_bit_exact(tmp_path, text_file):
     train(micro_config(tmp_path / "split", text_file, stop_after=3, **common))
     stopped = checkpoint.load(str(tmp_path / "split" / "run" / "ckpt.pt"))
     assert stopped["step"] == 3
+    assert stopped["metrics"]["train_loss"] is None  # none logged by step 3 uninterrupted (a 10-step window)
     resumed = train(micro_config(tmp_path / "split", text_file, resume=True, **common))
     assert resumed["step"] == whole["step"] == 6
     a, b = checkpoint.load(whole["checkpoint"]), checkpoint.load(resumed["checkpoint"])
@@ -183,6 +184,7 @@ def test_resume_is_bit_exact(tmp_path, text_file):
     # The stop (step 3) falls inside a log window (10 steps): its partial window is saved, so the train loss
     # logged at the end averages the same six steps (it averaged only the resumed three before).
     assert a["metrics"]["train_loss"] == b["metrics"]["train_loss"]
+    assert a["metrics"]["history"] == b["metrics"]["history"]
 
 
 def test_overwrite_starts_a_new_run_over_an_old_checkpoint(tmp_path, text_file):
