@@ -331,3 +331,17 @@ def test_headline_names_a_larger_shape_left_unmeasured():
     (line,) = report.headline(results)
     assert line["label"] == "small" and line["unmeasured"] == "big"
     assert "| small (big: no gptfast row) |" in "\n".join(report._headline_md(results))
+
+
+def test_a_failing_row_is_no_speedup_baseline():
+    # The fastest eager row answers wrongly: the correct rows' speedups are against the fastest correct one.
+    from gptfast.bench.core import Row, add_speedups
+    from gptfast.bench.timing import Timing
+
+    def row(peer, kind, ms, check):
+        return Row("softmax", {}, "s", 1, "fwd", peer, kind, timing=Timing([ms]), check=check)
+
+    rows = [row("torch fast-but-wrong", "eager", 1.0, "FAIL"), row("torch", "eager", 4.0, "PASS"),
+            row("gptfast:cpu", "gptfast", 2.0, "PASS")]
+    add_speedups(rows, eager=lambda r: r.kind == "eager", compiled=lambda r: False)
+    assert rows[2].speedup_eager == 2.0 and rows[1].speedup_eager == 1.0

@@ -239,14 +239,18 @@ def _measure(suite, settings: Settings, shape, runnable, row: Row, expected) -> 
 
 
 def add_speedups(rows: list[Row], eager: Callable[[Row], bool], compiled: Callable[[Row], bool]) -> None:
-    """speedup = baseline median / row median per (shape, phase); eager baseline: the fastest eager row."""
+    """speedup = baseline median / row median per (shape, phase); eager baseline: the fastest eager row.
+
+    A row that FAILs its check is no baseline: a fast wrong answer would make every correct row look slower
+    than it is (sdpa[efficient] FAILs the H200 report's attention fwd+bwd check at 2baac1f)."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.label, r.phase), []).append(r)
     for group in groups.values():
         timed = [r for r in group if r.timing]
-        base_eager = min((r.median_ms for r in timed if eager(r)), default=None)
-        base_compile = min((r.median_ms for r in timed if compiled(r)), default=None)
+        bases = [r for r in timed if r.check != "FAIL"]
+        base_eager = min((r.median_ms for r in bases if eager(r)), default=None)
+        base_compile = min((r.median_ms for r in bases if compiled(r)), default=None)
         for r in timed:
             if base_eager:
                 r.speedup_eager = base_eager / r.median_ms
