@@ -9,7 +9,6 @@ import contextvars
 import functools
 import importlib
 import os
-import sys
 
 import torch
 
@@ -143,7 +142,7 @@ def why_not(backend: str, op: str, device: torch.device, **features) -> str | No
         if not _has_dispatch_kernel(op, backend.upper()):
             fix = "rebuild with a CUDA toolchain and a CUDA build of torch" if backend == "cuda" else ""
             return f"gptfast._C has no {backend} kernel for {op} {fix}".rstrip()
-        extension = sys.modules.get("gptfast.ops.extension") or importlib.import_module("gptfast.ops.extension")
+        extension = importlib.import_module("gptfast.ops.extension")
         return getattr(extension, f"unsupported_{backend}")(op, **features)
     unsupported = getattr(module, "unsupported", None)
     return unsupported(op, **features) if unsupported else None

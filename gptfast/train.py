@@ -77,9 +77,10 @@ class TrainConfig:
                 "log_every": 1, "corpus_bytes": 1}
         for name, low in ints.items():
             _check_number(name, getattr(self, name), low, integer=True)
-        for name in ("stop_after", "warmup_steps"):
-            if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name), 1 if name == "stop_after" else 0, integer=True)
+        if self.stop_after is not None:
+            _check_number("stop_after", self.stop_after, 1, integer=True)
+        if self.warmup_steps is not None:
+            _check_number("warmup_steps", self.warmup_steps, 0, integer=True)
         _check_number("seed", self.seed, 0, MAX_SEED, integer=True)
         if self.lr is not None:
             _check_number("lr", self.lr, 0.0)
@@ -323,7 +324,7 @@ class Trainer:
         )
         tokens_per_step = None
         timed, tick, tok_s = 0, time.perf_counter(), None
-        stopped_loss = self.metrics["train_loss"]
+        last_window_loss = self.metrics["train_loss"]
         while self.step < end:
             batch = self.sampler.next()
             tokens_per_step = batch[-1].numel() * self.dist.world_size  # targets: one per trained position
@@ -339,7 +340,7 @@ class Trainer:
                 window_loss = self.dist.mean(self.window / self.window_count).item()
                 tok_s = timed * tokens_per_step / (now - tick)
                 bar.set_postfix(loss=f"{window_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                stopped_loss = window_loss
+                last_window_loss = window_loss
                 if logged:
                     self.metrics["train_loss"] = window_loss
                     self.window, self.window_count = None, 0
@@ -355,7 +356,7 @@ class Trainer:
         bar.close()
         return {
             "step": self.step,
-            "train_loss": stopped_loss,  # the last window's mean, logged or not
+            "train_loss": last_window_loss,  # the last window's mean, logged or not
             "val_loss": self.metrics["val_loss"],
             "tokens_per_s": tok_s,
             "checkpoint": cfg.checkpoint_path(),

@@ -204,6 +204,15 @@ run_step bench "$BENCH_LIMIT" "$OUT/bench.log" \
   --no-progress ${BENCH_ARGS:-}
 
 # ------------------------------------------------------------------------------------------- 4. summary
+# log_section TITLE LOG LINES: the log's last LINES lines (without profiler and torch warning noise) as a
+# summary section, when the step wrote any.
+log_section() {
+  [[ -s "$2" ]] || return 0
+  printf '## %s\n\n```\n' "$1"
+  grep -v -e '^USDT' -e '^\[W' "$2" | tail -n "$3"
+  printf '```\n\n'
+}
+
 COMMIT="${GPTFAST_COMMIT:-$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)}"
 if [[ "$COMMIT" != unknown && -z "${GPTFAST_COMMIT:-}" ]] && [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
   COMMIT="$COMMIT (+ uncommitted changes)"
@@ -244,22 +253,8 @@ EOF
   fi
   sed -n '1,200p' "$OUT/tests_summary.md" 2>/dev/null | sed 's/^# Test summary/## Tests/'
   echo
-  if [[ -s "$OUT/memory.log" ]]; then
-    echo "## LM head + loss peak memory (benchmarks/cross_entropy_inplace_memory.py)"
-    echo
-    echo '```'
-    grep -v -e '^USDT' -e '^\[W' "$OUT/memory.log" | tail -n 8
-    echo '```'
-    echo
-  fi
-  if [[ -s "$OUT/host.log" ]]; then
-    echo "## Host time per call (benchmarks/host_overhead.py)"
-    echo
-    echo '```'
-    grep -v -e '^USDT' -e '^\[W' "$OUT/host.log" | tail -n 30
-    echo '```'
-    echo
-  fi
+  log_section "LM head + loss peak memory (benchmarks/cross_entropy_inplace_memory.py)" "$OUT/memory.log" 8
+  log_section "Host time per call (benchmarks/host_overhead.py)" "$OUT/host.log" 30
   if grep -q '^Triton autotuning for function' "$OUT/bench.log" 2>/dev/null; then
     echo "## Autotune picks (bench)"
     echo

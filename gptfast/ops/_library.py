@@ -110,8 +110,9 @@ def call(op: str, backend: str, *args):
     the registered op, torch.ops.gptfast.<op>_fwd..., whose autograd is torch.library's. Eager calls run the
     same kernels with the same OpSpec glue, but through an autograd.Function of their own that calls the op
     below the dispatcher's Python autograd kernel: that kernel refills the schema's defaults and wraps a
-    Function of its own on every call, 10-25% of a small op's host time (benchmarks/host_overhead.py), which
-    a GPU running mid-size kernels waits for. Forward-mode AD, which neither path has, raises.
+    Function of its own on every call: a fifth to a quarter of the dispatch's host time with grad, 42% without
+    (benchmarks/host_overhead.py), which a GPU running mid-size kernels waits for. Forward-mode AD, which
+    neither path has, raises.
     """
     fwd_op = fwd(op, backend)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():

@@ -175,7 +175,7 @@ def cross_entropy(
     inplace = _check_inplace(op, inplace_backward, input)
     name = _library.resolve(op, input.device, backend, label_smoothing=ls, z_loss=z)
     logits = _library.as_rows(input)
-    rows_target = (target if target.dim() == 1 else target.reshape(-1)).contiguous()
+    rows_target = target.reshape(-1).contiguous()
     if inplace:
         loss_rows = _InplaceBackward.apply(logits, rows_target, ignore_index, ls, z, name)
     else:

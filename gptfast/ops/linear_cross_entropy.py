@@ -199,7 +199,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     ignore_index, ls, z = check_options(op, ignore_index, reduction, label_smoothing, z_loss)
     dtype = result_dtype(op, hidden, out_dtype)
     h2 = _library.as_rows(hidden)
-    t1 = (target if target.dim() == 1 else target.reshape(-1)).contiguous()
+    t1 = target.reshape(-1).contiguous()
     rows, vocab = h2.shape[0], weight.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, vocab, h2.shape[1], device)
